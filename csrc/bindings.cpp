@@ -1,0 +1,204 @@
+// The only pybind11 file. Compiled twice:
+//  - module repkern._C: CPU kernels, plus the CUDA launchers when built with nvcc
+//    (REPKERN_WITH_CUDA);
+//  - module repkern._emu (REPKERN_MODULE_EMU): the CUDA launchers compiled by g++
+//    against the emulator, and the emulator's self-tests.
+// Python passes tensors as (data_ptr, sizes, strides, dtype code); every shape
+// is re-checked here so that a misuse becomes an exception, not a crash.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "common/gram_math.h"
+#include "common/tensor_view.h"
+
+#if defined(REPKERN_MODULE_EMU)
+#include "cuda/gram.h"
+#include "emu/selftest.h"
+#else
+#include "cpu/gram.h"
+#if defined(REPKERN_WITH_CUDA)
+#include "cuda/gram.h"
+#endif
+#endif
+
+namespace py = pybind11;
+using repkern::DType;
+using repkern::TensorView;
+
+namespace {
+
+using ViewArg = std::tuple<uint64_t, std::vector<int64_t>, std::vector<int64_t>, int>;
+using OptView = std::optional<ViewArg>;
+
+TensorView view(const ViewArg& arg, const char* name) {
+  TensorView v;
+  v.data = reinterpret_cast<void*>(std::get<0>(arg));
+  v.sizes = std::get<1>(arg);
+  v.strides = std::get<2>(arg);
+  const int code = std::get<3>(arg);
+  if (code < 0 || code > 3) throw std::invalid_argument(std::string(name) + ": unsupported dtype code");
+  v.dtype = DType(code);
+  v.name = name;
+  if (v.sizes.size() != v.strides.size()) throw std::invalid_argument(std::string(name) + ": sizes/strides mismatch");
+  return v;
+}
+
+// Validated arguments of the Gram epilogue (shared by the CPU, CUDA and emulated entry points).
+struct GramArgs {
+  repkern::GramKind kind;
+  repkern::GramPass pass;
+  TensorView inner, out;
+  const void* aux = nullptr;
+  const void* scale = nullptr;
+  double* row_sums = nullptr;
+  const double* totals = nullptr;
+  int64_t batch = 0, n = 0;
+
+  GramArgs(int kind_code, int pass_code, const ViewArg& inner_arg, const OptView& aux_arg, const OptView& out_arg,
+           const OptView& scale_arg,
+           const OptView& row_sums_arg, const OptView& totals_arg)
+      : kind(repkern::GramKind(kind_code)), pass(repkern::GramPass(pass_code)), inner(view(inner_arg, "inner")) {
+    using repkern::GramKind;
+    using repkern::GramPass;
+    if (inner.sizes.size() != 3 || inner.sizes[1] != inner.sizes[2])
+      throw std::invalid_argument("inner: expected shape [B, n, n]");
+    batch = inner.sizes[0];
+    n = inner.sizes[1];
+    if (inner.dtype != DType::Float32 && inner.dtype != DType::Float64)
+      throw std::invalid_argument("inner: must be float32 or float64");
+    inner.expect(inner.dtype, {batch, n, n});
+    if (pass != GramPass::RowSums) {
+      if (!out_arg) throw std::invalid_argument("out: required for this pass");
+      out = view(*out_arg, "out");
+      out.expect(out.dtype, {batch, n, n});
+    } else {
+      out.dtype = inner.dtype;  // no output is written
+    }
+    if (kind != GramKind::Linear) {
+      if (!aux_arg) throw std::invalid_argument("aux: required for this kind");
+      aux = view(*aux_arg, "aux").expect(inner.dtype, {batch, n}).data;
+    }
+    if (kind == GramKind::Rbf) {
+      if (!scale_arg) throw std::invalid_argument("scale: required for the rbf kernel");
+      scale = view(*scale_arg, "scale").expect(inner.dtype, {batch}).data;
+    }
+    if (pass != GramPass::Write) {
+      if (!row_sums_arg) throw std::invalid_argument("row_sums: required for centering");
+      row_sums = view(*row_sums_arg, "row_sums").expect(DType::Float64, {batch, n}).as<double>();
+    }
+    if (pass == GramPass::WriteCentered) {
+      if (!totals_arg) throw std::invalid_argument("totals: required for centering");
+      totals = view(*totals_arg, "totals").expect(DType::Float64, {batch}).as<const double>();
+    }
+  }
+};
+
+void* stream_ptr(uint64_t stream) { return reinterpret_cast<void*>(stream); }
+
+#if defined(REPKERN_MODULE_EMU) || defined(REPKERN_WITH_CUDA)
+void def_cuda_launchers(py::module_& m) {
+  m.def(
+      "gram_epilogue_cuda",
+      [](int kind, int pass, const ViewArg& inner, const OptView& aux, const OptView& out, const OptView& scale, const OptView& row_sums,
+         const OptView& totals, uint64_t stream) {
+        GramArgs a(kind, pass, inner, aux, out, scale, row_sums, totals);
+        py::gil_scoped_release release;
+        repkern::cuda::gram_epilogue(a.kind, a.pass, a.inner.dtype, a.out.dtype, a.inner.data, a.aux, a.out.data, a.scale,
+                                     a.row_sums, a.totals, a.batch, a.n, stream_ptr(stream));
+      },
+      py::arg("kind"), py::arg("pass_"), py::arg("inner"), py::arg("aux"), py::arg("out"), py::arg("scale"), py::arg("row_sums"),
+      py::arg("totals"), py::arg("stream"));
+}
+#endif
+
+#if defined(REPKERN_MODULE_EMU)
+void def_emu_selftests(py::module_& m) {
+  namespace st = repkern::emu_selftest;
+  m.def("selftest_block_sum", [](const ViewArg& x, const ViewArg& out, bool with_barrier) {
+    TensorView xv = view(x, "x");
+    const int64_t n = xv.numel();
+    if (n < 1 || n > 1024 || (n & (n - 1)) != 0) throw std::invalid_argument("x: numel must be a power of two <= 1024");
+    xv.expect(DType::Float32, {n});
+    TensorView ov = view(out, "out");
+    ov.expect(DType::Float32, {1});
+    py::gil_scoped_release release;
+    st::block_sum(xv.as<const float>(), ov.as<float>(), int(n), with_barrier);
+  });
+  m.def("selftest_warp_ops", [](int blocks, const ViewArg& out_i, const ViewArg& out_f, const ViewArg& out_d,
+                                const ViewArg& sums_f, const ViewArg& sums_d) {
+    const int64_t threads = int64_t(blocks) * 32;
+    int32_t* oi = static_cast<int32_t*>(view(out_i, "out_i").data);
+    if (view(out_i, "out_i").numel() != threads * 10) throw std::invalid_argument("out_i: expected [blocks*32, 10]");
+    TensorView f = view(out_f, "out_f"), d = view(out_d, "out_d"), sf = view(sums_f, "sum_f"),
+               sd = view(sums_d, "sum_d");
+    f.expect(DType::Float32, {threads});
+    d.expect(DType::Float64, {threads});
+    sf.expect(DType::Float32, {1});
+    sd.expect(DType::Float64, {1});
+    py::gil_scoped_release release;
+    st::warp_ops(blocks, oi, f.as<float>(), d.as<double>(), sf.as<float>(), sd.as<double>());
+  });
+  m.def("selftest_schedule_order", [](int blocks, int threads, const ViewArg& order) {
+    TensorView o = view(order, "order");
+    if (o.numel() != int64_t(blocks) * threads) throw std::invalid_argument("order: expected blocks*threads entries");
+    py::gil_scoped_release release;
+    st::schedule_order(blocks, threads, static_cast<int32_t*>(o.data));
+  });
+  m.def("selftest_planted_bug", [](int bug, const ViewArg& scratch) {
+    TensorView s = view(scratch, "scratch");
+    s.expect(DType::Float32, {64});
+    if (bug < 0 || bug > int(st::Bug::GridTooLarge)) throw std::invalid_argument("bug: unknown code");
+    py::gil_scoped_release release;
+    st::planted_bug(st::Bug(bug), s.as<float>());
+  });
+}
+#endif
+
+}  // namespace
+
+#if defined(REPKERN_MODULE_EMU)
+PYBIND11_MODULE(_emu, m) {
+  m.doc() = "repkern CUDA kernels compiled against the CPU emulator of the CUDA execution model";
+  def_cuda_launchers(m);
+  def_emu_selftests(m);
+}
+#else
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "repkern native kernels";
+  m.def("build_info", [] {
+    py::dict info;
+#if defined(REPKERN_WITH_CUDA)
+    info["cuda"] = true;
+    info["cuda_archs"] = REPKERN_CUDA_ARCHS_STR;
+    info["cuda_compiler"] = REPKERN_CUDA_COMPILER_VERSION;
+#else
+    info["cuda"] = false;
+    info["cuda_archs"] = "";
+    info["cuda_compiler"] = "";
+#endif
+    info["cxx_compiler"] = REPKERN_CXX_COMPILER;
+    info["cpu_arch"] = REPKERN_CPU_ARCH;
+    return info;
+  });
+  m.def(
+      "gram_epilogue_cpu",
+      [](int kind, int pass, const ViewArg& inner, const OptView& aux, const OptView& out, const OptView& scale, const OptView& row_sums,
+         const OptView& totals, int num_threads) {
+        GramArgs a(kind, pass, inner, aux, out, scale, row_sums, totals);
+        py::gil_scoped_release release;
+        repkern::cpu::gram_epilogue(a.kind, a.pass, a.inner.dtype, a.out.dtype, a.inner.data, a.aux, a.out.data, a.scale,
+                                    a.row_sums, a.totals, a.batch, a.n, num_threads);
+      },
+      py::arg("kind"), py::arg("pass_"), py::arg("inner"), py::arg("aux"), py::arg("out"), py::arg("scale"), py::arg("row_sums"),
+      py::arg("totals"), py::arg("num_threads"));
+#if defined(REPKERN_WITH_CUDA)
+  def_cuda_launchers(m);
+#endif
+}
+#endif

@@ -1,0 +1,49 @@
+"""Argument checks shared by the fast path and the reference: bad input gets a
+ValueError/TypeError naming the argument, whichever backend runs."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Iterable, Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def floating_tensor(name: str, t, *, min_dim: int = 1, shape_hint: str = "") -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected float32, float64, float16 or bfloat16, got {t.dtype}")
+    if t.dim() < min_dim:
+        hint = f" {shape_hint}" if shape_hint else ""
+        raise ValueError(f"{name}: expected at least {min_dim} dimensions{hint}, got shape {tuple(t.shape)}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: repkern supports CPU and CUDA tensors, got device {t.device}")
+    return t
+
+
+def choice(name: str, value, options: Iterable[str]) -> str:
+    options = tuple(options)
+    if value not in options:
+        raise ValueError(f"{name}: expected one of {options}, got {value!r}")
+    return value
+
+
+def positive_number(name: str, value, *, allow_none: bool = False) -> Optional[float]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected a finite number > 0, got {value}")
+    return value
+
+
+def boolean(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value

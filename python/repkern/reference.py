@@ -1,0 +1,99 @@
+"""Pure-PyTorch implementations of every repkern op.
+
+Readable first: these are the oracle of the tests and the baseline of the
+benchmarks (written the way a careful user would, not as a strawman). Math
+conventions: DESIGN.md §4. Results are computed in float32 (float64 for float64
+inputs) and returned in the dtypes the fast ops use.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from repkern import _checks
+from repkern._native import acc_dtype
+
+GRAM_KERNELS = ("linear", "cosine", "rbf")
+MEDIANS = ("full", "offdiag")
+
+
+def check_gram_args(x, kernel, sigma, threshold, center, median):
+    """Validates the arguments of :func:`gram`; returns (sigma, threshold)."""
+    _checks.floating_tensor("x", x, min_dim=2, shape_hint="(..., n, d)")
+    n, d = x.shape[-2], x.shape[-1]
+    if n < 1:
+        raise ValueError(f"x: needs n >= 1 samples (shape (..., n, d)), got shape {tuple(x.shape)}")
+    if d < 1:
+        raise ValueError(f"x: needs d >= 1 features (shape (..., n, d)), got shape {tuple(x.shape)}")
+    _checks.choice("kernel", kernel, GRAM_KERNELS)
+    sigma = _checks.positive_number("sigma", sigma, allow_none=True)
+    threshold = _checks.positive_number("threshold", threshold)
+    _checks.boolean("center", center)
+    _checks.choice("median", median, MEDIANS)
+    if kernel == "rbf" and sigma is None and median == "offdiag" and n < 2:
+        raise ValueError("median='offdiag' needs n >= 2 samples (there is no off-diagonal distance)")
+    return sigma, threshold
+
+
+def squared_distances(x: torch.Tensor) -> torch.Tensor:
+    """x (..., n, d) -> (..., n, n) ‖x_i − x_j‖², clamped at 0, diagonal exactly 0."""
+    sq = (x * x).sum(-1)
+    d = sq[..., :, None] + sq[..., None, :] - 2 * (x @ x.mT)
+    d = d.clamp_min(0)
+    eye = torch.eye(x.shape[-2], dtype=torch.bool, device=x.device)
+    return torch.where(eye, torch.zeros((), dtype=x.dtype, device=x.device), d)
+
+
+def median_squared_distance(d: torch.Tensor, median: str = "full") -> torch.Tensor:
+    """numpy-style median over the last two dims of distances d (..., n, n):
+    the mean of the two middle values for an even count. 'full' includes the
+    diagonal zeros (Kornblith et al.); 'offdiag' uses the n(n−1) entries i ≠ j.
+    NaN sorts last (as in torch.sort)."""
+    n = d.shape[-1]
+    if median == "offdiag":
+        mask = ~torch.eye(n, dtype=torch.bool, device=d.device)
+        values = d[..., mask]
+    else:
+        values = d.reshape(*d.shape[:-2], n * n)
+    values, _ = torch.sort(values, dim=-1)
+    count = values.shape[-1]
+    lo, hi = (count - 1) // 2, count // 2
+    return (values[..., lo] + values[..., hi]) / 2
+
+
+def gram(
+    x: torch.Tensor,
+    kernel: str = "linear",
+    *,
+    sigma: Optional[float] = None,
+    threshold: float = 1.0,
+    center: bool = False,
+    median: str = "full",
+) -> torch.Tensor:
+    """Gram matrix K (..., n, n) of the rows of x (..., n, d).
+
+    linear: K = x xᵀ. cosine: K_ij = x_i·x_j / (‖x_i‖‖x_j‖), 0 for zero rows.
+    rbf: K_ij = exp(−‖x_i − x_j‖² / (2σ²)), σ given or σ² = threshold² · median
+    of the squared distances. center: H K H with H = I − 11ᵀ/n.
+    """
+    sigma, threshold = check_gram_args(x, kernel, sigma, threshold, center, median)
+    xa = x.to(acc_dtype(x.dtype))
+    if kernel == "linear":
+        k = xa @ xa.mT
+    elif kernel == "cosine":
+        norms = xa.norm(dim=-1, keepdim=True)
+        u = xa / norms.clamp_min(torch.finfo(xa.dtype).tiny)
+        k = u @ u.mT
+    else:
+        d = squared_distances(xa)
+        if sigma is None:
+            sigma_sq = threshold**2 * median_squared_distance(d, median)[..., None, None]
+        else:
+            sigma_sq = torch.full((), sigma**2, dtype=xa.dtype, device=xa.device)
+        k = torch.exp(-d / (2 * sigma_sq))
+        k = torch.where(d == 0, torch.ones((), dtype=k.dtype, device=k.device), k)  # σ = 0 limit
+    if center:
+        k = k - k.mean(-1, keepdim=True) - k.mean(-2, keepdim=True) + k.mean((-2, -1), keepdim=True)
+    return k.to(x.dtype)
