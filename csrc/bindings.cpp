@@ -42,7 +42,7 @@ TensorView view(const ViewArg& arg, const char* name) {
   v.sizes = std::get<1>(arg);
   v.strides = std::get<2>(arg);
   const int code = std::get<3>(arg);
-  if (code < 0 || code > 3) throw std::invalid_argument(std::string(name) + ": unsupported dtype code");
+  if (code < 0 || code >= repkern::kNumDTypes) throw std::invalid_argument(std::string(name) + ": unsupported dtype code");
   v.dtype = DType(code);
   v.name = name;
   if (v.sizes.size() != v.strides.size()) throw std::invalid_argument(std::string(name) + ": sizes/strides mismatch");
@@ -133,22 +133,21 @@ void def_emu_selftests(py::module_& m) {
   m.def("selftest_warp_ops", [](int blocks, const ViewArg& out_i, const ViewArg& out_f, const ViewArg& out_d,
                                 const ViewArg& sums_f, const ViewArg& sums_d) {
     const int64_t threads = int64_t(blocks) * 32;
-    int32_t* oi = static_cast<int32_t*>(view(out_i, "out_i").data);
-    if (view(out_i, "out_i").numel() != threads * 10) throw std::invalid_argument("out_i: expected [blocks*32, 10]");
-    TensorView f = view(out_f, "out_f"), d = view(out_d, "out_d"), sf = view(sums_f, "sum_f"),
+    TensorView oi = view(out_i, "out_i"), f = view(out_f, "out_f"), d = view(out_d, "out_d"), sf = view(sums_f, "sum_f"),
                sd = view(sums_d, "sum_d");
+    oi.expect(DType::Int32, {threads, 10});
     f.expect(DType::Float32, {threads});
     d.expect(DType::Float64, {threads});
     sf.expect(DType::Float32, {1});
     sd.expect(DType::Float64, {1});
     py::gil_scoped_release release;
-    st::warp_ops(blocks, oi, f.as<float>(), d.as<double>(), sf.as<float>(), sd.as<double>());
+    st::warp_ops(blocks, oi.as<int32_t>(), f.as<float>(), d.as<double>(), sf.as<float>(), sd.as<double>());
   });
   m.def("selftest_schedule_order", [](int blocks, int threads, const ViewArg& order) {
     TensorView o = view(order, "order");
-    if (o.numel() != int64_t(blocks) * threads) throw std::invalid_argument("order: expected blocks*threads entries");
+    o.expect(DType::Int32, {int64_t(blocks) * threads});
     py::gil_scoped_release release;
-    st::schedule_order(blocks, threads, static_cast<int32_t*>(o.data));
+    st::schedule_order(blocks, threads, o.as<int32_t>());
   });
   m.def("selftest_planted_bug", [](int bug, const ViewArg& scratch) {
     TensorView s = view(scratch, "scratch");

@@ -22,7 +22,7 @@ struct TypeTag {
   using type = T;
 };
 
-// Calls f(TypeTag<T>{}) for the C++ type of the floating dtype.
+// Calls f(TypeTag<T>{}) for the C++ type of a floating dtype.
 template <typename F>
 void switch_dtype(DType dtype, const char* what, F&& f) {
   switch (dtype) {
@@ -30,6 +30,7 @@ void switch_dtype(DType dtype, const char* what, F&& f) {
     case DType::Float64: return f(TypeTag<double>{});
     case DType::Float16: return f(TypeTag<Half>{});
     case DType::BFloat16: return f(TypeTag<BFloat16>{});
+    default: break;
   }
   throw std::invalid_argument(std::string(what) + ": unsupported dtype code");
 }

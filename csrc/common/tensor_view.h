@@ -24,6 +24,7 @@ struct TensorView {
     return n;
   }
   bool is_contiguous() const {
+    if (numel() == 0) return true;
     int64_t expected = 1;
     for (size_t i = sizes.size(); i-- > 0;) {
       if (sizes[i] != 1 && strides[i] != expected) return false;

@@ -21,7 +21,14 @@ import torch
 
 BACKENDS = ("auto", "reference", "emu")
 # Shared with csrc/common/dtype.h (enum class DType).
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float64: 1,
+    torch.float16: 2,
+    torch.bfloat16: 3,
+    torch.int32: 4,
+    torch.int64: 5,
+}
 
 try:
     from repkern import _C  # noqa: E402

@@ -38,12 +38,13 @@ def check_gram_args(x, kernel, sigma, threshold, center, median):
 
 
 def squared_distances(x: torch.Tensor) -> torch.Tensor:
-    """x (..., n, d) -> (..., n, n) ‖x_i − x_j‖², clamped at 0, diagonal exactly 0."""
+    """x (..., n, d) -> (..., n, n) ‖x_i − x_j‖², clamped at 0; the diagonal is
+    exactly 0 (NaN for a row holding NaN)."""
     sq = (x * x).sum(-1)
     d = sq[..., :, None] + sq[..., None, :] - 2 * (x @ x.mT)
     d = d.clamp_min(0)
     eye = torch.eye(x.shape[-2], dtype=torch.bool, device=x.device)
-    return torch.where(eye, torch.zeros((), dtype=x.dtype, device=x.device), d)
+    return torch.where(eye, (0 * sq)[..., :, None], d)
 
 
 def median_squared_distance(d: torch.Tensor, median: str = "full") -> torch.Tensor:

@@ -79,6 +79,8 @@ def _gram_op(x: Tensor, kernel: str, scale: Optional[Tensor], center: bool) -> T
     batch, n, _ = x.shape
     kind = _KIND[kernel]
     out = torch.empty((batch, n, n), dtype=x.dtype, device=x.device)
+    if batch == 0:
+        return out
     if kind == GramKind.LINEAR and center:  # H x xᵀ H = (Hx)(Hx)ᵀ: center x, exactly
         xa = x.to(_native.acc_dtype(x.dtype))
         x = xa - xa.mean(dim=1, keepdim=True)
@@ -154,6 +156,8 @@ _gram_op.register_autograd(_gram_backward, setup_context=_gram_setup_context)
 @torch.library.custom_op("repkern::gram_median_sq_dist", mutates_args=())
 def _median_op(x: Tensor, offdiag: bool) -> tuple[Tensor, Tensor]:
     batch, n, _ = x.shape
+    if batch == 0:
+        return x.new_empty((0,), dtype=_native.acc_dtype(x.dtype)), x.new_empty((0, 2), dtype=torch.int64)
     inner = _inner_products(x)
     d = torch.empty_like(inner)
     _epilogue(GramKind.SQDIST, GramPass.WRITE, inner, d)
