@@ -1,6 +1,7 @@
 // CPU Gram epilogue: tiles of the upper triangle, each computed once (with a
-// vectorizable inner loop) and written to both triangles. Row sums for
-// centering are owned per row tile, so they do not depend on the thread count.
+// vectorizable inner loop) and written to both triangles. Each task reads only
+// its own upper tile, so `out` may be `inner` (in-place, as on CUDA). Row sums
+// for centering are owned per row tile, so they do not depend on the thread count.
 #include "cpu/gram.h"
 
 #include <algorithm>
@@ -31,7 +32,13 @@ struct Tile {
       const A aux_r = aux ? aux[r0 + r] : A(0);
       A* vr = v[r];
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) vr[c] = gram_entry<K>(grow[c], aux_r, aux_c[c], scale);
+      for (int64_t c = 0; c < cols; ++c) {
+        if constexpr (K == GramKind::Linear) {
+          vr[c] = grow[c];
+        } else {
+          vr[c] = gram_entry<K>(grow[c], aux_r, aux_c[c], scale);
+        }
+      }
     }
     if (ti == tj) {
       for (int64_t r = 0; r < rows; ++r) {
@@ -89,7 +96,9 @@ void run(const A* inner, const A* aux, Out* out, const A* scale, double* row_sum
           for (int64_t c = 0; c < tile->cols; ++c) mean_c[c] = A(row_sums[b * n + c0 + c] / double(n));
           mean_all = A(totals[b] / (double(n) * double(n)));
         }
-        for (int64_t r = 0; r < tile->rows; ++r) {
+        // In place, a linear off-diagonal tile already holds its values: only the mirror is written.
+        const bool skip_tile = K == GramKind::Linear && ti != tj && static_cast<const void*>(out) == inner;
+        for (int64_t r = 0; r < tile->rows && !skip_tile; ++r) {
           Out* orow = o + (r0 + r) * n + c0;
           for (int64_t c = 0; c < tile->cols; ++c) {
             A v = tile->v[r][c];

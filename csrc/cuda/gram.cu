@@ -3,7 +3,9 @@
 // (exact symmetry), and optionally centers (HKH) from row sums of a first pass.
 //
 // One block per (upper tile pair, batch). The tile goes through shared memory so
-// that the mirrored tile is written with coalesced stores.
+// that the mirrored tile is written with coalesced stores. Each block reads only
+// its own upper tile, so `out` may be `inner` (float32/float64 Grams are written
+// in place over the GEMM output: one n×n buffer instead of two).
 // Minimum traffic per matrix: read n²/2 · sizeof(acc), write n² · sizeof(out)
 // (the centered path reads twice). FLOPs: ~4 per entry, plus one exp (RBF).
 #include "cuda/gram.h"
@@ -40,9 +42,9 @@ __device__ __forceinline__ bool tile_pair(unsigned p, unsigned tiles, unsigned& 
 
 template <GramKind K, GramPass P, typename A, typename Out>
 __global__ void __launch_bounds__(kTile* kRowsPerPass)
-    gram_epilogue_kernel(const A* __restrict__ inner,        // [B, n, n]
+    gram_epilogue_kernel(const A* inner,                     // [B, n, n]
                          const A* __restrict__ aux,          // [B, n] or null (Linear)
-                         Out* __restrict__ out,              // [B, n, n]
+                         Out* out,                           // [B, n, n], may be `inner` (see launcher)
                          const A* __restrict__ scale,        // [B] or null
                          double* __restrict__ row_sums,      // [B, n] or null
                          const double* __restrict__ totals,  // [B] or null
@@ -115,8 +117,10 @@ __global__ void __launch_bounds__(kTile* kRowsPerPass)
     A mean_all = A(0);
     if constexpr (P == GramPass::WriteCentered) mean_all = A(totals[b] * inv_n * inv_n);
     Out* o = out + (b * n + r0) * n + c0;
+    // In place, a linear off-diagonal tile already holds its values: only the mirror is written.
+    const bool skip_tile = K == GramKind::Linear && !diagonal && static_cast<const void*>(out) == inner;
 #pragma unroll
-    for (int k = 0; k < kRowIters; ++k) {
+    for (int k = 0; k < kRowIters && !skip_tile; ++k) {
       const int r = ty + k * kRowsPerPass;
       if (r < rows && tx < cols) {
         A v = value(r, tx);

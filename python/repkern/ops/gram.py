@@ -63,7 +63,7 @@ def _row_factors(kind: GramKind, inner: Tensor) -> Optional[Tensor]:
     diag = inner.diagonal(dim1=1, dim2=2)
     if kind == GramKind.COSINE:
         return torch.where(diag > 0, diag.rsqrt(), torch.where(diag == 0, torch.zeros_like(diag), diag))
-    return diag.contiguous()
+    return diag.clone(memory_format=torch.contiguous_format)  # own buffer: the epilogue may write in place
 
 
 def _epilogue(kind: GramKind, pass_: GramPass, inner: Tensor, out=None, scale=None, row_sums=None, totals=None):
@@ -78,14 +78,16 @@ def _epilogue(kind: GramKind, pass_: GramPass, inner: Tensor, out=None, scale=No
 def _gram_op(x: Tensor, kernel: str, scale: Optional[Tensor], center: bool) -> Tensor:
     batch, n, _ = x.shape
     kind = _KIND[kernel]
-    out = torch.empty((batch, n, n), dtype=x.dtype, device=x.device)
     if batch == 0:
-        return out
+        return x.new_empty((batch, n, n))
+    out_dtype = x.dtype
     if kind == GramKind.LINEAR and center:  # H x xᵀ H = (Hx)(Hx)ᵀ: center x, exactly
         xa = x.to(_native.acc_dtype(x.dtype))
         x = xa - xa.mean(dim=1, keepdim=True)
         center = False
     inner = _inner_products(x)
+    # float32/float64: the epilogue overwrites the GEMM output (one n×n buffer).
+    out = inner if inner.dtype == out_dtype else torch.empty((batch, n, n), dtype=out_dtype, device=x.device)
     if not center:
         _epilogue(kind, GramPass.WRITE, inner, out, scale)
         return out
@@ -158,9 +160,8 @@ def _median_op(x: Tensor, offdiag: bool) -> tuple[Tensor, Tensor]:
     batch, n, _ = x.shape
     if batch == 0:
         return x.new_empty((0,), dtype=_native.acc_dtype(x.dtype)), x.new_empty((0, 2), dtype=torch.int64)
-    inner = _inner_products(x)
-    d = torch.empty_like(inner)
-    _epilogue(GramKind.SQDIST, GramPass.WRITE, inner, d)
+    d = _inner_products(x)
+    _epilogue(GramKind.SQDIST, GramPass.WRITE, d, d)  # in place
     count = n * n
     if offdiag:
         d.diagonal(dim1=1, dim2=2).fill_(math.inf)  # ranks <= n(n−1) are the off-diagonal values
