@@ -80,11 +80,11 @@ struct GramArgs {
     } else {
       out.dtype = inner.dtype;  // no output is written
     }
-    if (kind != GramKind::Linear) {
+    if (repkern::gram_needs_aux(kind)) {
       if (!aux_arg) throw std::invalid_argument("aux: required for this kind");
       aux = view(*aux_arg, "aux").expect(inner.dtype, {batch, n}).data;
     }
-    if (kind == GramKind::Rbf) {
+    if (kind == GramKind::Rbf || kind == GramKind::RbfFromSqDist) {
       if (!scale_arg) throw std::invalid_argument("scale: required for the rbf kernel");
       scale = view(*scale_arg, "scale").expect(inner.dtype, {batch}).data;
     }

@@ -231,10 +231,15 @@ def test_low_precision_gradient_flows():
 def test_opcheck():
     x = _data((2, 9, 3), torch.float64, "cpu")
     scale = torch.tensor([-0.3, -0.1], dtype=torch.float64)
-    for args in [(x, "linear", None, False), (x, "cosine", None, True), (x, "rbf", scale, False), (x, "rbf", scale, True)]:
+    for args in [
+        (x, "linear", None, "full", 1.0, False),
+        (x, "cosine", None, "full", 1.0, True),
+        (x, "rbf", scale, "full", 1.0, False),
+        (x, "rbf", scale, "full", 1.0, True),
+        (x, "rbf", None, "full", 0.7, False),
+        (x, "rbf", None, "offdiag", 1.0, True),
+    ]:
         torch.library.opcheck(torch.ops.repkern.gram.default, args)
-    torch.library.opcheck(torch.ops.repkern.gram_median_sq_dist.default, (x, False))
-    torch.library.opcheck(torch.ops.repkern.gram_median_sq_dist.default, (x, True))
 
 
 def test_torch_compile_fullgraph():
@@ -257,3 +262,25 @@ def test_torch_compile_default_backend():
     compiled = torch.compile(lambda x: repkern.gram(x, "rbf").mean(), fullgraph=True)
     x = _data((12, 3), torch.float32, "cpu")
     torch.testing.assert_close(compiled(x), repkern.gram(x, "rbf").mean())
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 10, 11])
+@pytest.mark.parametrize("median", ["full", "offdiag"])
+def test_median_selection_from_the_upper_triangle(n, median):
+    """The op selects order statistics from the n(n−1)/2 upper-triangle values (each
+    counted twice); compare with a sort of the whole matrix, NaN rows included."""
+    from repkern.ops.gram import _median_sq_dist
+
+    if median == "offdiag" and n < 2:
+        pytest.skip("no off-diagonal entries")
+    x = _data((3, n, 2), torch.float64, "cpu", seed=n)
+    if n >= 4:
+        x[1, 2] = math.nan  # NaN distances sort last
+    d = reference.squared_distances(x)
+    med, positions = _median_sq_dist(d.clone(), median == "offdiag")
+    expected = reference.median_squared_distance(d, median)
+    torch.testing.assert_close(med, expected, equal_nan=True)
+    at_positions = d.reshape(3, n * n).gather(1, positions)
+    diagonal = positions // n == positions % n
+    at_positions = torch.where(diagonal, torch.zeros_like(at_positions), at_positions)
+    torch.testing.assert_close(at_positions.mean(1), med, equal_nan=True)

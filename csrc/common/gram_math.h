@@ -7,7 +7,8 @@
 //           the σ → 0 limit: 1 where the distance is 0, else 0
 //   Cosine  k = g_ij / (‖x_i‖ ‖x_j‖); rows with zero norm give 0, the diagonal
 //           of a nonzero row is exactly 1
-// (Linear needs no aux; SqDist/Rbf: aux_i = g_ii; Cosine: aux_i = 1/‖x_i‖.)
+//   RbfFromSqDist  the input already holds SqDist (median path): k = exp(scale · g_ij)
+// (Linear, RbfFromSqDist need no aux; SqDist/Rbf: aux_i = g_ii; Cosine: aux_i = 1/‖x_i‖.)
 // NaN anywhere in x_i propagates to row and column i.
 #pragma once
 
@@ -20,9 +21,14 @@
 
 namespace repkern {
 
-enum class GramKind : int { Linear = 0, Cosine = 1, Rbf = 2, SqDist = 3 };
+enum class GramKind : int { Linear = 0, Cosine = 1, Rbf = 2, SqDist = 3, RbfFromSqDist = 4 };
 // Write: K. RowSums: accumulate Σ_j K_ij (no write). WriteCentered: HKH from the row sums.
 enum class GramPass : int { Write = 0, RowSums = 1, WriteCentered = 2 };
+
+// Whether the kind reads a per-row factor (aux).
+RK_HD constexpr bool gram_needs_aux(GramKind k) {
+  return k == GramKind::Cosine || k == GramKind::Rbf || k == GramKind::SqDist;
+}
 
 // Per-row factor every entry of row i needs, computed by the caller (torch) from
 // the diagonal g_ii: g_ii itself for distances, 1/‖x_i‖ for cosine (0 for a zero
@@ -33,6 +39,8 @@ RK_HD A gram_entry(A g_ij, A aux_i, A aux_j, A scale) {
     return g_ij;
   } else if constexpr (K == GramKind::Cosine) {
     return g_ij * aux_i * aux_j;
+  } else if constexpr (K == GramKind::RbfFromSqDist) {
+    return g_ij == A(0) ? A(1) : rk_exp(scale * g_ij);
   } else {
     A d = aux_i + aux_j - A(2) * g_ij;
     d = d < A(0) ? A(0) : d;  // rounding; NaN compares false and stays
@@ -65,7 +73,8 @@ RK_HD A gram_center(A k, A mean_i, A mean_j, A mean_all) {
 // x (exact and cheaper) and SqDist only feeds the median bandwidth.
 template <typename F>
 void dispatch_gram(GramKind kind, GramPass pass, DType acc_dtype, DType out_dtype, F&& f) {
-  switch_value<GramKind, GramKind::Linear, GramKind::Cosine, GramKind::Rbf, GramKind::SqDist>(
+  switch_value<GramKind, GramKind::Linear, GramKind::Cosine, GramKind::Rbf, GramKind::SqDist,
+               GramKind::RbfFromSqDist>(
       kind, "gram_epilogue kind", [&](auto kind_c) {
         constexpr GramKind K = decltype(kind_c)::value;
         switch_value<GramPass, GramPass::Write, GramPass::RowSums, GramPass::WriteCentered>(

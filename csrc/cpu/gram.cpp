@@ -33,10 +33,10 @@ struct Tile {
       A* vr = v[r];
 #pragma omp simd
       for (int64_t c = 0; c < cols; ++c) {
-        if constexpr (K == GramKind::Linear) {
-          vr[c] = grow[c];
-        } else {
+        if constexpr (gram_needs_aux(K)) {
           vr[c] = gram_entry<K>(grow[c], aux_r, aux_c[c], scale);
+        } else {
+          vr[c] = gram_entry<K>(grow[c], A(0), A(0), scale);
         }
       }
     }
@@ -62,7 +62,7 @@ void run(const A* inner, const A* aux, Out* out, const A* scale, double* row_sum
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / tiles, ti = t % tiles;
         const A* g = inner + b * n * n;
-        const A s = K == GramKind::Rbf ? scale[b] : A(0);
+        const A s = K == GramKind::Rbf || K == GramKind::RbfFromSqDist ? scale[b] : A(0);
         double sums[kTile] = {};
         for (int64_t tj = 0; tj < tiles; ++tj) {
           const bool upper = tj >= ti;
@@ -85,7 +85,7 @@ void run(const A* inner, const A* aux, Out* out, const A* scale, double* row_sum
       auto tile = std::make_unique<Tile<K, A>>();
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / pairs, ti = pair_ti[size_t(t % pairs)], tj = pair_tj[size_t(t % pairs)];
-        const A s = K == GramKind::Rbf ? scale[b] : A(0);
+        const A s = K == GramKind::Rbf || K == GramKind::RbfFromSqDist ? scale[b] : A(0);
         tile->compute(inner + b * n * n, batch_aux(b), s, n, ti, tj);
         Out* o = out + b * n * n;
         const int64_t r0 = ti * kTile, c0 = tj * kTile;

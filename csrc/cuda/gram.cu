@@ -43,7 +43,7 @@ __device__ __forceinline__ bool tile_pair(unsigned p, unsigned tiles, unsigned& 
 template <GramKind K, GramPass P, typename A, typename Out>
 __global__ void __launch_bounds__(kTile* kRowsPerPass)
     gram_epilogue_kernel(const A* inner,                     // [B, n, n]
-                         const A* __restrict__ aux,          // [B, n] or null (Linear)
+                         const A* __restrict__ aux,          // [B, n] or null (!gram_needs_aux)
                          Out* out,                           // [B, n, n], may be `inner` (see launcher)
                          const A* __restrict__ scale,        // [B] or null
                          double* __restrict__ row_sums,      // [B, n] or null
@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kTile* kRowsPerPass)
   const int tx = threadIdx.x, ty = threadIdx.y;
 
   if (ty == 0) {
-    if constexpr (K != GramKind::Linear) {
+    if constexpr (gram_needs_aux(K)) {
       if (tx < rows) aux_r[tx] = aux[b * n + r0 + tx];
       if (tx < cols) aux_c[tx] = aux[b * n + c0 + tx];
     }
@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kTile* kRowsPerPass)
   }
   __syncthreads();
 
-  const A s = K == GramKind::Rbf ? scale[b] : A(0);
+  const A s = K == GramKind::Rbf || K == GramKind::RbfFromSqDist ? scale[b] : A(0);
   const A* g = inner + (b * n + r0) * n + c0;  // tile origin
 #pragma unroll
   for (int k = 0; k < kRowIters; ++k) {

@@ -50,14 +50,14 @@ def squared_distances(x: torch.Tensor) -> torch.Tensor:
 def median_squared_distance(d: torch.Tensor, median: str = "full") -> torch.Tensor:
     """numpy-style median over the last two dims of distances d (..., n, n):
     the mean of the two middle values for an even count. 'full' includes the
-    diagonal zeros (Kornblith et al.); 'offdiag' uses the n(n−1) entries i ≠ j.
-    NaN sorts last (as in torch.sort)."""
+    diagonal as n exact zeros (Kornblith et al.; also for a row holding NaN);
+    'offdiag' uses the n(n−1) entries i ≠ j. NaN sorts last (as in torch.sort)."""
     n = d.shape[-1]
+    eye = torch.eye(n, dtype=torch.bool, device=d.device)
     if median == "offdiag":
-        mask = ~torch.eye(n, dtype=torch.bool, device=d.device)
-        values = d[..., mask]
+        values = d[..., ~eye]
     else:
-        values = d.reshape(*d.shape[:-2], n * n)
+        values = torch.where(eye, torch.zeros((), dtype=d.dtype, device=d.device), d).reshape(*d.shape[:-2], n * n)
     values, _ = torch.sort(values, dim=-1)
     count = values.shape[-1]
     lo, hi = (count - 1) // 2, count // 2

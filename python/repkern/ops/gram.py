@@ -1,22 +1,22 @@
 """Gram matrices: ``repkern.gram`` and its custom ops.
 
-Path: the GEMM x xᵀ goes to torch (bmm, float32 accumulation for 16-bit
-inputs); one native epilogue kernel turns inner products into the Gram matrix
+Path: the GEMM x xᵀ goes to torch (bmm over row strips of the upper triangle,
+float32 accumulation for 16-bit inputs); one native epilogue kernel turns inner products into the Gram matrix
 in a single pass (cosine normalization / distances -> exp, exact symmetry, and
 centering from a row-sum pass). The RBF median bandwidth comes from a second op
 that selects the median of the squared distances.
 
-Custom ops (all registered with fake impls and autograd):
-  repkern::gram(x (B,n,d), kernel, scale (B,)?, center) -> K (B,n,n) in x.dtype
-      scale = −1/(2σ²) per batch matrix (rbf only)
-  repkern::gram_median_sq_dist(x (B,n,d), offdiag) -> (median (B,), positions (B,2))
-      positions: flat indices i·n + j of the (one or two) middle entries
+Custom op (fake impl and autograd registered):
+  repkern::gram(x (B,n,d), kernel, scale (B,)?, median, threshold, center)
+      -> (K (B,n,n) in x.dtype, scale used (B,), median positions (B,2))
+  rbf: scale = −1/(2σ²) per batch matrix, or None for the median heuristic,
+  which runs inside the op on the same GEMM (distances in place -> median ->
+  exp in place); the gradient flows through the median too.
 """
 
 from __future__ import annotations
 
 import enum
-import math
 from typing import Optional
 
 import torch
@@ -32,6 +32,7 @@ class GramKind(enum.IntEnum):  # csrc/common/gram_math.h
     COSINE = 1
     RBF = 2
     SQDIST = 3
+    RBF_FROM_SQDIST = 4
 
 
 class GramPass(enum.IntEnum):
@@ -43,22 +44,46 @@ class GramPass(enum.IntEnum):
 _KIND = {"linear": GramKind.LINEAR, "cosine": GramKind.COSINE, "rbf": GramKind.RBF}
 
 
+EPILOGUE_TILE = 64  # a multiple of both epilogue tile edges (CPU 64, CUDA 32)
+
+
+def _strip_rows(n: int) -> int:
+    """Rows per GEMM strip: about 8 strips, a multiple of the epilogue tile."""
+    rows = max(256, -(-n // 8))
+    return -(-rows // EPILOGUE_TILE) * EPILOGUE_TILE
+
+
+def _gemm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out (B, r, c) = a (B, r, d) · b (B, c, d)ᵀ, accumulated in out.dtype."""
+    if a.dtype == out.dtype:
+        torch.bmm(a, b.mT, out=out)
+        return
+    try:  # 16-bit GEMM with float32 output (CUDA, recent torch)
+        out.copy_(torch.bmm(a, b.mT, out_dtype=out.dtype))
+    except (TypeError, RuntimeError, NotImplementedError):
+        torch.bmm(a.to(out.dtype), b.mT.to(out.dtype), out=out)
+
+
 def _inner_products(x: Tensor) -> Tensor:
-    """x (B, n, d) -> x xᵀ (B, n, n) in the accumulation dtype."""
+    """x (B, n, d) -> x xᵀ (B, n, n) in the accumulation dtype, UPPER PART ONLY:
+    row strips [i, i+s) × columns [i, n) (a SYRK by GEMMs: about half the FLOPs).
+    Every epilogue tile with ti <= tj lies inside a strip; the rest of the buffer
+    is uninitialized and never read."""
     acc = _native.acc_dtype(x.dtype)
-    if x.dtype != acc and x.is_cuda:
-        try:
-            return torch.bmm(x, x.mT, out_dtype=acc)  # 16-bit GEMM, float32 output
-        except (TypeError, RuntimeError):
-            pass
-    xa = x.to(acc)
-    return torch.bmm(xa, xa.mT)
+    if not x.is_cuda:
+        x = x.to(acc)  # the CPU has no 16-bit GEMM with float32 output
+    batch, n, _ = x.shape
+    inner = torch.empty((batch, n, n), dtype=acc, device=x.device)
+    rows = _strip_rows(n)
+    for i in range(0, n, rows):
+        _gemm_into(inner[:, i : i + rows, i:], x[:, i : i + rows], x[:, i:])
+    return inner
 
 
 def _row_factors(kind: GramKind, inner: Tensor) -> Optional[Tensor]:
     """(B, n) per-row factor of the epilogue (csrc/common/gram_math.h): g_ii for
     distances, 1/‖x_i‖ for cosine (0 for a zero row, NaN stays NaN)."""
-    if kind == GramKind.LINEAR:
+    if kind in (GramKind.LINEAR, GramKind.RBF_FROM_SQDIST):
         return None
     diag = inner.diagonal(dim1=1, dim2=2)
     if kind == GramKind.COSINE:
@@ -71,65 +96,135 @@ def _epilogue(kind: GramKind, pass_: GramPass, inner: Tensor, out=None, scale=No
     _native.call("gram_epilogue", inner.device, int(kind), int(pass_), inner, aux, out, scale, row_sums, totals)
 
 
+# ---- median bandwidth ------------------------------------------------------------
+
+
+def _upper_to_flat(p: Tensor, n: int) -> Tensor:
+    """Index p into the row-major strict upper triangle of n×n -> flat index i·n + j."""
+    pf = p.double()
+    b = 2 * n - 1
+    i = torch.floor((b - torch.sqrt((b * b - 8 * pf).clamp_min(0))) / 2).long()
+
+    def start(r):  # packed index of (r, r + 1)
+        return r * (n - 1) - r * (r - 1) // 2
+
+    i = torch.where(start(i) > p, i - 1, i)
+    i = torch.where(start(i + 1) <= p, i + 1, i)
+    return i * n + (p - start(i) + i + 1)
+
+
+def _median_sq_dist(d: Tensor, offdiag: bool) -> tuple[Tensor, Tensor]:
+    """Median of the squared distances d (B, n, n) (exactly symmetric), numpy-style:
+    the mean of the two middle values for an even count. Over all n² entries the
+    diagonal counts as n exact zeros; NaN sorts above every number (torch's order).
+    Each off-diagonal value appears twice, so the order statistics are taken over
+    the n(n−1)/2 upper-triangle values. Returns (median (B,), flat positions i·n + j
+    (B, 2) of the two middle entries; a diagonal position stands for a zero)."""
+    batch, n, _ = d.shape
+    total, zeros = (n * (n - 1), 0) if offdiag else (n * n, n)
+    upper = torch.ones(n, n, dtype=torch.bool, device=d.device).triu_(1)
+    values = d[:, upper]  # (B, n(n−1)/2)
+    selected = {}
+    meds, positions = [], []
+    for rank in ((total + 1) // 2, total // 2 + 1):  # 1-based ranks in the full multiset
+        if rank <= zeros:
+            meds.append(d.new_zeros(batch))
+            positions.append(torch.zeros(batch, dtype=torch.int64, device=d.device))
+            continue
+        k = (rank - zeros + 1) // 2  # ceil((rank − zeros) / 2): each value counted twice
+        if k not in selected:
+            value, index = torch.kthvalue(values, k, dim=1)
+            selected[k] = (value, _upper_to_flat(index, n))
+        meds.append(selected[k][0])
+        positions.append(selected[k][1])
+    return (meds[0] + meds[1]) / 2, torch.stack(positions, dim=1)
+
+
+def _median_backward(x: Tensor, positions: Tensor, grad_median: Tensor) -> Tensor:
+    """Gradient w.r.t. x (B, n, d) of median = (D[p0] + D[p1]) / 2, D_ij = ‖x_i − x_j‖²:
+    dD_ij/dx_i = 2(x_i − x_j) = −dD_ij/dx_j."""
+    n, d = x.shape[1], x.shape[2]
+    rows, cols = positions // n, positions % n
+    xi = x.gather(1, rows[..., None].expand(-1, -1, d))
+    xj = x.gather(1, cols[..., None].expand(-1, -1, d))
+    contrib = grad_median[:, None, None] * (xi - xj)  # (1/2 per position) · 2(x_i − x_j)
+    gx = torch.zeros_like(x).scatter_add(1, rows[..., None].expand(-1, -1, d), contrib)
+    return gx.scatter_add(1, cols[..., None].expand(-1, -1, d), -contrib)
+
+
 # ---- repkern::gram ----------------------------------------------------------------
 
 
 @torch.library.custom_op("repkern::gram", mutates_args=())
-def _gram_op(x: Tensor, kernel: str, scale: Optional[Tensor], center: bool) -> Tensor:
+def _gram_op(
+    x: Tensor, kernel: str, scale: Optional[Tensor], median: str, threshold: float, center: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x (B, n, d) -> (K (B, n, n) in x.dtype, scale used (B,), median positions (B, 2)).
+    rbf: scale = −1/(2σ²) given, or (scale None) σ² = threshold² · median ('full'/'offdiag')."""
     batch, n, _ = x.shape
-    kind = _KIND[kernel]
+    acc = _native.acc_dtype(x.dtype)
+    positions = torch.full((batch, 2), -1, dtype=torch.int64, device=x.device)
     if batch == 0:
-        return x.new_empty((batch, n, n))
-    out_dtype = x.dtype
+        return x.new_empty((batch, n, n)), x.new_zeros((batch,), dtype=acc), positions
+    kind = _KIND[kernel]
     if kind == GramKind.LINEAR and center:  # H x xᵀ H = (Hx)(Hx)ᵀ: center x, exactly
-        xa = x.to(_native.acc_dtype(x.dtype))
-        x = xa - xa.mean(dim=1, keepdim=True)
-        center = False
-    inner = _inner_products(x)
-    # float32/float64: the epilogue overwrites the GEMM output (one n×n buffer).
-    out = inner if inner.dtype == out_dtype else torch.empty((batch, n, n), dtype=out_dtype, device=x.device)
-    if not center:
+        xa = x.to(acc)
+        xc = xa - xa.mean(dim=1, keepdim=True)
+        inner, center = _inner_products(xc), False
+    else:
+        inner = _inner_products(x)
+    if kind == GramKind.RBF and scale is None:
+        _epilogue(GramKind.SQDIST, GramPass.WRITE, inner, inner)  # distances, in place
+        med, positions = _median_sq_dist(inner, median == "offdiag")
+        scale = -0.5 / (threshold**2 * med)
+        kind = GramKind.RBF_FROM_SQDIST
+    # float32/float64: the epilogue overwrites its input (one n×n buffer).
+    out = inner if inner.dtype == x.dtype else torch.empty((batch, n, n), dtype=x.dtype, device=x.device)
+    if center:
+        row_sums = torch.zeros((batch, n), dtype=torch.float64, device=x.device)
+        _epilogue(kind, GramPass.ROW_SUMS, inner, None, scale, row_sums)
+        _epilogue(kind, GramPass.WRITE_CENTERED, inner, out, scale, row_sums, row_sums.sum(dim=1))
+    else:
         _epilogue(kind, GramPass.WRITE, inner, out, scale)
-        return out
-    row_sums = torch.zeros((batch, n), dtype=torch.float64, device=x.device)
-    _epilogue(kind, GramPass.ROW_SUMS, inner, None, scale, row_sums)
-    totals = row_sums.sum(dim=1)
-    _epilogue(kind, GramPass.WRITE_CENTERED, inner, out, scale, row_sums, totals)
-    return out
+    scale_used = scale.clone() if scale is not None else x.new_zeros((batch,), dtype=acc)
+    return out, scale_used, positions
 
 
 @_gram_op.register_fake
-def _(x, kernel, scale, center):
+def _(x, kernel, scale, median, threshold, center):
     batch, n, _ = x.shape
-    return x.new_empty((batch, n, n))
+    acc = _native.acc_dtype(x.dtype)
+    return x.new_empty((batch, n, n)), x.new_empty((batch,), dtype=acc), x.new_empty((batch, 2), dtype=torch.int64)
 
 
 def _gram_setup_context(ctx, inputs, output):
-    x, kernel, scale, center = inputs
-    ctx.kernel, ctx.center = kernel, center
+    x, kernel, scale, median, threshold, center = inputs
+    k, scale_used, positions = output
+    ctx.kernel, ctx.center, ctx.threshold = kernel, center, threshold
+    ctx.from_median = kernel == "rbf" and scale is None
+    ctx.mark_non_differentiable(scale_used, positions)
     # Centered nonlinear Grams recompute K in backward instead of keeping a second n×n matrix.
     keep_k = kernel != "linear" and not center
-    ctx.save_for_backward(x, scale, output if keep_k else None)
+    ctx.save_for_backward(x, scale_used, positions, k if keep_k else None)
 
 
 def _double_center(g: Tensor) -> Tensor:
     return g - g.mean(-1, keepdim=True) - g.mean(-2, keepdim=True) + g.mean((-2, -1), keepdim=True)
 
 
-def _gram_backward(ctx, grad):
-    x, scale, k = ctx.saved_tensors
+def _gram_backward(ctx, grad, _grad_scale_used, _grad_positions):
+    x, scale, positions, k = ctx.saved_tensors
     acc = _native.acc_dtype(x.dtype)
     xa, g = x.to(acc), grad.to(acc)
-    grad_scale = None
     if ctx.kernel == "linear":
         xc = xa - xa.mean(dim=1, keepdim=True) if ctx.center else xa
         gx = (g + g.mT) @ xc
         if ctx.center:
             gx = gx - gx.mean(dim=1, keepdim=True)
-        return gx.to(x.dtype), None, None, None
+        return gx.to(x.dtype), None, None, None, None, None
     if ctx.center:
         g = _double_center(g)
-        k = torch.ops.repkern.gram(x, ctx.kernel, scale, False)
+        k = torch.ops.repkern.gram(x, ctx.kernel, scale if ctx.kernel == "rbf" else None, "full", 1.0, False)[0]
     ka = k.to(acc)
     if ctx.kernel == "cosine":
         norms = xa.norm(dim=-1, keepdim=True)
@@ -138,82 +233,27 @@ def _gram_backward(ctx, grad):
         u = xa / safe
         gu = (g + g.mT) @ u
         gx = torch.where(nonzero, (gu - (gu * u).sum(-1, keepdim=True) * u) / safe, torch.zeros_like(gu))
-    else:  # rbf: K = exp(scale · D), D_ij = ‖x_i − x_j‖²
-        finite = torch.isfinite(scale)[:, None, None]  # σ = 0 limit: piecewise constant
-        w = torch.where(finite, g * ka * scale[:, None, None], torch.zeros_like(g))  # dL/dD
-        ws = w + w.mT
-        gx = 2 * (ws.sum(-1, keepdim=True) * xa - ws @ xa)
-        if ctx.needs_input_grad[2]:
-            d = reference.squared_distances(xa)
-            grad_scale = torch.where(finite[:, 0, 0], (g * ka * d).sum((1, 2)), torch.zeros_like(scale))
-    return gx.to(x.dtype), None, grad_scale, None
+        return gx.to(x.dtype), None, None, None, None, None
+    # rbf: K = exp(scale · D), D_ij = ‖x_i − x_j‖²
+    finite = torch.isfinite(scale)  # σ = 0 limit: piecewise constant, zero gradient
+    w = torch.where(finite[:, None, None], g * ka * scale[:, None, None], torch.zeros_like(g))  # dL/dD
+    ws = w + w.mT
+    gx = 2 * (ws.sum(-1, keepdim=True) * xa - ws @ xa)
+    grad_scale = None
+    if ctx.from_median or ctx.needs_input_grad[2]:
+        d = reference.squared_distances(xa)
+        grad_scale = torch.where(finite, (g * ka * d).sum((1, 2)), torch.zeros_like(scale))
+    if ctx.from_median:  # scale = −1/(2 t² m): dscale/dm = 2 t² scale²
+        grad_median = grad_scale * 2 * ctx.threshold**2 * scale * scale
+        gx = gx + _median_backward(xa, positions, grad_median)
+        grad_scale = None
+    return gx.to(x.dtype), None, grad_scale, None, None, None
 
 
 _gram_op.register_autograd(_gram_backward, setup_context=_gram_setup_context)
 
 
-# ---- repkern::gram_median_sq_dist --------------------------------------------------
-
-
-@torch.library.custom_op("repkern::gram_median_sq_dist", mutates_args=())
-def _median_op(x: Tensor, offdiag: bool) -> tuple[Tensor, Tensor]:
-    batch, n, _ = x.shape
-    if batch == 0:
-        return x.new_empty((0,), dtype=_native.acc_dtype(x.dtype)), x.new_empty((0, 2), dtype=torch.int64)
-    d = _inner_products(x)
-    _epilogue(GramKind.SQDIST, GramPass.WRITE, d, d)  # in place
-    count = n * n
-    if offdiag:
-        d.diagonal(dim1=1, dim2=2).fill_(math.inf)  # ranks <= n(n−1) are the off-diagonal values
-        count = n * (n - 1)
-    flat = d.reshape(batch, n * n)
-    lo, pos_lo = torch.kthvalue(flat, (count + 1) // 2, dim=1)
-    hi, pos_hi = torch.kthvalue(flat, count // 2 + 1, dim=1)
-    return (lo + hi) / 2, torch.stack([pos_lo, pos_hi], dim=1)
-
-
-@_median_op.register_fake
-def _(x, offdiag):
-    batch = x.shape[0]
-    return x.new_empty((batch,), dtype=_native.acc_dtype(x.dtype)), x.new_empty((batch, 2), dtype=torch.int64)
-
-
-def _median_setup_context(ctx, inputs, output):
-    x, _ = inputs
-    _, positions = output
-    ctx.save_for_backward(x, positions)
-
-
-def _median_backward(ctx, grad_median, _grad_positions):
-    # median = (D[p_lo] + D[p_hi]) / 2 with D_ij = ‖x_i − x_j‖²: dD_ij/dx_i = 2(x_i − x_j) = −dD_ij/dx_j.
-    x, positions = ctx.saved_tensors
-    acc = _native.acc_dtype(x.dtype)
-    xa = x.to(acc)
-    n, d = x.shape[1], x.shape[2]
-    rows, cols = positions // n, positions % n
-    xi = xa.gather(1, rows[..., None].expand(-1, -1, d))
-    xj = xa.gather(1, cols[..., None].expand(-1, -1, d))
-    contrib = grad_median.to(acc)[:, None, None] * (xi - xj)  # (1/2 per position) · 2(x_i − x_j)
-    gx = torch.zeros_like(xa)
-    gx = gx.scatter_add(1, rows[..., None].expand(-1, -1, d), contrib)
-    gx = gx.scatter_add(1, cols[..., None].expand(-1, -1, d), -contrib)
-    return gx.to(x.dtype), None
-
-
-_median_op.register_autograd(_median_backward, setup_context=_median_setup_context)
-
-
 # ---- public API --------------------------------------------------------------------
-
-
-def rbf_scale(x3: Tensor, sigma: Optional[float], threshold: float, median: str) -> Tensor:
-    """−1/(2σ²) per batch matrix of x3 (B, n, d), σ explicit or by the median heuristic."""
-    if sigma is None:
-        med, _ = torch.ops.repkern.gram_median_sq_dist(x3, median == "offdiag")
-        sigma_sq = threshold**2 * med
-    else:
-        sigma_sq = torch.full((x3.shape[0],), sigma**2, dtype=_native.acc_dtype(x3.dtype), device=x3.device)
-    return -0.5 / sigma_sq
 
 
 def gram(
@@ -251,6 +291,8 @@ def gram(
         return reference.gram(x, kernel, sigma=sigma, threshold=threshold, center=center, median=median)
     *batch_shape, n, d = x.shape
     x3 = x.reshape(-1, n, d)
-    scale = rbf_scale(x3, sigma, threshold, median) if kernel == "rbf" else None
-    k = torch.ops.repkern.gram(x3, kernel, scale, center)
+    scale = None
+    if kernel == "rbf" and sigma is not None:
+        scale = torch.full((x3.shape[0],), -0.5 / sigma**2, dtype=_native.acc_dtype(x.dtype), device=x.device)
+    k, _, _ = torch.ops.repkern.gram(x3, kernel, scale, median, threshold, center)
     return k.reshape(*batch_shape, n, n)
