@@ -17,14 +17,9 @@
 #include "common/gram_math.h"
 #include "common/tensor_view.h"
 
+#include "gram.h"
 #if defined(REPKERN_MODULE_EMU)
-#include "cuda/gram.h"
 #include "emu/selftest.h"
-#else
-#include "cpu/gram.h"
-#if defined(REPKERN_WITH_CUDA)
-#include "cuda/gram.h"
-#endif
 #endif
 
 namespace py = pybind11;
@@ -99,21 +94,28 @@ struct GramArgs {
   }
 };
 
-void* stream_ptr(uint64_t stream) { return reinterpret_cast<void*>(stream); }
+// Binds a Gram epilogue entry point: arguments validated, GIL released, then
+// run(args, last) where `last` is the thread count (CPU) or the stream (CUDA).
+template <typename Last, typename Run>
+void def_gram_epilogue(py::module_& m, const char* name, const char* last_name, Run run) {
+  m.def(
+      name,
+      [run](int kind, int pass, const ViewArg& inner, const OptView& aux, const OptView& out, const OptView& scale,
+            const OptView& row_sums, const OptView& totals, Last last) {
+        GramArgs a(kind, pass, inner, aux, out, scale, row_sums, totals);
+        py::gil_scoped_release release;
+        run(a, last);
+      },
+      py::arg("kind"), py::arg("pass_"), py::arg("inner"), py::arg("aux"), py::arg("out"), py::arg("scale"),
+      py::arg("row_sums"), py::arg("totals"), py::arg(last_name));
+}
 
 #if defined(REPKERN_MODULE_EMU) || defined(REPKERN_WITH_CUDA)
 void def_cuda_launchers(py::module_& m) {
-  m.def(
-      "gram_epilogue_cuda",
-      [](int kind, int pass, const ViewArg& inner, const OptView& aux, const OptView& out, const OptView& scale, const OptView& row_sums,
-         const OptView& totals, uint64_t stream) {
-        GramArgs a(kind, pass, inner, aux, out, scale, row_sums, totals);
-        py::gil_scoped_release release;
-        repkern::cuda::gram_epilogue(a.kind, a.pass, a.inner.dtype, a.out.dtype, a.inner.data, a.aux, a.out.data, a.scale,
-                                     a.row_sums, a.totals, a.batch, a.n, stream_ptr(stream));
-      },
-      py::arg("kind"), py::arg("pass_"), py::arg("inner"), py::arg("aux"), py::arg("out"), py::arg("scale"), py::arg("row_sums"),
-      py::arg("totals"), py::arg("stream"));
+  def_gram_epilogue<uint64_t>(m, "gram_epilogue_cuda", "stream", [](const GramArgs& a, uint64_t stream) {
+    repkern::cuda::gram_epilogue(a.kind, a.pass, a.inner.dtype, a.out.dtype, a.inner.data, a.aux, a.out.data,
+                                 a.scale, a.row_sums, a.totals, a.batch, a.n, reinterpret_cast<void*>(stream));
+  });
 }
 #endif
 
@@ -185,17 +187,10 @@ PYBIND11_MODULE(_C, m) {
     info["cpu_arch"] = REPKERN_CPU_ARCH;
     return info;
   });
-  m.def(
-      "gram_epilogue_cpu",
-      [](int kind, int pass, const ViewArg& inner, const OptView& aux, const OptView& out, const OptView& scale, const OptView& row_sums,
-         const OptView& totals, int num_threads) {
-        GramArgs a(kind, pass, inner, aux, out, scale, row_sums, totals);
-        py::gil_scoped_release release;
-        repkern::cpu::gram_epilogue(a.kind, a.pass, a.inner.dtype, a.out.dtype, a.inner.data, a.aux, a.out.data, a.scale,
-                                    a.row_sums, a.totals, a.batch, a.n, num_threads);
-      },
-      py::arg("kind"), py::arg("pass_"), py::arg("inner"), py::arg("aux"), py::arg("out"), py::arg("scale"), py::arg("row_sums"),
-      py::arg("totals"), py::arg("num_threads"));
+  def_gram_epilogue<int>(m, "gram_epilogue_cpu", "num_threads", [](const GramArgs& a, int num_threads) {
+    repkern::cpu::gram_epilogue(a.kind, a.pass, a.inner.dtype, a.out.dtype, a.inner.data, a.aux, a.out.data, a.scale,
+                                a.row_sums, a.totals, a.batch, a.n, num_threads);
+  });
 #if defined(REPKERN_WITH_CUDA)
   def_cuda_launchers(m);
 #endif

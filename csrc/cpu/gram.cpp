@@ -2,7 +2,7 @@
 // vectorizable inner loop) and written to both triangles. Each task reads only
 // its own upper tile, so `out` may be `inner` (in-place, as on CUDA). Row sums
 // for centering are owned per row tile, so they do not depend on the thread count.
-#include "cpu/gram.h"
+#include "gram.h"
 
 #include <algorithm>
 #include <memory>

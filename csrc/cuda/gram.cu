@@ -8,7 +8,7 @@
 // in place over the GEMM output: one n×n buffer instead of two).
 // Minimum traffic per matrix: read n²/2 · sizeof(acc), write n² · sizeof(out)
 // (the centered path reads twice). FLOPs: ~4 per entry, plus one exp (RBF).
-#include "cuda/gram.h"
+#include "gram.h"
 
 #include <cmath>
 #include <string>
