@@ -98,14 +98,12 @@ struct RowTopK {
   }
 };
 
-template <typename A>
+template <typename A, bool ReluFirst>
 void topk_merge(const A* pre, const A* bias, A* top_vals, int64_t* top_cols, int64_t rows, int64_t cols,
-                int64_t col0, int k, bool first, bool relu_first, int num_threads) {
-  using K = sae_key_t<A>;
-  constexpr int64_t kBlock = 64;  // keys of a block are computed in a vector loop, then screened at once
+                int64_t col0, int k, bool first, int num_threads) {
+  constexpr int64_t kBlock = 16;  // screened at once by a vector loop; most blocks hold no candidate
   parallel_for(rows, num_threads, kMinRowsPerTask, [&](int64_t r0, int64_t r1) {
     RowTopK<A> top(k);
-    K block[kBlock];
     for (int64_t r = r0; r < r1; ++r) {
       top.size = 0;
       if (!first) {
@@ -118,18 +116,23 @@ void topk_merge(const A* pre, const A* bias, A* top_vals, int64_t* top_cols, int
       const A* p = pre + r * cols;
       for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
         const int64_t n = std::min(kBlock, cols - c0);
-        K best = 0;
-#pragma omp simd reduction(max : best)
+        if (top.full()) {
+          // A candidate must be >= the k-th value, or NaN (it ranks above every number).
+          const A kth = sae_key_value<A>(top.keys[size_t(k - 1)]);
+          int hit = 0;
+#pragma omp simd reduction(| : hit)
+          for (int64_t j = 0; j < n; ++j) {
+            const A h = A(p[c0 + j] + bias[c0 + j]);
+            const A s = ReluFirst ? (h < A(0) ? A(0) : h) : h;
+            hit |= int(s >= kth) | int(s != s);
+          }
+          if (!hit) continue;
+        }
         for (int64_t j = 0; j < n; ++j) {
           const A h = A(p[c0 + j] + bias[c0 + j]);
-          block[j] = sae_order_key(relu_first ? sae_activation(h, 0.0f) : h);
-          best = std::max(best, block[j]);
-        }
-        // Screen on keys only: an equal key with a larger column is rejected by admits().
-        if (top.full() && best < top.keys[size_t(k - 1)]) continue;
-        for (int64_t j = 0; j < n; ++j) {
+          const auto key = sae_order_key(ReluFirst ? sae_activation(h, 0.0f) : h);
           const int32_t col = int32_t(col0 + c0 + j);
-          if (top.admits(block[j], col)) top.insert(block[j], col);
+          if (top.admits(key, col)) top.insert(key, col);
         }
       }
       for (int s = 0; s < k; ++s) {
@@ -211,8 +214,10 @@ void sae_topk_merge(DType acc_dtype, const void* pre, const void* bias, void* to
   if (rows == 0) return;
   dispatch_sae_acc(acc_dtype, "sae_topk_merge", [&](auto tag) {
     using A = typename decltype(tag)::type;
-    topk_merge(static_cast<const A*>(pre), static_cast<const A*>(bias), static_cast<A*>(top_vals), top_cols, rows,
-               cols, col0, k, first, relu_first, num_threads);
+    // A compile-time switch: a runtime one in the screening loop costs about 4x there.
+    auto run = relu_first ? topk_merge<A, true> : topk_merge<A, false>;
+    run(static_cast<const A*>(pre), static_cast<const A*>(bias), static_cast<A*>(top_vals), top_cols, rows, cols, col0,
+        k, first, num_threads);
   });
 }
 

@@ -129,6 +129,8 @@ def _threshold_tensor(threshold, d_sae: int, device: torch.device, *, per_featur
     else:
         theta = torch.tensor(float(threshold), dtype=torch.float32, device=device)
     detached = theta.detach()
+    if torch.compiler.is_compiling():  # a value check would break the graph
+        return theta
     if not bool(torch.isfinite(detached).all()) or bool((detached < 0).any()):
         raise ValueError("threshold: must be finite and >= 0 (a negative threshold is meaningless after the ReLU)")
     return theta

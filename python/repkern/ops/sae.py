@@ -19,6 +19,7 @@ Custom ops (fake impls and autograd registered):
   repkern::sae_encode_sparse(x, W_enc, b_enc, b_dec?, threshold?, activation, k, relu_first,
       bandwidth, chunk_bytes) -> (crow (N+1,), cols (nnz,), values (nnz,) in the acc dtype)
   repkern::sae_decode_sparse(crow, cols, values, W_dec, b_dec?) -> (N, d_in)
+  repkern::sae_spmm, repkern::sae_sddmm: the gathers below, used by the backward passes
 Sparse backward touches only the stored (row, column) pairs: W_enc and b_enc
 gradients by a gather over the columns' entries (CSC), the x gradient by a
 gather of W_enc rows, the decode's value gradients by one dot product per entry.
@@ -108,7 +109,7 @@ def _chunks(xa: Tensor, W: Tensor, min_cols: int, budget: int):
 def _centered_input(x: Tensor, b_dec: Optional[Tensor]) -> Tensor:
     """x' = x − b_dec (N, d_in) in the accumulation dtype."""
     xa = x.to(_native.acc_dtype(x.dtype))
-    return xa - b_dec.to(xa.dtype) if b_dec is not None else xa
+    return xa - b_dec.to(xa.dtype) if b_dec is not None else xa.contiguous()
 
 
 # ---- forward passes ------------------------------------------------------------------
@@ -272,23 +273,50 @@ def _encode_sparse_setup(ctx, inputs, output):
     ctx.save_for_backward(x, W_enc, b_dec, threshold, crow, cols, vals)
 
 
+# The two gathers as custom ops of their own, so that the backward passes that use
+# them can be traced (torch.compile) like any other torch code.
+
+
+@torch.library.custom_op("repkern::sae_spmm", mutates_args=())
+def _spmm_op(crow: Tensor, cols: Tensor, vals: Tensor, dense: Optional[Tensor], bias: Optional[Tensor]
+             ) -> tuple[Tensor, Tensor]:
+    """CSR rows × dense (K, D): (Σ_e vals[e] · dense[cols[e]] (+ bias) (rows, D) in vals'
+    dtype — (0, 0) without dense —, Σ_e vals[e] (rows,) in the accumulation dtype)."""
+    rows = crow.numel() - 1
+    out = vals.new_empty((rows, dense.shape[1]) if dense is not None else (0, 0))
+    sums = vals.new_empty((rows,), dtype=_native.acc_dtype(vals.dtype))
+    _native.call("sae_spmm", vals.device, crow, cols, vals, dense, bias, out if dense is not None else None, sums)
+    return out, sums
+
+
+@_spmm_op.register_fake
+def _(crow, cols, vals, dense, bias):
+    rows = crow.shape[0] - 1
+    return (vals.new_empty((rows, dense.shape[1]) if dense is not None else (0, 0)),
+            vals.new_empty((rows,), dtype=_native.acc_dtype(vals.dtype)))
+
+
+@torch.library.custom_op("repkern::sae_sddmm", mutates_args=())
+def _sddmm_op(rows: Tensor, cols: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """a[rows[e]] · b[cols[e]] for each entry e -> (nnz,) in the accumulation dtype."""
+    out = a.new_empty(rows.shape, dtype=_native.acc_dtype(a.dtype))
+    _native.call("sae_sddmm", a.device, rows, cols, a, b, out)
+    return out
+
+
+@_sddmm_op.register_fake
+def _(rows, cols, a, b):
+    return a.new_empty(rows.shape, dtype=_native.acc_dtype(a.dtype))
+
+
 def _csc(crow: Tensor, cols: Tensor, d_sae: int):
     """The transpose of a CSR pattern: (col_ptr (d_sae+1,), rows of the entries sorted by
     column (stable), the permutation)."""
     rows = CsrCodes(crow, cols, cols, ()).row_indices()
     order = torch.sort(cols, stable=True).indices
-    col_ptr = torch.zeros(d_sae + 1, dtype=torch.int64, device=cols.device)
-    col_ptr[1:] = torch.bincount(cols, minlength=d_sae).cumsum(0)
+    counts = torch.zeros(d_sae, dtype=torch.int64, device=cols.device).scatter_add_(0, cols, torch.ones_like(cols))
+    col_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     return col_ptr, rows[order], order
-
-
-def _column_sums_and_gather(col_ptr, csc_rows, csc_vals, dense: Optional[Tensor], n_out: int):
-    """Σ over each column's entries of vals (n_out,), and with `dense` (N, D) also
-    Σ vals · dense[row] (n_out, D): the W_enc / b_enc gradients of a sparse code."""
-    out = torch.empty((n_out, dense.shape[1]), dtype=dense.dtype, device=dense.device) if dense is not None else None
-    sums = torch.empty(n_out, dtype=csc_vals.dtype, device=csc_vals.device)
-    _native.call("sae_spmm", csc_vals.device, col_ptr, csc_rows, csc_vals, dense, None, out, sums)
-    return out, sums
 
 
 def _encode_sparse_backward(ctx, _g_crow, _g_cols, g_vals):
@@ -303,7 +331,7 @@ def _encode_sparse_backward(ctx, _g_crow, _g_cols, g_vals):
     if need_w or need_b or need_bdec or need_theta:
         col_ptr, csc_rows, order = _csc(crow, cols, d_sae)
         dense = _centered_input(x, b_dec) if need_w else None
-        gw_t, g_bias = _column_sums_and_gather(col_ptr, csc_rows, gh[order], dense, d_sae)
+        gw_t, g_bias = torch.ops.repkern.sae_spmm(col_ptr, csc_rows, gh[order], dense, None)
         if need_w:
             grads[1] = gw_t.mT.to(ctx.dtypes[1])
         if need_b:
@@ -313,12 +341,11 @@ def _encode_sparse_backward(ctx, _g_crow, _g_cols, g_vals):
         if need_theta:  # JumpReLU straight-through estimator on the stored codes
             th = threshold.to(acc)[cols]
             term = -(th / ctx.bandwidth) * reference._rectangle((vals - th) / ctx.bandwidth) * g
-            _, g_theta = _column_sums_and_gather(col_ptr, csc_rows, term[order], None, d_sae)
+            _, g_theta = torch.ops.repkern.sae_spmm(col_ptr, csc_rows, term[order], None, None)
             grads[4] = g_theta.to(threshold.dtype)
     if need_x:
         w_rows = W_enc.to(acc).mT.contiguous()  # (d_sae, d_in): rows gathered with full-width loads
-        gx = torch.empty((n, d_in), dtype=acc, device=x.device)
-        _native.call("sae_spmm", x.device, crow, cols, gh, w_rows, None, gx, None)
+        gx, _ = torch.ops.repkern.sae_spmm(crow, cols, gh, w_rows, None)
         grads[0] = gx.to(ctx.dtypes[0])
     return tuple(grads)
 
@@ -418,10 +445,7 @@ _encode_dense_op.register_autograd(_encode_dense_backward, setup_context=_encode
 @torch.library.custom_op("repkern::sae_decode_sparse", mutates_args=())
 def _decode_sparse_op(crow: Tensor, cols: Tensor, vals: Tensor, W_dec: Tensor, b_dec: Optional[Tensor]) -> Tensor:
     """Σ_e vals[e] · W_dec[cols[e]] + b_dec per CSR row -> (N, d_in); vals in W_dec's dtype."""
-    n = crow.numel() - 1
-    out = torch.empty((n, W_dec.shape[1]), dtype=W_dec.dtype, device=W_dec.device)
-    _native.call("sae_spmm", W_dec.device, crow, cols, vals, W_dec, b_dec, out, None)
-    return out
+    return _spmm_op(crow, cols, vals, W_dec, b_dec)[0]
 
 
 @_decode_sparse_op.register_fake
@@ -441,13 +465,10 @@ def _decode_sparse_backward(ctx, grad):
     g_vals = g_w = g_b = None
     if need_vals:
         rows = CsrCodes(crow, cols, vals, ()).row_indices()
-        out = torch.empty(vals.shape, dtype=_native.acc_dtype(vals.dtype), device=vals.device)
-        _native.call("sae_sddmm", vals.device, rows, cols, grad, W_dec, out)
-        g_vals = out.to(vals.dtype)
+        g_vals = torch.ops.repkern.sae_sddmm(rows, cols, grad, W_dec).to(vals.dtype)
     if need_w:
         col_ptr, csc_rows, order = _csc(crow, cols, W_dec.shape[0])
-        g_w = torch.empty_like(W_dec)
-        _native.call("sae_spmm", W_dec.device, col_ptr, csc_rows, vals[order].contiguous(), grad, None, g_w, None)
+        g_w, _ = torch.ops.repkern.sae_spmm(col_ptr, csc_rows, vals[order], grad, None)
     if need_b:
         g_b = grad.to(_native.acc_dtype(grad.dtype)).sum(0).to(grad.dtype)
     return None, None, g_vals, g_w, g_b
@@ -571,14 +592,15 @@ def _check_decode_args(codes, W_dec, b_dec):
         code_d_sae = codes.d_sae if isinstance(codes, SparseCodes) else codes.shape[-1]
         if code_d_sae != d_sae:
             raise ValueError(f"codes: d_sae={code_d_sae} does not match W_dec (d_sae, d_in) = {tuple(W_dec.shape)}")
-        if indices.numel() and (bool(indices.min() < 0) or bool(indices.max() >= d_sae)):
+        data_checks = not torch.compiler.is_compiling()  # value checks would break the graph
+        if data_checks and indices.numel() and (bool(indices.min() < 0) or bool(indices.max() >= d_sae)):
             raise ValueError(f"codes: indices must lie in [0, d_sae={d_sae})")
         if isinstance(codes, CsrCodes):
             n = math.prod(codes.shape[:-1])
             crow = codes.crow_indices
             if crow.shape != (n + 1,) or crow.dtype != torch.int64:
                 raise ValueError(f"codes: crow_indices must be int64 of shape (N + 1,) = ({n + 1},)")
-            if int(crow[0]) != 0 or int(crow[-1]) != values.numel() or bool((crow.diff() < 0).any()):
+            if data_checks and (int(crow[0]) != 0 or int(crow[-1]) != values.numel() or bool((crow.diff() < 0).any())):
                 raise ValueError("codes: crow_indices must rise from 0 to nnz")
     else:
         _checks.floating_tensor("codes", codes, min_dim=1, shape_hint="(..., d_sae)")
@@ -606,6 +628,8 @@ def sae_decode(codes, W_dec: Tensor, b_dec: Optional[Tensor] = None) -> Tensor:
         return reference.sae_decode(codes, W_dec, b_dec)
     dtype = W_dec.dtype
     b = b_dec.to(dtype) if b_dec is not None else None
+    if isinstance(codes, (SparseCodes, CsrCodes)):
+        W_dec = W_dec.contiguous()  # rows are gathered whole
     if isinstance(codes, SparseCodes):
         batch_shape = tuple(codes.values.shape[:-1])
         n, k = math.prod(batch_shape), codes.values.shape[-1]
