@@ -455,20 +455,21 @@ def test_decode_gradients(backend, form):
                                                                         else v, w, bb), (values, W_dec, b))
 
 
-@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32))
-def test_low_precision_decode_gradients(backend, dtype):
-    W, b_enc, b_dec = _sae(16, 64, dtype, backend.device)
-    x = _x((6, 16), dtype, backend.device)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d_in", (16, 13))  # vector and scalar loads
+def test_decode_gradients_every_dtype(backend, dtype, d_in):
+    W, b_enc, b_dec = _sae(d_in, 64, dtype, backend.device)
+    x = _x((6, d_in), dtype, backend.device)
     codes = repkern.sae_encode(x, W, b_enc, activation="topk", k=8, output="sparse")
     values = codes.values.detach().requires_grad_()
     W_dec = W.mT.contiguous().requires_grad_()
-    target = _x((6, 16), dtype, backend.device, seed=4)
+    target = _x((6, d_in), dtype, backend.device, seed=4)
     (repkern.sae_decode(codes._replace(values=values), W_dec, b_dec) * target).sum().backward()
     vals64 = values.detach().cpu().double().requires_grad_()
     wd64 = W_dec.detach().cpu().double().requires_grad_()
     (reference.sae_decode(codes._replace(values=vals64.to(dtype).double(), indices=codes.indices.cpu()),
                           wd64, b_dec.cpu().double()) * target.cpu().double()).sum().backward()
-    tol = 4 * torch.finfo(dtype).eps
+    tol = 4 * torch.finfo(dtype).eps if dtype != torch.float64 else 1e-12
     assert values.grad.dtype == dtype and W_dec.grad.dtype == dtype
     torch.testing.assert_close(values.grad.cpu().double(), vals64.grad, rtol=tol, atol=tol * 10)
     torch.testing.assert_close(W_dec.grad.cpu().double(), wd64.grad, rtol=tol, atol=tol * 10)
