@@ -114,25 +114,31 @@ void topk_merge(const A* pre, const A* bias, A* top_vals, int64_t* top_cols, int
         top.size = k;
       }
       const A* p = pre + r * cols;
+      // A candidate must be >= the k-th value, or NaN (it ranks above every number).
+      A kth = top.full() ? sae_key_value<A>(top.keys[size_t(k - 1)]) : A(0);
       for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
         const int64_t n = std::min(kBlock, cols - c0);
-        if (top.full()) {
-          // A candidate must be >= the k-th value, or NaN (it ranks above every number).
-          const A kth = sae_key_value<A>(top.keys[size_t(k - 1)]);
+        if (top.full() && n == kBlock) {  // a fixed trip count: one unrolled vector compare
+          const A* pb = p + c0;  // block-local pointers: GCC emits gathers for p[c0 + j]
+          const A* bb = bias + c0;
           int hit = 0;
 #pragma omp simd reduction(| : hit)
-          for (int64_t j = 0; j < n; ++j) {
-            const A h = A(p[c0 + j] + bias[c0 + j]);
+          for (int j = 0; j < int(kBlock); ++j) {
+            const A h = A(pb[j] + bb[j]);
             const A s = ReluFirst ? (h < A(0) ? A(0) : h) : h;
-            hit |= int(s >= kth) | int(s != s);
+            hit |= !(s < kth);  // s >= kth, or NaN
           }
           if (!hit) continue;
         }
         for (int64_t j = 0; j < n; ++j) {
           const A h = A(p[c0 + j] + bias[c0 + j]);
-          const auto key = sae_order_key(ReluFirst ? sae_activation(h, 0.0f) : h);
+          const A ranked = ReluFirst ? sae_activation(h, 0.0f) : h;
+          if (top.full() && ranked < kth) continue;  // the common case, before any key arithmetic
+          const auto key = sae_order_key(ranked);
           const int32_t col = int32_t(col0 + c0 + j);
-          if (top.admits(key, col)) top.insert(key, col);
+          if (!top.admits(key, col)) continue;
+          top.insert(key, col);
+          if (top.full()) kth = sae_key_value<A>(top.keys[size_t(k - 1)]);
         }
       }
       for (int s = 0; s < k; ++s) {
