@@ -15,9 +15,11 @@
 #include <vector>
 
 #include "common/gram_math.h"
+#include "common/sae_math.h"
 #include "common/tensor_view.h"
 
 #include "gram.h"
+#include "sae.h"
 #if defined(REPKERN_MODULE_EMU)
 #include "emu/selftest.h"
 #endif
@@ -110,12 +112,215 @@ void def_gram_epilogue(py::module_& m, const char* name, const char* last_name, 
       py::arg("row_sums"), py::arg("totals"), py::arg(last_name));
 }
 
+// ---- SAE kernels ----------------------------------------------------------------------
+
+// Binds one entry point: the Python arguments build a validated Args, the GIL is
+// released, then run(args, last) with `last` the thread count (CPU) or the stream (CUDA).
+template <typename Args, typename... PyArgs>
+struct Binder {
+  template <typename Last, typename Run>
+  static void def(py::module_& m, const char* name, Run run) {
+    m.def(name, [run](const PyArgs&... py_args, Last last) {
+      Args a(py_args...);
+      py::gil_scoped_release release;
+      run(a, last);
+    });
+  }
+};
+
+DType acc_of(const TensorView& v) {
+  if (v.dtype != DType::Float32 && v.dtype != DType::Float64)
+    throw std::invalid_argument(v.name + ": must be float32 or float64");
+  return v.dtype;
+}
+
+// A [rows, cols] matrix with unit column stride; returns its row stride.
+int64_t row_stride(const TensorView& v, DType dtype) {
+  if (v.dtype != dtype) throw std::invalid_argument(v.name + ": unexpected dtype code " + std::to_string(int(v.dtype)));
+  if (v.sizes.size() != 2) throw std::invalid_argument(v.name + ": expected 2 dimensions");
+  if (v.sizes[1] > 1 && v.strides[1] != 1) throw std::invalid_argument(v.name + ": rows must be contiguous");
+  const int64_t ld = v.sizes[0] > 1 ? v.strides[0] : v.sizes[1];
+  if (ld < v.sizes[1]) throw std::invalid_argument(v.name + ": overlapping rows");
+  return ld;
+}
+
+template <typename T>
+T* opt_data(const OptView& arg, const char* name, DType dtype, const std::vector<int64_t>& sizes) {
+  return arg ? view(*arg, name).expect(dtype, sizes).template as<T>() : nullptr;
+}
+
+struct SaeActivateArgs {
+  TensorView pre, out;
+  int64_t ld_pre, ld_out, rows, cols;
+  const void* bias;
+  const float* theta;
+  int64_t* fire_counts;
+  SaeActivateArgs(const ViewArg& pre_arg, const ViewArg& bias_arg, const OptView& theta_arg, const ViewArg& out_arg,
+                  const OptView& fire_arg)
+      : pre(view(pre_arg, "pre")), out(view(out_arg, "out")) {
+    ld_pre = row_stride(pre, acc_of(pre));
+    rows = pre.sizes[0];
+    cols = pre.sizes[1];
+    ld_out = row_stride(out, out.dtype);
+    if (out.sizes != pre.sizes) throw std::invalid_argument("out: must have the shape of pre");
+    bias = view(bias_arg, "bias").expect(pre.dtype, {cols}).data;
+    theta = opt_data<const float>(theta_arg, "theta", DType::Float32, {cols});
+    fire_counts = opt_data<int64_t>(fire_arg, "fire_counts", DType::Int64, {cols});
+  }
+};
+
+struct SaeSparsifyArgs {
+  TensorView pre;
+  int64_t rows, cols, col0;
+  const void* bias;
+  const float* theta;
+  int64_t* counts = nullptr;
+  const int64_t* offsets = nullptr;
+  int64_t* out_cols = nullptr;
+  void* out_vals = nullptr;
+  SaeSparsifyArgs(const ViewArg& pre_arg, const ViewArg& bias_arg, const OptView& theta_arg, const OptView& counts_arg,
+                  const OptView& offsets_arg, const OptView& cols_arg, const OptView& vals_arg, int64_t col0_)
+      : pre(view(pre_arg, "pre")), col0(col0_) {
+    if (pre.sizes.size() != 2) throw std::invalid_argument("pre: expected [rows, cols]");
+    rows = pre.sizes[0];
+    cols = pre.sizes[1];
+    pre.expect(acc_of(pre), {rows, cols});
+    bias = view(bias_arg, "bias").expect(pre.dtype, {cols}).data;
+    theta = opt_data<const float>(theta_arg, "theta", DType::Float32, {cols});
+    if (counts_arg) {
+      counts = opt_data<int64_t>(counts_arg, "counts", DType::Int64, {rows});
+    } else {
+      if (!offsets_arg || !cols_arg || !vals_arg)
+        throw std::invalid_argument("sae_sparsify: either counts or offsets, out_cols and out_vals");
+      offsets = opt_data<const int64_t>(offsets_arg, "offsets", DType::Int64, {rows});
+      const TensorView c = view(*cols_arg, "out_cols");
+      if (c.sizes.size() != 1) throw std::invalid_argument("out_cols: expected [nnz]");
+      out_cols = c.expect(DType::Int64, c.sizes).as<int64_t>();
+      out_vals = view(*vals_arg, "out_vals").expect(pre.dtype, c.sizes).data;
+    }
+  }
+};
+
+struct SaeTopkArgs {
+  TensorView pre, top_vals;
+  int64_t rows, cols, col0;
+  int k;
+  bool first, relu_first;
+  const void* bias;
+  int64_t* top_cols;
+  SaeTopkArgs(const ViewArg& pre_arg, const ViewArg& bias_arg, const ViewArg& vals_arg, const ViewArg& cols_arg,
+              int64_t col0_, bool first_, bool relu_first_)
+      : pre(view(pre_arg, "pre")), top_vals(view(vals_arg, "top_vals")), col0(col0_), first(first_),
+        relu_first(relu_first_) {
+    if (pre.sizes.size() != 2 || top_vals.sizes.size() != 2) throw std::invalid_argument("pre, top_vals: expected 2 dims");
+    rows = pre.sizes[0];
+    cols = pre.sizes[1];
+    pre.expect(acc_of(pre), {rows, cols});
+    const int64_t k64 = top_vals.sizes[1];
+    if (k64 < 1 || k64 > repkern::kSaeMaxTopK) throw std::invalid_argument("top_vals: k must be in [1, 256]");
+    if (first && cols < k64) throw std::invalid_argument("pre: the first chunk needs at least k columns");
+    if (col0 < 0 || col0 + cols > int64_t(repkern::kSaeEmptyIndex)) throw std::invalid_argument("col0: out of range");
+    k = int(k64);
+    top_vals.expect(pre.dtype, {rows, k64});
+    top_cols = view(cols_arg, "top_cols").expect(DType::Int64, {rows, k64}).as<int64_t>();
+    bias = view(bias_arg, "bias").expect(pre.dtype, {cols}).data;
+  }
+};
+
+struct SaeSpmmArgs {
+  TensorView vals;
+  int64_t rows, D = 0;
+  const int64_t *crow, *cols;
+  const void *dense = nullptr, *bias = nullptr;
+  void *out = nullptr, *row_sums = nullptr;
+  SaeSpmmArgs(const ViewArg& crow_arg, const ViewArg& cols_arg, const ViewArg& vals_arg, const OptView& dense_arg,
+              const OptView& bias_arg, const OptView& out_arg, const OptView& sums_arg)
+      : vals(view(vals_arg, "vals")) {
+    const TensorView cr = view(crow_arg, "crow");
+    if (cr.sizes.size() != 1 || cr.sizes[0] < 1) throw std::invalid_argument("crow: expected [rows + 1]");
+    rows = cr.sizes[0] - 1;
+    crow = cr.expect(DType::Int64, cr.sizes).as<const int64_t>();
+    if (vals.sizes.size() != 1) throw std::invalid_argument("vals: expected [nnz]");
+    vals.expect(vals.dtype, vals.sizes);
+    cols = view(cols_arg, "cols").expect(DType::Int64, vals.sizes).as<const int64_t>();
+    const DType acc = vals.dtype == DType::Float64 ? DType::Float64 : DType::Float32;
+    if (dense_arg) {
+      const TensorView d = view(*dense_arg, "dense");
+      if (d.sizes.size() != 2) throw std::invalid_argument("dense: expected [K, D]");
+      D = d.sizes[1];
+      dense = d.expect(vals.dtype, d.sizes).data;
+      bias = opt_data<const void>(bias_arg, "bias", vals.dtype, {D});
+      if (!out_arg) throw std::invalid_argument("out: required with dense");
+      out = view(*out_arg, "out").expect(vals.dtype, {rows, D}).data;
+    }
+    row_sums = opt_data<void>(sums_arg, "row_sums", acc, {rows});
+  }
+};
+
+struct SaeSddmmArgs {
+  TensorView a;
+  int64_t nnz, D;
+  const int64_t *rows_of, *cols_of;
+  const void* b;
+  void* out;
+  SaeSddmmArgs(const ViewArg& rows_arg, const ViewArg& cols_arg, const ViewArg& a_arg, const ViewArg& b_arg,
+               const ViewArg& out_arg)
+      : a(view(a_arg, "a")) {
+    const TensorView r = view(rows_arg, "rows_of");
+    if (r.sizes.size() != 1) throw std::invalid_argument("rows_of: expected [nnz]");
+    nnz = r.sizes[0];
+    rows_of = r.expect(DType::Int64, {nnz}).as<const int64_t>();
+    cols_of = view(cols_arg, "cols_of").expect(DType::Int64, {nnz}).as<const int64_t>();
+    if (a.sizes.size() != 2) throw std::invalid_argument("a: expected [R, D]");
+    D = a.sizes[1];
+    a.expect(a.dtype, a.sizes);
+    const TensorView bv = view(b_arg, "b");
+    if (bv.sizes.size() != 2 || bv.sizes[1] != D) throw std::invalid_argument("b: expected [K, D]");
+    b = bv.expect(a.dtype, bv.sizes).data;
+    const DType acc = a.dtype == DType::Float64 ? DType::Float64 : DType::Float32;
+    out = view(out_arg, "out").expect(acc, {nnz}).data;
+  }
+};
+
+using SaeActivateBinder = Binder<SaeActivateArgs, ViewArg, ViewArg, OptView, ViewArg, OptView>;
+using SaeSparsifyBinder =
+    Binder<SaeSparsifyArgs, ViewArg, ViewArg, OptView, OptView, OptView, OptView, OptView, int64_t>;
+using SaeTopkBinder = Binder<SaeTopkArgs, ViewArg, ViewArg, ViewArg, ViewArg, int64_t, bool, bool>;
+using SaeSpmmBinder = Binder<SaeSpmmArgs, ViewArg, ViewArg, ViewArg, OptView, OptView, OptView, OptView>;
+using SaeSddmmBinder = Binder<SaeSddmmArgs, ViewArg, ViewArg, ViewArg, ViewArg, ViewArg>;
+
+// The last native argument: the thread count (CPU) or the stream handle (CUDA).
+[[maybe_unused]] int native_last(int num_threads) { return num_threads; }
+[[maybe_unused]] void* native_last(uint64_t stream) { return reinterpret_cast<void*>(stream); }
+
+// The SAE entry points of one backend: `ns` is repkern::cpu or repkern::cuda.
+#define REPKERN_DEF_SAE(m, suffix, Last, ns)                                                                        \
+  SaeActivateBinder::def<Last>(m, "sae_activate" suffix, [](const SaeActivateArgs& a, Last last) {                  \
+    ns::sae_activate(a.pre.dtype, a.out.dtype, a.pre.data, a.ld_pre, a.bias, a.theta, a.out.data, a.ld_out,         \
+                     a.fire_counts, a.rows, a.cols, native_last(last));                                                          \
+  });                                                                                                               \
+  SaeSparsifyBinder::def<Last>(m, "sae_sparsify" suffix, [](const SaeSparsifyArgs& a, Last last) {                  \
+    ns::sae_sparsify(a.pre.dtype, a.pre.data, a.bias, a.theta, a.counts, a.offsets, a.out_cols, a.out_vals, a.rows, \
+                     a.cols, a.col0, native_last(last));                                                                         \
+  });                                                                                                               \
+  SaeTopkBinder::def<Last>(m, "sae_topk_merge" suffix, [](const SaeTopkArgs& a, Last last) {                        \
+    ns::sae_topk_merge(a.pre.dtype, a.pre.data, a.bias, a.top_vals.data, a.top_cols, a.rows, a.cols, a.col0, a.k,   \
+                       a.first, a.relu_first, native_last(last));                                                                \
+  });                                                                                                               \
+  SaeSpmmBinder::def<Last>(m, "sae_spmm" suffix, [](const SaeSpmmArgs& a, Last last) {                              \
+    ns::sae_spmm(a.vals.dtype, a.crow, a.cols, a.vals.data, a.dense, a.bias, a.out, a.row_sums, a.rows, a.D, native_last(last)); \
+  });                                                                                                               \
+  SaeSddmmBinder::def<Last>(m, "sae_sddmm" suffix, [](const SaeSddmmArgs& a, Last last) {                           \
+    ns::sae_sddmm(a.a.dtype, a.rows_of, a.cols_of, a.a.data, a.b, a.out, a.nnz, a.D, native_last(last));                         \
+  })
+
 #if defined(REPKERN_MODULE_EMU) || defined(REPKERN_WITH_CUDA)
 void def_cuda_launchers(py::module_& m) {
   def_gram_epilogue<uint64_t>(m, "gram_epilogue_cuda", "stream", [](const GramArgs& a, uint64_t stream) {
     repkern::cuda::gram_epilogue(a.kind, a.pass, a.inner.dtype, a.out.dtype, a.inner.data, a.aux, a.out.data,
                                  a.scale, a.row_sums, a.totals, a.batch, a.n, reinterpret_cast<void*>(stream));
   });
+  REPKERN_DEF_SAE(m, "_cuda", uint64_t, repkern::cuda);
 }
 #endif
 
@@ -191,6 +396,7 @@ PYBIND11_MODULE(_C, m) {
     repkern::cpu::gram_epilogue(a.kind, a.pass, a.inner.dtype, a.out.dtype, a.inner.data, a.aux, a.out.data, a.scale,
                                 a.row_sums, a.totals, a.batch, a.n, num_threads);
   });
+  REPKERN_DEF_SAE(m, "_cpu", int, repkern::cpu);
 #if defined(REPKERN_WITH_CUDA)
   def_cuda_launchers(m);
 #endif

@@ -36,7 +36,7 @@ def short(name: str) -> str:
 
 def ptxas_report(log_path: str) -> None:
     compiling = re.compile(r"Compiling entry function '(\w+)' for '(sm_\w+)'")
-    used = re.compile(r"Used (\d+) registers.*?(\d+) bytes smem")
+    used = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")  # ptxas omits smem when a kernel has none
     spill = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
     rows, current = [], None
     with open(log_path, errors="replace") as f:
@@ -47,7 +47,7 @@ def ptxas_report(log_path: str) -> None:
             elif current and (m := spill.search(line)):
                 current[4] = f"stack {m.group(1)} B, spills {m.group(2)}/{m.group(3)} B"
             elif current and (m := used.search(line)):
-                current[2], current[3] = m.group(1), m.group(2)
+                current[2], current[3] = m.group(1), m.group(2) or "0"
     if not rows:
         print("ptxas: no kernel report in the build log (CUDA not compiled?)")
         return
