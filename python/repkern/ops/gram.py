@@ -120,16 +120,22 @@ def _median_sq_dist(d: Tensor, offdiag: bool) -> tuple[Tensor, Tensor]:
     Each off-diagonal value appears twice, so the order statistics are taken over
     the n(n−1)/2 upper-triangle values. Returns (median (B,), flat positions i·n + j
     (B, 2) of the two middle entries; a diagonal position stands for a zero)."""
-    batch, n, _ = d.shape
-    total, zeros = (n * (n - 1), 0) if offdiag else (n * n, n)
+    n = d.shape[1]
     upper = torch.ones(n, n, dtype=torch.bool, device=d.device).triu_(1)
-    values = d[:, upper]  # (B, n(n−1)/2)
+    return _median_from_upper(d[:, upper], n, offdiag)
+
+
+def _median_from_upper(values: Tensor, n: int, offdiag: bool) -> tuple[Tensor, Tensor]:
+    """:func:`_median_sq_dist` from the strict upper triangle of d packed row-major
+    into values (B, n(n−1)/2)."""
+    batch = values.shape[0]
+    total, zeros = (n * (n - 1), 0) if offdiag else (n * n, n)
     selected = {}
     meds, positions = [], []
     for rank in ((total + 1) // 2, total // 2 + 1):  # 1-based ranks in the full multiset
         if rank <= zeros:
-            meds.append(d.new_zeros(batch))
-            positions.append(torch.zeros(batch, dtype=torch.int64, device=d.device))
+            meds.append(values.new_zeros(batch))
+            positions.append(torch.zeros(batch, dtype=torch.int64, device=values.device))
             continue
         k = (rank - zeros + 1) // 2  # ceil((rank − zeros) / 2): each value counted twice
         if k not in selected:
