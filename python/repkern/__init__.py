@@ -1,6 +1,7 @@
 """repkern: fast kernels for representation analysis on PyTorch tensors.
 
-Public API (see README): :func:`gram`, :func:`build_info`; pure-PyTorch twins of
+Public API (see README): :func:`gram`, :func:`hsic`, :func:`cka`, :func:`cka_from_grams`,
+:func:`cka_matrix`, :func:`cka_plan`, :func:`build_info`; pure-PyTorch twins of
 every op in :mod:`repkern.reference`.
 """
 
@@ -10,6 +11,7 @@ from importlib import metadata as _metadata
 
 from repkern import reference  # noqa: F401
 from repkern._native import has_emulator as _has_emulator
+from repkern.ops.cka import CkaPlan, cka, cka_from_grams, cka_matrix, cka_plan, hsic
 from repkern.ops.gram import gram
 
 try:
@@ -32,4 +34,5 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["gram", "build_info", "reference", "__version__"]
+__all__ = ["gram", "hsic", "cka", "cka_from_grams", "cka_matrix", "cka_plan", "CkaPlan", "build_info", "reference",
+           "__version__"]
