@@ -148,10 +148,12 @@ def check_hsic_args(x, y, kernel, debiased, sigma, threshold, median):
 
 
 def zero_variance_tolerance(dtype: torch.dtype) -> float:
-    """A self-HSIC numerator ‖H K H‖²_F (or its unbiased twin) at most this times
-    Σ K∘K is rounding noise of the Gram entries (relative error u = eps/2 each, so
-    noise energy ~u² Σ K∘K): the representation counts as constant."""
-    return 16 * torch.finfo(acc_dtype(dtype)).eps ** 2
+    """A self-HSIC numerator ‖H K H‖²_F (or its unbiased twin ‖Ũ_K‖²_F) at most this
+    times Σ K∘K is rounding noise, and the representation counts as constant. Two
+    floors: the Gram entries' own rounding (relative eps each: noise energy
+    ~eps² Σ K∘K), and the centering, which cancels terms of size Σ K∘K in float64
+    (~n·2⁻⁵³ relative at worst for n up to ~10⁵: 2⁻³⁶ ≈ 1.5e-11)."""
+    return max(16 * torch.finfo(acc_dtype(dtype)).eps ** 2, 2.0**-36)
 
 
 def constant_rows(x: torch.Tensor) -> torch.Tensor:
@@ -218,8 +220,8 @@ def _cka_of_centered(kc, lc, k, l, tol):
 def cka_from_grams(k: torch.Tensor, l: torch.Tensor, *, debiased: bool = False) -> torch.Tensor:
     """CKA of Gram matrices (..., n, n) -> (...) (Kornblith et al.'s ``cka(k, l, debiased)``):
     HSIC(K, L)/sqrt(HSIC(K, K)·HSIC(L, L)), the same estimator in all three places.
-    NaN where K or L is constant (zero variance), its debiased self-HSIC is <= 0, or
-    it holds NaN/Inf."""
+    NaN where K or L has zero variance (a self term at rounding level; both are
+    squared norms, ‖HKH‖²_F and ‖Ũ_K‖²_F, so never negative otherwise) or holds NaN/Inf."""
     _check_grams(k, l, debiased)
     ka, la = k.to(acc_dtype(k.dtype)), l.to(acc_dtype(l.dtype))
     kc, lc = center_gram(ka, debiased), center_gram(la, debiased)

@@ -225,14 +225,12 @@ def _degenerate(h_self: Tensor, s_self: Optional[Tensor], dtype: torch.dtype, co
     return bad & finite
 
 
-def _warn(op: str, names: list[str], debiased: bool) -> None:
+def _warn(op: str, names: list[str]) -> None:
     if not names or torch.compiler.is_compiling():  # no data-dependent Python under torch.compile
         return
-    which = ", ".join(names)
-    why = "self-HSIC <= 0 (debiased, few samples) or " if debiased else ""
     warnings.warn(
-        f"repkern.{op}: {which}: zero variance ({why}constant representation); CKA is NaN there",
-        RuntimeWarning, stacklevel=3)
+        f"repkern.{op}: {', '.join(names)}: zero variance (constant representation, or a self-HSIC <= 0 or at "
+        "the rounding level of its Gram entries); CKA is NaN there", RuntimeWarning, stacklevel=3)
 
 
 def _batch_names(name: str, mask: Tensor, batch_shape) -> list[str]:
@@ -358,9 +356,10 @@ def cka(
     Returns:
         ``(...)`` float32 (float64 for float64 inputs), scale-invariant in x and y.
         NaN, with a ``RuntimeWarning`` naming the input (and batch index), where x or
-        y is constant (all rows equal) or its self-HSIC is <= 0 (debiased, small n)
-        or rounding noise; NaN without a warning where an input holds NaN/Inf.
-        Differentiable w.r.t. x and y on every path (``1 - cka(x, y)`` is a loss);
+        y is constant (all rows equal) or its self-HSIC is at the rounding level of
+        its Gram entries (both self-HSICs are squared norms, ‖HKH‖²_F and ‖Ũ_K‖²_F
+        for the U-centered K, so only rounding makes them <= 0); NaN without a
+        warning where an input holds NaN/Inf. Differentiable w.r.t. x and y on every path (``1 - cka(x, y)`` is a loss);
         works under ``torch.compile`` (without the warning).
     """
     sigma, threshold = reference.check_hsic_args(x, y, kernel, debiased, sigma, threshold, median)
@@ -374,7 +373,7 @@ def cka(
     value = _ratio(h_xy, h_xx, h_yy, finite & ~bad_x & ~bad_y)
     if not torch.compiler.is_compiling() and bool((bad_x | bad_y).any()):
         batch_shape = x.shape[:-2]
-        _warn("cka", _batch_names("x", bad_x, batch_shape) + _batch_names("y", bad_y, batch_shape), debiased)
+        _warn("cka", _batch_names("x", bad_x, batch_shape) + _batch_names("y", bad_y, batch_shape))
     return value.reshape(x.shape[:-2]).to(stat)
 
 
@@ -384,8 +383,8 @@ def cka_from_grams(k: Tensor, l: Tensor, *, debiased: bool = False) -> Tensor:
     The matrices must be symmetric: only the upper triangle and the diagonal are
     read (one pass, no centered copies). Returns ``(...)`` float32 (float64 for
     float64 input); NaN with a ``RuntimeWarning`` where k or l has zero variance
-    (constant, debiased self-HSIC <= 0); NaN where it holds NaN/Inf. Differentiable
-    w.r.t. k and l (the gradient lands on the entries read).
+    (constant, or a self-HSIC at rounding level); NaN where it holds NaN/Inf.
+    Differentiable w.r.t. k and l (the gradient lands on the entries read).
     """
     reference._check_grams(k, l, debiased)
     if _native.use_reference():
@@ -408,8 +407,7 @@ def cka_from_grams(k: Tensor, l: Tensor, *, debiased: bool = False) -> Tensor:
     value = _ratio(h_xy, h_kk, h_ll, finite & ~bad_k & ~bad_l)
     if not torch.compiler.is_compiling() and bool((bad_k | bad_l).any()):
         batch_shape = k.shape[:-2]
-        _warn("cka_from_grams", _batch_names("k", bad_k, batch_shape) + _batch_names("l", bad_l, batch_shape),
-              debiased)
+        _warn("cka_from_grams", _batch_names("k", bad_k, batch_shape) + _batch_names("l", bad_l, batch_shape))
     return value.reshape(k.shape[:-2]).to(stat)
 
 
@@ -496,7 +494,7 @@ def cka_matrix(
     same = a == b
     out = torch.where(same & ok[a], torch.ones_like(out), out)  # unit diagonal, exactly
     if not torch.compiler.is_compiling() and bool(bad.any()):
-        _warn("cka_matrix", [names[i] for i in bad.nonzero().flatten().tolist()], debiased)
+        _warn("cka_matrix", [names[i] for i in bad.nonzero().flatten().tolist()])
     return out.to(_native.stat_dtype(xs[0].dtype))
 
 
