@@ -89,9 +89,10 @@ def _median_exact_tiled(x: Tensor, offdiag: bool, tile: int) -> tuple[Tensor, Te
     rows = max(1, tile * tile // n)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        d = (sq[r0:r1, None] + sq[None, r0:]) - 2 * (x[r0:r1] @ x[r0:].T)
-        upper = torch.arange(r0, n, device=x.device)[None, :] > torch.arange(r0, r1, device=x.device)[:, None]
-        values[_packed_start(r0, n) : _packed_start(r1, n)] = d.clamp_min(0)[upper]
+        d = ((sq[r0:r1, None] + sq[None, r0:]) - 2 * (x[r0:r1] @ x[r0:].T)).clamp_min_(0)
+        for i in range(r0, min(r1, n - 1)):  # row slices (a boolean-mask gather is several times slower)
+            start = _packed_start(i, n)
+            values[start : start + n - 1 - i] = d[i - r0, i + 1 - r0 :]
     med, positions = gram_ops._median_from_upper(values[None], n, offdiag)
     return med[0], positions[0]
 
