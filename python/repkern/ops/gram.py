@@ -132,9 +132,9 @@ def _median_sq_dist(d: Tensor, offdiag: bool) -> tuple[Tensor, Tensor]:
 def _next_order_statistic(values: Tensor, value: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k-th smallest of values (B, N) given the (k−1)-th (value, index (B,)): the
     same value when at least k entries are <= it (ties), else the smallest entry
-    above it, NaN when only NaN is left (torch's order). One pass over values
+    above it, NaN when only NaN is left (torch's order). A few streaming passes
     instead of a second kthvalue."""
-    tie = (values <= value[:, None]).sum(1) >= k
+    tie = torch.count_nonzero(values <= value[:, None], dim=1) >= k
     above = values > value[:, None]
     nearest, nearest_index = torch.where(above, values, math.inf).min(1)
     has_above = above.any(1)
