@@ -217,7 +217,7 @@ def test_small_case_by_hand(backend):
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_tiled_equals_untiled_forward_and_gradient(backend, kernel):
     x, y = _related(150, 6, 4, torch.float64, backend.device, seed=3)
-    budget = 3 * 2 * 64 * 64 * 8  # tiles of 64 rows: 3 × 3 tiles, edge tiles of 22
+    budget = 3 * (150 * 149 // 2) * 8  # exact RBF median still fits; tiles of 64 rows: 3 × 3, edge tiles of 22
     assert repkern.cka_plan(x, y, kernel, method="tiled", max_gram_bytes=budget).tile == 64
     results = []
     for method, mgb in (("gram", None), ("tiled", budget)):
@@ -231,13 +231,13 @@ def test_tiled_equals_untiled_forward_and_gradient(backend, kernel):
 
 def test_tiled_rbf_median_exact_while_it_fits_else_seeded_sample(backend):
     x, y = _related(150, 6, 4, torch.float64, backend.device, seed=4)
-    distances = 150 * 149 // 2 * 8
+    distances = 3 * (150 * 149 // 2) * 8  # packed distances and two working copies of them
     exact = repkern.cka_plan(x, y, "rbf", method="tiled", max_gram_bytes=distances)
     assert exact.median == "exact" and exact.median_sample_rows is None
     _check(repkern.cka, reference.cka, x, y, kernel="rbf", method="tiled", max_gram_bytes=distances)
     sampled = repkern.cka_plan(x, y, "rbf", method="tiled", max_gram_bytes=distances - 1)
     assert sampled.median == "sampled" and sampled.median_seed == hsic_ops.MEDIAN_SEED
-    assert sampled.median_sample_rows == math.isqrt((distances - 1) // 8) < 150
+    assert sampled.median_sample_rows == math.isqrt((distances - 1) // (6 * 8)) < 150
     first = repkern.cka(x, y, "rbf", method="tiled", max_gram_bytes=distances - 1)
     again = repkern.cka(x, y, "rbf", method="tiled", max_gram_bytes=distances - 1)
     assert torch.equal(first, again), "seeded: the same rows every call"
@@ -606,7 +606,7 @@ def test_plan_cost_model_and_budget(monkeypatch):
     monkeypatch.setenv("REPKERN_MAX_GRAM_BYTES", str(1 << 20))
     plan = repkern.cka_plan(tall, tall, "rbf")
     assert plan.method == "tiled" and plan.median == "sampled" and plan.max_gram_bytes == 1 << 20
-    assert plan.median_sample_rows == 512 and plan.tile == 192
+    assert plan.median_sample_rows == 209 and plan.tile == 192
     assert repkern.cka_plan([tall, tall, tall], kernel="cosine").method == "tiled"
     monkeypatch.setenv("REPKERN_MAX_GRAM_BYTES", "lots")
     with pytest.raises(ValueError, match="REPKERN_MAX_GRAM_BYTES must be a positive integer"):

@@ -42,6 +42,7 @@ DEFAULT_MAX_GRAM_BYTES = 1 << 30  # env REPKERN_MAX_GRAM_BYTES or argument max_g
 METHODS = ("auto", "feature", "gram", "tiled")
 MAX_TILE = 2048  # a bigger tile only costs memory: GEMMs of 2048 rows already run near the matmul rate
 TILE_COPIES = 3  # tile-sized buffers per matrix at the peak (forward block; backward K and G stacks)
+MEDIAN_WORKING_COPIES = 3  # exact median selection: packed distances, kthvalue's copy, one pass's temporary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,8 @@ class CkaPlan:
         inner-product buffer per matrix) or ``"tiled"`` (Gram tiles, O(n) memory).
     tile: rows of a Gram tile (tiled forward; every backward recomputes tiles of this size).
     median: RBF without sigma: ``"exact"`` (numpy median of all distances) or
-        ``"sampled"`` (tiled, when the n(n−1)/2 distances exceed the budget: the
+        ``"sampled"`` (tiled, when selecting among the n(n−1)/2 distances would
+        exceed the budget — the packed distances plus two working copies: the
         distances among ``median_sample_rows`` rows drawn with seed ``median_seed``).
     gram_bytes: bytes of the n×n matrices the "gram" method holds at once.
     max_gram_bytes: the memory budget in force.
@@ -114,8 +116,8 @@ def _plan(n: int, dims: Sequence[int], pair_dims: Sequence[tuple[int, int]], ker
     median = rows = seed = None
     if kernel == "rbf" and sigma is None and method != "feature":
         median = "exact"
-        if method == "tiled" and n * (n - 1) // 2 * elem > budget:
-            rows = min(hsic_ops.MEDIAN_SAMPLE_ROWS, int(math.isqrt(budget // elem)))
+        if method == "tiled" and MEDIAN_WORKING_COPIES * (n * (n - 1) // 2) * elem > budget:
+            rows = min(hsic_ops.MEDIAN_SAMPLE_ROWS, int(math.isqrt(budget // (2 * MEDIAN_WORKING_COPIES * elem))))
             if rows < n:
                 median, seed = "sampled", hsic_ops.MEDIAN_SEED
             else:
