@@ -16,9 +16,9 @@ Linear kernel in feature space (cost n·d1·d2 instead of n²(d1+d2)), X, Y
 column-centered: h = ‖YᵀX‖²_F, unbiased h = ‖YᵀX‖²_F − (n/(n−2)) aᵀb +
 (Σa)(Σb)/((n−1)(n−2)) with a_i = ‖x_i‖², b_i = ‖y_i‖².
 
-Scale: the linear paths center x and divide it by a power of two near its RMS
-row norm (exact in every float format), so neither float32 products nor 16-bit
-inputs overflow; HSIC is scaled back in float64. RBF and cosine Grams are
+Scale: the linear paths center x and divide it by a power of two near max |x|
+(exact in every float format), so neither float32 products nor 16-bit inputs
+overflow; HSIC is scaled back in float64. RBF and cosine Grams are
 bounded by 1 and need no scaling.
 """
 
@@ -158,16 +158,19 @@ def _elem(dtype: torch.dtype) -> int:
 def _prepare(x: Tensor, kernel: str) -> tuple[Tensor, Tensor]:
     """x (B, n, d) -> (x in the accumulation dtype ready for the Gram/feature path,
     log2 of the factor it was divided by (B,) float64). Linear: centered and divided
-    by 2^round(log2(RMS row norm)) — exact, and keeps float32 products in range."""
+    by 2^round(log2(max |x|)) — exact (a power of two), and it bounds the entries of
+    x̂ by 2, so float32 products x̂ᵀx̂ and Σ K∘K stay far from overflow. Three passes:
+    min/max, mean, then centering and scaling fused."""
     xa = x.to(_native.acc_dtype(x.dtype))
     zero = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     if kernel != "linear":
         return xa, zero
-    xc = xa - xa.mean(-2, keepdim=True)
     with torch.no_grad():
-        rms = xc.double().square().sum((-2, -1)).div(x.shape[-2]).sqrt()
-        log2 = torch.where(torch.isfinite(rms) & (rms > 0), torch.log2(rms).round(), zero)
-    return xc * torch.exp2(-log2).to(xa.dtype)[:, None, None], log2
+        lo, hi = torch.aminmax(xa.detach().reshape(xa.shape[0], -1), dim=1)
+        peak = torch.maximum(-lo, hi).double()
+        log2 = torch.where(torch.isfinite(peak) & (peak > 0), torch.log2(peak).round(), zero)
+    scale = torch.exp2(-log2).to(xa.dtype)[:, None, None]
+    return torch.addcmul(-xa.mean(-2, keepdim=True) * scale, xa, scale), log2
 
 
 def _numerators(cross: Tensor, row_sums: Tensor, diag: Tensor, pairs: Tensor, n: int, debiased: bool) -> Tensor:
