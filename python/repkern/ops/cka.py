@@ -205,13 +205,12 @@ def _gram_numerators(inputs: list[Tensor], kernel, sigma, median, threshold, pai
     return _numerators(cross, row_sums, diag, pairs_t, n, debiased), cross
 
 
-def _feature_numerator(p: Tensor, q: Tensor, n: int, debiased: bool, a=None, b=None) -> Tensor:
-    """h from centered features p (B, n, d1), q (B, n, d2); a, b: their squared row norms (float64)."""
+def _feature_numerator(p: Tensor, q: Tensor, n: int, debiased: bool) -> Tensor:
+    """h from centered features p (B, n, d1), q (B, n, d2)."""
     dot = (q.mT @ p).square().sum((-2, -1), dtype=torch.float64)
     if not debiased:
         return dot
-    a = p.square().sum(-1, dtype=torch.float64) if a is None else a
-    b = q.square().sum(-1, dtype=torch.float64) if b is None else b
+    a, b = p.square().sum(-1, dtype=torch.float64), q.square().sum(-1, dtype=torch.float64)
     return dot - n / (n - 2) * (a * b).sum(-1) + a.sum(-1) * b.sum(-1) / ((n - 1) * (n - 2))
 
 

@@ -256,6 +256,16 @@ _hsic_terms_op.register_autograd(_hsic_terms_backward, setup_context=_hsic_terms
 # ---- repkern::hsic_terms_backward ------------------------------------------------------------
 
 
+def _pair_coefficients(pairs: list[int], grad_cross: Tensor, m: int, dtype: torch.dtype) -> Tensor:
+    """c (m, m) with dL/dK_a = Σ_b c_ab K_b from the cross terms: pair (a, b) adds its
+    gradient to c_ab and c_ba (so a self pair, Σ K_a∘K_a, adds it twice)."""
+    pairs_t = _pairs_tensor(pairs).to(grad_cross.device)
+    coef = torch.zeros((m, m), dtype=dtype, device=grad_cross.device)
+    g = grad_cross.to(dtype)
+    coef.index_put_((pairs_t[:, 0], pairs_t[:, 1]), g, accumulate=True)
+    return coef.index_put_((pairs_t[:, 1], pairs_t[:, 0]), g, accumulate=True)
+
+
 def _kernel_tile(kind: GramKind, xi: Tensor, xj: Tensor, aux_i, aux_j, scale, diagonal: bool):
     """K block (rows of xi × rows of xj) with the forward's semantics (gram_math.h,
     hsic_diag_entry); for RBF also the squared distances."""
@@ -301,11 +311,7 @@ def _hsic_terms_backward_op(
     mats = _matrices(xs)
     m, n = len(mats), mats[0].shape[0]
     acc = mats[0].dtype
-    pairs_t = _pairs_tensor(pairs).to(mats[0].device)
-    coef = torch.zeros((m, m), dtype=acc, device=mats[0].device)
-    g = grad_cross.to(acc)
-    coef.index_put_((pairs_t[:, 0], pairs_t[:, 1]), g, accumulate=True)
-    coef.index_put_((pairs_t[:, 1], pairs_t[:, 0]), g, accumulate=True)  # a = b: counted twice, as it should
+    coef = _pair_coefficients(pairs, grad_cross, m, acc)
     grad_rows, grad_diag_a = grad_row_sums.to(acc), grad_diag.to(acc)
 
     if kind == GramKind.COSINE:
@@ -412,11 +418,7 @@ def _from_grams_backward(ctx, grad_cross, grad_row_sums, grad_diag):
     acc = mats[0].dtype
     upper = torch.ones_like(mats[0], dtype=torch.bool).triu_(1)
     sym = torch.stack([torch.where(upper, k, k.T) for k in mats])  # S(K): lower taken from upper
-    pairs_t = _pairs_tensor(ctx.pairs).to(sym.device)
-    coef = torch.zeros((m, m), dtype=acc, device=sym.device)
-    g = grad_cross.to(acc)
-    coef.index_put_((pairs_t[:, 0], pairs_t[:, 1]), g, accumulate=True)
-    coef.index_put_((pairs_t[:, 1], pairs_t[:, 0]), g, accumulate=True)
+    coef = _pair_coefficients(ctx.pairs, grad_cross, m, acc)
     n = sym.shape[-1]
     gs = (coef @ sym.reshape(m, -1)).reshape(m, n, n) + grad_row_sums.to(acc)[:, :, None]
     gs.diagonal(dim1=1, dim2=2).add_(grad_diag.to(acc))
