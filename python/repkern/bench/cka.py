@@ -1,7 +1,8 @@
 """CKA benchmarks (DESIGN.md §7 and issue 3), repkern against plain PyTorch in the same run.
 
 Providers:
-  repkern      the op as a user calls it (method="auto" unless the case says otherwise)
+  repkern      the op as a user calls it (method="auto")
+  repkern-X    the op with method="X" forced
   reference    repkern.reference: plain PyTorch written the way a careful user would;
                for cka_matrix that means each layer's Gram built and centered ONCE
   loop[Pp]     the usual per-pair loop, reference.cka(x_i, x_j) for P pairs i < j (both
@@ -10,7 +11,8 @@ Providers:
 
 Cases:
   cka_matrix, RBF, debiased, 6 layers, n=1024, d=384      (§7: >= 1.5× reference, >= 5× loop)
-  cka_matrix, linear (feature path), 12 layers, n=4096, d=768  (§7: >= 70% of the matmul rate)
+  cka_matrix, linear, 12 layers, n=4096, d=768 (§7: the feature path >= 70% of the matmul rate;
+               "auto" takes Gram space here: its FLOPs are (L+1)·d/n = 2.4× fewer for L layers)
   cka_matrix, RBF, 12 layers, n=4096, d=768               (issue 3)
   cka, RBF, n=16384, d=768: tiled (auto), untiled, reference (issue 3, §7: time <= 1.3× untiled)
   cka, RBF, n=32768, d=768: tiled only (full mode: the n×n approaches need > 12 GB here)
@@ -50,12 +52,12 @@ def _matrix_case(kernel: str, debiased: bool, count: int, n: int, d: int, device
     distinct = [(i, j) for i in range(count) for j in range(i + 1, count)]  # what a careful loop computes
     pairs = distinct if loop_pairs is None else distinct[:loop_pairs]
     kw = {"kernel": kernel, "debiased": debiased}
-    providers = {
-        "repkern": lambda: repkern.cka_matrix(layers, **kw),
-        "reference": lambda: reference.cka_matrix(layers, **kw),
-        f"loop[{len(pairs)}p]": lambda: _loop(layers, pairs, **kw),
-    }
-    if kernel == "linear":  # feature path: the GEMMs x_iᵀ x_j, i <= j
+    providers = {"repkern": lambda: repkern.cka_matrix(layers, **kw)}
+    if kernel == "linear":  # the feature path's rate (auto may prefer Gram space for many layers)
+        providers["repkern-feature"] = lambda: repkern.cka_matrix(layers, method="feature", **kw)
+    providers["reference"] = lambda: reference.cka_matrix(layers, **kw)
+    providers[f"loop[{len(pairs)}p]"] = lambda: _loop(layers, pairs, **kw)
+    if kernel == "linear":  # feature path: the GEMMs x_iᵀ x_j, i <= j (GFLOP/s is meaningful for repkern-feature)
         flops = 2.0 * n * d * d * count * (count + 1) / 2
     else:  # one Gram x xᵀ per layer
         flops = 2.0 * count * n * n * d
