@@ -20,6 +20,7 @@
 
 #include "gram.h"
 #include "sae.h"
+#include "hsic.h"
 #if defined(REPKERN_MODULE_EMU)
 #include "emu/selftest.h"
 #endif
@@ -313,6 +314,87 @@ using SaeSddmmBinder = Binder<SaeSddmmArgs, ViewArg, ViewArg, ViewArg, ViewArg, 
   SaeSddmmBinder::def<Last>(m, "sae_sddmm" suffix, [](const SaeSddmmArgs& a, Last last) {                           \
     ns::sae_sddmm(a.a.dtype, a.rows_of, a.cols_of, a.a.data, a.b, a.out, a.nnz, a.D, native_last(last));                         \
   })
+// Validated arguments of the HSIC-terms kernel (shared by the CPU, CUDA and emulated entry points).
+struct HsicArgs {
+  repkern::GramKind kind;
+  DType acc = DType::Float32;
+  std::vector<const void*> blocks;
+  const void* aux = nullptr;
+  const void* scale = nullptr;
+  std::vector<int64_t> pairs;  // host copy: the CUDA launcher plans its launches from it
+  double* cross = nullptr;
+  double* row_sums = nullptr;
+  double* diag = nullptr;
+  int64_t rows = 0, cols = 0, r0 = 0, c0 = 0, n = 0;
+  bool diagonal_block = false;
+
+  HsicArgs(int kind_code, const std::vector<ViewArg>& block_args, const OptView& aux_arg, const OptView& scale_arg,
+           const ViewArg& pairs_arg, const ViewArg& cross_arg, const ViewArg& row_sums_arg, const ViewArg& diag_arg,
+           int64_t r0_, int64_t c0_, bool diagonal)
+      : kind(repkern::GramKind(kind_code)), r0(r0_), c0(c0_), diagonal_block(diagonal) {
+    using repkern::GramKind;
+    if (kind_code < 0 || kind_code > int(GramKind::RbfFromSqDist) || !repkern::hsic_kind_supported(kind))
+      throw std::invalid_argument("kind: unsupported for hsic_terms");
+    if (block_args.empty()) throw std::invalid_argument("blocks: expected at least one matrix block");
+    const int64_t m = int64_t(block_args.size());
+    for (size_t a = 0; a < block_args.size(); ++a) {
+      TensorView b = view(block_args[a], "blocks");
+      if (b.sizes.size() != 2) throw std::invalid_argument("blocks: expected [rows, cols] matrices");
+      if (a == 0) {
+        acc = b.dtype;
+        rows = b.sizes[0];
+        cols = b.sizes[1];
+        if (acc != DType::Float32 && acc != DType::Float64)
+          throw std::invalid_argument("blocks: must be float32 or float64");
+      }
+      b.expect(acc, {rows, cols});
+      blocks.push_back(b.data);
+    }
+    TensorView rs = view(row_sums_arg, "row_sums");
+    if (rs.sizes.size() != 2 || rs.sizes[0] != m) throw std::invalid_argument("row_sums: expected shape [m, n]");
+    n = rs.sizes[1];
+    row_sums = rs.expect(DType::Float64, {m, n}).as<double>();
+    diag = view(diag_arg, "diag").expect(DType::Float64, {m, n}).as<double>();
+    if (r0 < 0 || c0 < 0 || r0 + rows > n || c0 + cols > n)
+      throw std::invalid_argument("r0/c0: the block lies outside the n×n matrices");
+    if (diagonal_block && (r0 != c0 || rows != cols))
+      throw std::invalid_argument("diagonal_block: needs r0 == c0 and a square block");
+    if (repkern::gram_needs_aux(kind)) {
+      if (!aux_arg) throw std::invalid_argument("aux: required for this kind");
+      aux = view(*aux_arg, "aux").expect(acc, {m, n}).data;
+    }
+    if (kind == GramKind::Rbf || kind == GramKind::RbfFromSqDist) {
+      if (!scale_arg) throw std::invalid_argument("scale: required for the rbf kernel");
+      scale = view(*scale_arg, "scale").expect(acc, {m}).data;
+    }
+    TensorView pv = view(pairs_arg, "pairs");
+    if (pv.sizes.size() != 2 || pv.sizes[1] != 2) throw std::invalid_argument("pairs: expected shape [P, 2]");
+    const int64_t num_pairs = pv.sizes[0];
+    pv.expect(DType::Int64, {num_pairs, 2});
+    pairs.assign(pv.as<const int64_t>(), pv.as<const int64_t>() + 2 * num_pairs);
+    for (int64_t v : pairs)
+      if (v < 0 || v >= m) throw std::invalid_argument("pairs: matrix index out of range");
+    cross = view(cross_arg, "cross").expect(DType::Float64, {num_pairs}).as<double>();
+  }
+  int64_t num_pairs() const { return int64_t(pairs.size() / 2); }
+};
+
+// Binds an HSIC-terms entry point (see def_gram_epilogue).
+template <typename Last, typename Run>
+void def_hsic_terms(py::module_& m, const char* name, const char* last_name, Run run) {
+  m.def(
+      name,
+      [run](int kind, const std::vector<ViewArg>& blocks, const OptView& aux, const OptView& scale,
+            const ViewArg& pairs, const ViewArg& cross, const ViewArg& row_sums, const ViewArg& diag, int64_t r0,
+            int64_t c0, bool diagonal_block, Last last) {
+        HsicArgs a(kind, blocks, aux, scale, pairs, cross, row_sums, diag, r0, c0, diagonal_block);
+        py::gil_scoped_release release;
+        run(a, last);
+      },
+      py::arg("kind"), py::arg("blocks"), py::arg("aux"), py::arg("scale"), py::arg("pairs"), py::arg("cross"),
+      py::arg("row_sums"), py::arg("diag"), py::arg("r0"), py::arg("c0"), py::arg("diagonal_block"),
+      py::arg(last_name));
+}
 
 #if defined(REPKERN_MODULE_EMU) || defined(REPKERN_WITH_CUDA)
 void def_cuda_launchers(py::module_& m) {
@@ -321,6 +403,11 @@ void def_cuda_launchers(py::module_& m) {
                                  a.scale, a.row_sums, a.totals, a.batch, a.n, reinterpret_cast<void*>(stream));
   });
   REPKERN_DEF_SAE(m, "_cuda", uint64_t, repkern::cuda);
+  def_hsic_terms<uint64_t>(m, "hsic_terms_cuda", "stream", [](const HsicArgs& a, uint64_t stream) {
+    repkern::cuda::hsic_terms(a.kind, a.acc, a.blocks, a.aux, a.scale, a.pairs.data(), a.num_pairs(), a.cross,
+                              a.row_sums, a.diag, a.rows, a.cols, a.r0, a.c0, a.n, a.diagonal_block,
+                              reinterpret_cast<void*>(stream));
+  });
 }
 #endif
 
@@ -397,6 +484,10 @@ PYBIND11_MODULE(_C, m) {
                                 a.row_sums, a.totals, a.batch, a.n, num_threads);
   });
   REPKERN_DEF_SAE(m, "_cpu", int, repkern::cpu);
+  def_hsic_terms<int>(m, "hsic_terms_cpu", "num_threads", [](const HsicArgs& a, int num_threads) {
+    repkern::cpu::hsic_terms(a.kind, a.acc, a.blocks, a.aux, a.scale, a.pairs.data(), a.num_pairs(), a.cross,
+                             a.row_sums, a.diag, a.rows, a.cols, a.r0, a.c0, a.n, a.diagonal_block, num_threads);
+  });
 #if defined(REPKERN_WITH_CUDA)
   def_cuda_launchers(m);
 #endif

@@ -1,7 +1,8 @@
 """repkern: fast kernels for representation analysis on PyTorch tensors.
 
-Public API (see README): :func:`gram`, :func:`sae_encode`, :func:`sae_decode`
-(:class:`SparseCodes`, :class:`CsrCodes`), :class:`SAE` (with checkpoint loaders),
+Public API (see README): :func:`gram`; :func:`hsic`, :func:`cka`, :func:`cka_from_grams`,
+:func:`cka_matrix`, :func:`cka_plan`; :func:`sae_encode`, :func:`sae_decode`
+(:class:`SparseCodes`, :class:`CsrCodes`), :class:`SAE` (with checkpoint loaders);
 :func:`build_info`; pure-PyTorch twins of
 every op in :mod:`repkern.reference`.
 """
@@ -13,6 +14,7 @@ from importlib import metadata as _metadata
 from repkern import reference  # noqa: F401
 from repkern._native import has_emulator as _has_emulator
 from repkern.codes import CsrCodes, SparseCodes
+from repkern.ops.cka import CkaPlan, cka, cka_from_grams, cka_matrix, cka_plan, hsic
 from repkern.ops.gram import gram
 from repkern.ops.sae import sae_decode, sae_encode
 from repkern.sae import SAE
@@ -37,4 +39,5 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["gram", "sae_encode", "sae_decode", "SAE", "SparseCodes", "CsrCodes", "build_info", "reference", "__version__"]
+__all__ = ["gram", "hsic", "cka", "cka_from_grams", "cka_matrix", "cka_plan", "CkaPlan", "sae_encode", "sae_decode",
+           "SAE", "SparseCodes", "CsrCodes", "build_info", "reference", "__version__"]

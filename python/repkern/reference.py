@@ -298,3 +298,270 @@ def sae_decode(codes, W_dec: torch.Tensor, b_dec: Optional[torch.Tensor] = None)
     if b_dec is not None:
         out = out + b_dec.to(W_dec.dtype).to(acc)
     return out.to(W_dec.dtype)
+# ---- HSIC and CKA (DESIGN.md §4) ------------------------------------------------------
+
+
+def check_samples(name: str, t, *, min_dim: int, shape_hint: str) -> torch.Tensor:
+    """A floating tensor with n >= 1 samples (dim −2) and d >= 1 features (dim −1)."""
+    _checks.floating_tensor(name, t, min_dim=min_dim, shape_hint=shape_hint)
+    if t.shape[-2] < 1 or t.shape[-1] < 1:
+        raise ValueError(f"{name}: needs n >= 1 samples and d >= 1 features {shape_hint}, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_same_kind(name: str, t: torch.Tensor, first_name: str, first: torch.Tensor) -> None:
+    """`t` has the dtype and device of `first` (no silent promotion or transfer)."""
+    if t.dtype != first.dtype:
+        raise TypeError(f"{name}: dtype {t.dtype} differs from {first_name}'s {first.dtype}")
+    if t.device != first.device:
+        raise ValueError(f"{name}: on device {t.device} but {first_name} on {first.device}")
+
+
+def check_sample_count(name: str, n: int, debiased: bool) -> None:
+    """Biased HSIC divides by (n−1)², the unbiased estimator by n(n−3) and (n−2)."""
+    need = 4 if debiased else 2
+    if n < need:
+        which = "the unbiased estimator (debiased=True)" if debiased else "HSIC"
+        raise ValueError(f"{name}: {which} needs n >= {need} samples, got n={n}")
+
+
+def check_hsic_args(x, y, kernel, debiased, sigma, threshold, median):
+    """Validates the arguments of :func:`hsic` / :func:`cka`; returns (sigma, threshold)."""
+    hint = "(shape (..., n, d))"
+    check_samples("x", x, min_dim=2, shape_hint=hint)
+    check_samples("y", y, min_dim=2, shape_hint=hint)
+    check_same_kind("y", y, "x", x)
+    if y.shape[-2] != x.shape[-2]:
+        raise ValueError(f"y: has n={y.shape[-2]} samples but x has n={x.shape[-2]} (shapes {tuple(x.shape)}, "
+                         f"{tuple(y.shape)})")
+    if y.shape[:-2] != x.shape[:-2]:
+        raise ValueError(f"y: batch dims {tuple(y.shape[:-2])} differ from x's {tuple(x.shape[:-2])}")
+    _checks.choice("kernel", kernel, GRAM_KERNELS)
+    _checks.boolean("debiased", debiased)
+    check_sample_count("x", x.shape[-2], debiased)
+    sigma = _checks.positive_number("sigma", sigma, allow_none=True)
+    threshold = _checks.positive_number("threshold", threshold)
+    _checks.choice("median", median, MEDIANS)
+    return sigma, threshold
+
+
+def zero_variance_tolerance(dtype: torch.dtype) -> float:
+    """A self-HSIC numerator ‖H K H‖²_F (or its unbiased twin ‖Ũ_K‖²_F) at most this
+    times Σ K∘K is rounding noise, and the representation counts as constant. Two
+    floors: the Gram entries' own rounding (relative eps each: noise energy
+    ~eps² Σ K∘K), and the centering, which cancels terms of size Σ K∘K in float64
+    (~n·2⁻⁵³ relative at worst for n up to ~10⁵: 2⁻³⁶ ≈ 1.5e-11)."""
+    return max(16 * torch.finfo(acc_dtype(dtype)).eps ** 2, 2.0**-36)
+
+
+def constant_rows(x: torch.Tensor) -> torch.Tensor:
+    """(...,) True where all n rows of x (..., n, d) are identical (a zero-variance
+    representation; exact comparison, NaN rows are not identical)."""
+    return (x == x[..., :1, :]).all(-1).all(-1)
+
+
+def all_finite(t: torch.Tensor) -> torch.Tensor:
+    """(...,) True where t (..., a, b) holds no NaN or ±Inf."""
+    return torch.isfinite(t).all(-1).all(-1)
+
+
+def center_gram(k: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
+    """k (..., n, n) -> H K H (H = I − 11ᵀ/n), or with ``unbiased`` the U-centering
+    of Song et al. 2012 (Kornblith et al.'s ``center_gram(k, unbiased=True)``): the
+    diagonal is zeroed, rows/columns centered with the 1/(n−2) correction, the
+    diagonal zeroed again; then ⟨Ũ_K, Ũ_L⟩ = n(n−3)·HSIC₁."""
+    if not unbiased:
+        return k - k.mean(-1, keepdim=True) - k.mean(-2, keepdim=True) + k.mean((-2, -1), keepdim=True)
+    n = k.shape[-1]
+    eye = torch.eye(n, dtype=torch.bool, device=k.device)
+    k = k.masked_fill(eye, 0)
+    means = k.sum(-2) / (n - 2)
+    means = means - means.sum(-1, keepdim=True) / (2 * (n - 1))
+    k = k - means[..., :, None] - means[..., None, :]
+    return k.masked_fill(eye, 0)
+
+
+def _check_grams(k, l, debiased):
+    hint = "(shape (..., n, n))"
+    check_samples("k", k, min_dim=2, shape_hint=hint)
+    check_samples("l", l, min_dim=2, shape_hint=hint)
+    for name, g in (("k", k), ("l", l)):
+        if g.shape[-1] != g.shape[-2]:
+            raise ValueError(f"{name}: expected square Gram matrices (..., n, n), got shape {tuple(g.shape)}")
+    check_same_kind("l", l, "k", k)
+    if l.shape != k.shape:
+        raise ValueError(f"l: shape {tuple(l.shape)} differs from k's {tuple(k.shape)}")
+    _checks.boolean("debiased", debiased)
+    check_sample_count("k", k.shape[-1], debiased)
+
+
+def hsic_from_grams(k: torch.Tensor, l: torch.Tensor, *, debiased: bool = False) -> torch.Tensor:
+    """HSIC of Gram matrices k, l (..., n, n) -> (...): biased tr(KHLH)/(n−1)², or
+    (debiased) the unbiased estimator of Song et al. 2012 (n >= 4)."""
+    _check_grams(k, l, debiased)
+    n = k.shape[-1]
+    ka, la = k.to(acc_dtype(k.dtype)), l.to(acc_dtype(l.dtype))
+    scaled = (center_gram(ka, debiased) * center_gram(la, debiased)).sum((-2, -1))
+    return scaled / (n * (n - 3) if debiased else (n - 1) ** 2)
+
+
+def _cka_of_centered(kc, lc, k, l, tol):
+    """⟨Kc, Lc⟩ / sqrt(⟨Kc, Kc⟩⟨Lc, Lc⟩); NaN where a self term is <= 0 or rounding
+    noise (<= tol · Σ K∘K, see :func:`zero_variance_tolerance`)."""
+    kk, ll = (kc * kc).sum((-2, -1)), (lc * lc).sum((-2, -1))
+    ok = (kk > tol * (k * k).sum((-2, -1))) & (ll > tol * (l * l).sum((-2, -1)))
+    ok = ok & all_finite(k) & all_finite(l)
+    denom = torch.where(ok, kk * ll, torch.ones_like(kk))
+    return torch.where(ok, (kc * lc).sum((-2, -1)) / denom.sqrt(), torch.full_like(kk, torch.nan))
+
+
+def cka_from_grams(k: torch.Tensor, l: torch.Tensor, *, debiased: bool = False) -> torch.Tensor:
+    """CKA of Gram matrices (..., n, n) -> (...) (Kornblith et al.'s ``cka(k, l, debiased)``):
+    HSIC(K, L)/sqrt(HSIC(K, K)·HSIC(L, L)), the same estimator in all three places.
+    NaN where K or L has zero variance (a self term at rounding level; both are
+    squared norms, ‖HKH‖²_F and ‖Ũ_K‖²_F, so never negative otherwise) or holds NaN/Inf."""
+    _check_grams(k, l, debiased)
+    ka, la = k.to(acc_dtype(k.dtype)), l.to(acc_dtype(l.dtype))
+    kc, lc = center_gram(ka, debiased), center_gram(la, debiased)
+    return _cka_of_centered(kc, lc, ka, la, zero_variance_tolerance(k.dtype))
+
+
+def _kernel_gram(x, kernel, sigma, threshold, median):
+    """Gram matrix in the accumulation dtype (16-bit inputs are upcast first)."""
+    return gram(x.to(acc_dtype(x.dtype)), kernel, sigma=sigma, threshold=threshold, median=median)
+
+
+def hsic(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    kernel: str = "linear",
+    *,
+    debiased: bool = False,
+    sigma: Optional[float] = None,
+    threshold: float = 1.0,
+    median: str = "full",
+) -> torch.Tensor:
+    """HSIC of x (..., n, d1) and y (..., n, d2) -> (...) with Gram matrices of
+    ``kernel`` (see :func:`gram`; the RBF median heuristic per input); NaN where an
+    input holds NaN/Inf."""
+    sigma, threshold = check_hsic_args(x, y, kernel, debiased, sigma, threshold, median)
+    k = _kernel_gram(x, kernel, sigma, threshold, median)
+    l = _kernel_gram(y, kernel, sigma, threshold, median)
+    h = hsic_from_grams(k, l, debiased=debiased)
+    return torch.where(all_finite(x) & all_finite(y), h, torch.full_like(h, torch.nan))
+
+
+def cka(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    kernel: str = "linear",
+    *,
+    debiased: bool = False,
+    sigma: Optional[float] = None,
+    threshold: float = 1.0,
+    median: str = "full",
+) -> torch.Tensor:
+    """CKA of x (..., n, d1) and y (..., n, d2) -> (...) through Gram matrices.
+    NaN where x or y is constant (all rows equal), a self-HSIC is <= 0 or rounding
+    noise, or an input holds NaN/Inf."""
+    sigma, threshold = check_hsic_args(x, y, kernel, debiased, sigma, threshold, median)
+    k = _kernel_gram(x, kernel, sigma, threshold, median)
+    l = _kernel_gram(y, kernel, sigma, threshold, median)
+    c = cka_from_grams(k, l, debiased=debiased)
+    ok = all_finite(x) & all_finite(y) & ~constant_rows(x) & ~constant_rows(y)
+    return torch.where(ok, c, torch.full_like(c, torch.nan))
+
+
+def feature_space_linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False) -> torch.Tensor:
+    """Linear CKA from features, cost n·d1·d2 (Kornblith et al.'s
+    ``feature_space_linear_cka``): with X, Y column-centered,
+    ‖YᵀX‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F); debiased: each ‖·‖² term replaced by
+    h(X, Y) = ‖YᵀX‖²_F − (n/(n−2)) aᵀb + (Σa)(Σb)/((n−1)(n−2)), a_i = ‖x_i‖², b_i = ‖y_i‖².
+    Same NaN rules as :func:`cka`."""
+    check_hsic_args(x, y, "linear", debiased, None, 1.0, "full")
+    n = x.shape[-2]
+    xa, ya = x.to(acc_dtype(x.dtype)), y.to(acc_dtype(y.dtype))
+    xa = xa - xa.mean(-2, keepdim=True)
+    ya = ya - ya.mean(-2, keepdim=True)
+
+    def h(p, q):
+        dot = (q.mT @ p).square().sum((-2, -1))
+        if not debiased:
+            return dot
+        a, b = p.square().sum(-1), q.square().sum(-1)
+        return dot - n / (n - 2) * (a * b).sum(-1) + a.sum(-1) * b.sum(-1) / ((n - 1) * (n - 2))
+
+    hxy, hxx, hyy = h(xa, ya), h(xa, xa), h(ya, ya)
+    ok = (hxx > 0) & (hyy > 0) & all_finite(x) & all_finite(y) & ~constant_rows(x) & ~constant_rows(y)
+    denom = torch.where(ok, hxx * hyy, torch.ones_like(hxx))
+    return torch.where(ok, hxy / denom.sqrt(), torch.full_like(hxy, torch.nan))
+
+
+def check_layers(name: str, layers, first=None) -> list:
+    """A non-empty sequence of (n, d_i) tensors sharing n, dtype and device (with `first`'s too)."""
+    if isinstance(layers, torch.Tensor) or not isinstance(layers, (list, tuple)):
+        raise TypeError(f"{name}: expected a list or tuple of (n, d) tensors, got {type(layers).__name__}")
+    if len(layers) == 0:
+        raise ValueError(f"{name}: expected at least one layer")
+    ref_name, ref = (f"{name}[0]", layers[0]) if first is None else first
+    for i, t in enumerate(layers):
+        check_samples(f"{name}[{i}]", t, min_dim=2, shape_hint="(shape (n, d))")
+        if t.dim() != 2:
+            raise ValueError(f"{name}[{i}]: expected shape (n, d), got {tuple(t.shape)}")
+        check_same_kind(f"{name}[{i}]", t, ref_name, ref)
+        if t.shape[0] != ref.shape[0]:
+            raise ValueError(f"{name}[{i}]: has n={t.shape[0]} samples but {ref_name} has n={ref.shape[0]}")
+    return list(layers)
+
+
+def check_cka_matrix_args(xs, ys, kernel, debiased, sigma, threshold, median):
+    """Validates :func:`cka_matrix` arguments; returns (xs, ys or None, sigma, threshold)."""
+    xs = check_layers("xs", xs)
+    if ys is not None:
+        ys = check_layers("ys", ys, ("xs[0]", xs[0]))
+    _checks.choice("kernel", kernel, GRAM_KERNELS)
+    _checks.boolean("debiased", debiased)
+    check_sample_count("xs[0]", xs[0].shape[0], debiased)
+    sigma = _checks.positive_number("sigma", sigma, allow_none=True)
+    threshold = _checks.positive_number("threshold", threshold)
+    _checks.choice("median", median, MEDIANS)
+    return xs, ys, sigma, threshold
+
+
+def cka_matrix(
+    xs,
+    ys=None,
+    kernel: str = "linear",
+    *,
+    debiased: bool = False,
+    sigma: Optional[float] = None,
+    threshold: float = 1.0,
+    median: str = "full",
+) -> torch.Tensor:
+    """CKA between layers: xs, ys sequences of (n, d_i) activations of the same n
+    samples -> (len(xs), len(ys)). The careful plain-PyTorch way: each layer's Gram is
+    built and centered once, then every pair is one inner product. ys=None: the
+    symmetric matrix of xs with itself (unit diagonal; half the pairs computed).
+    Entries of constant layers are NaN."""
+    xs, ys, sigma, threshold = check_cka_matrix_args(xs, ys, kernel, debiased, sigma, threshold, median)
+    tol = zero_variance_tolerance(xs[0].dtype)
+
+    def prepare(x):
+        k = _kernel_gram(x, kernel, sigma, threshold, median)
+        kc = center_gram(k, debiased)
+        self_term = (kc * kc).sum()
+        ok = bool(self_term > tol * (k * k).sum()) and bool(all_finite(x)) and not bool(constant_rows(x))
+        return kc, self_term, ok
+
+    px = [prepare(x) for x in xs]
+    py = px if ys is None else [prepare(y) for y in ys]
+    out = torch.full((len(px), len(py)), torch.nan, dtype=acc_dtype(xs[0].dtype), device=xs[0].device)
+    for i, (kc, kk, ok_i) in enumerate(px):
+        for j, (lc, ll, ok_j) in enumerate(py):
+            if ys is None and j < i:
+                out[i, j] = out[j, i]
+            elif ys is None and j == i:
+                out[i, j] = 1.0 if ok_i else torch.nan
+            elif ok_i and ok_j:
+                out[i, j] = (kc * lc).sum() / (kk * ll).sqrt()
+    return out
