@@ -1,6 +1,7 @@
 """repkern: fast kernels for representation analysis on PyTorch tensors.
 
-Public API (see README): :func:`gram`, :func:`build_info`; pure-PyTorch twins of
+Public API (see README): :func:`gram`, :func:`sparsity_stats`, :class:`SparsityAccumulator`,
+:func:`build_info`; pure-PyTorch twins of
 every op in :mod:`repkern.reference`.
 """
 
@@ -11,6 +12,8 @@ from importlib import metadata as _metadata
 from repkern import reference  # noqa: F401
 from repkern._native import has_emulator as _has_emulator
 from repkern.ops.gram import gram
+from repkern.ops.sparsity import SparsityAccumulator, sparsity_stats
+from repkern.sparsity_result import SparsityStats
 
 try:
     __version__ = _metadata.version("repkern")
@@ -32,4 +35,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["gram", "build_info", "reference", "__version__"]
+__all__ = ["gram", "sparsity_stats", "SparsityAccumulator", "SparsityStats", "build_info", "reference", "__version__"]
