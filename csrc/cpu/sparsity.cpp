@@ -137,28 +137,38 @@ struct Stats {
       mn[j] = inf;
       mx[j] = -inf;
     }
-    // Pass A: one read of the tile.
+    // Pass A: one read of the tile. Branch-free (vectorizes): non-finite entries become neutral values.
+    // The float64 row sums get their own loop over the row segment (in L1): gcc does not if-convert a
+    // loop that mixes float accumulators with float64 reductions.
     for (int64_t r = 0; r < nr; ++r) {
       const T* row = x + (r0 + r) * ld + c0;
       A n = 0, l0 = 0;
-      double l1 = 0, l2sq = 0;
-#pragma omp simd reduction(+ : n, l0, l1, l2sq)
+#pragma omp simd reduction(+ : n, l0)
       for (int64_t j = 0; j < w; ++j) {
         const A v = to_acc(row[j]);
         const bool fin = is_finite(v);
-        const A av = fin ? abs_value(v) : A(0);
+        const A one = fin ? A(1) : A(0);
+        const A vf = fin ? v : A(0);
+        const A av = abs_value(vf);
         const A fire = av > eps ? A(1) : A(0);
-        cnt[j] += fin ? A(1) : A(0);
-        sum[j] += fin ? v : A(0);
-        mn[j] = fin && v < mn[j] ? v : mn[j];
-        mx[j] = fin && v > mx[j] ? v : mx[j];
+        const A lo = fin ? v : inf, hi = fin ? v : -inf;
+        cnt[j] += one;
+        sum[j] += vf;
+        mn[j] = lo < mn[j] ? lo : mn[j];
+        mx[j] = hi > mx[j] ? hi : mx[j];
         absum[j] += av;
         fired[j] += fire;
         nan[j] += v != v ? A(1) : A(0);
-        n += fin ? A(1) : A(0);
+        n += one;
         l0 += fire;
-        l1 += double(av);
-        l2sq += double(av) * double(av);
+      }
+      double l1 = 0, l2sq = 0;
+#pragma omp simd reduction(+ : l1, l2sq)
+      for (int64_t j = 0; j < w; ++j) {
+        const double v = double(to_acc(row[j]));  // float64 throughout: this form vectorizes
+        const double a = is_finite(v) ? abs_value(v) : 0.0;
+        l1 += a;
+        l2sq += a * a;
       }
       s.row_n[size_t(r)] += n;
       s.row_l0[size_t(r)] += l0;
@@ -183,36 +193,48 @@ struct Stats {
     merge_columns<A>(state, c0, w, acc);
   }
 
-  // Ordered channels of one row, given its totals.
+  // Ordered channels of one row, given its totals: sortable keys of |a| (non-finite last), radix sort,
+  // then every statistic from the n sorted finite values (vectorized loops over L1-resident data).
   void ordered_row(Scratch& s, int64_t row_index, double n, double l1, double l2sq) const {
     const T* row = x + row_index * ld;
-    const double threshold = abs_threshold(n, l1, l2sq);
     K* keys = s.keys.data();
-    int64_t above = 0;
-    double sum_a_log_a = 0, sum_a2_log_a = 0;
-#pragma omp simd reduction(+ : above, sum_a_log_a, sum_a2_log_a)
+#pragma omp simd
     for (int64_t j = 0; j < d; ++j) {
       const A v = to_acc(row[j]);
       const bool fin = is_finite(v);
-      const A av = fin ? abs_value(v) : A(0);
-      const double a = double(av);
-      const double lg = double(log_poly(av));  // 0 for av = 0
-      above += a > threshold ? 1 : 0;
-      sum_a_log_a += a * lg;
-      sum_a2_log_a += a * a * lg;
-      keys[j] = sort_key(av, fin);
+      keys[j] = sort_key(abs_value(fin ? v : A(0)), fin);
     }
     radix_sort(keys, s.keys_tmp.data(), d);
     const int64_t count = int64_t(n);
-    double gini_sum = 0;
+    auto value = [keys](int64_t i) { return bit_cast_rk<A>(keys[i]); };
+    // #{|a| > threshold}: the sorted values above the first one that exceeds it.
+    const double threshold = abs_threshold(n, l1, l2sq);
+    int64_t lo = 0, hi = count;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (double(value(mid)) > threshold) {
+        hi = mid;
+      } else {
+        lo = mid + 1;
+      }
+    }
+    double sum_a_log_a = 0, sum_a2_log_a = 0, gini_sum = 0;
+#pragma omp simd reduction(+ : sum_a_log_a, sum_a2_log_a)
+    for (int64_t i = 0; i < count; ++i) {
+      const A a = value(i);
+      const A a_log_a = a * log_poly(a);  // float products then float64 sums: this form vectorizes
+      sum_a_log_a += double(a_log_a);
+      sum_a2_log_a += double(a_log_a) * double(a);
+    }
 #pragma omp simd reduction(+ : gini_sum)
-    for (int64_t i = 0; i < count; ++i) gini_sum += gini_weight(i, n) * double(bit_cast_rk<A>(keys[i]));
-    write_ordered_row(row_out, rows, row_index, n, l1, l2sq, double(above), sum_a_log_a, sum_a2_log_a, gini_sum);
+    for (int64_t i = 0; i < count; ++i) gini_sum += gini_weight(i, n) * double(value(i));
+    write_ordered_row(row_out, rows, row_index, n, l1, l2sq, double(count - lo), sum_a_log_a, sum_a2_log_a,
+                      gini_sum);
     for (int p = 0; p < num_top_p; ++p) {
       const int64_t k = std::min(top_k_count(top_p[p], n), count);
       double s1 = 0, s2 = 0;
       for (int64_t i = count - k; i < count; ++i) {
-        const double a = double(bit_cast_rk<A>(keys[i]));
+        const double a = double(value(i));
         s1 += a;
         s2 += a * a;
       }
