@@ -4,13 +4,13 @@
 // order at the end: the result depends only on the thread count). A part is walked in row blocks of up
 // to kBlockRows rows, each block in column tiles small enough that the tile's per-feature accumulators
 // stay in L1 and the tile itself in L2:
-//   pass A (from memory): per-feature count/sum/min/max/Σ|a|/fired/NaN of the tile in A; per-row
-//           partial n, L0, L1, Σa² (L1 and Σa² in float64: the thresholded L0 compares with them);
+//   pass A (from memory): per-feature count/sum/min/max/Σ|a|/fired/NaN of the tile and per-row partial
+//           n, L0, Σ|a|, Σa², in A; first without NaN/Inf masks, redone with masks if the tile has any;
 //   pass B (from cache): central sums Σδ², Σδ³, Σδ⁴ around the tile's column means, then a Pébay
 //           merge of the tile into the part's float64 state.
-// With `ordered`, each row of the block is then revisited (from L2): threshold count and entropy sums in
-// one vectorized loop that also writes sortable keys, an LSD radix sort of the keys (8-bit digits, digit
-// passes where every key agrees are skipped: 16-bit inputs sort in two passes), then Gini and top-p
+// With `ordered`, each row of the block is then revisited (from L2): sortable keys of |a|, an LSD radix
+// sort (8-bit digits; digit passes where every key agrees are skipped: 16-bit inputs sort in two
+// passes), then float64 row sums, Gini, entropies, the threshold count (binary search) and top-p
 // masses from the sorted values.
 #include "sparsity.h"
 
@@ -25,7 +25,7 @@
 namespace repkern::cpu {
 namespace {
 
-constexpr int64_t kBlockRows = 64;
+constexpr int64_t kBlockRows = 128;
 constexpr int64_t kTileAccBytes = 20 << 10;  // per-feature tile accumulators kept in L1
 constexpr int64_t kMinRowsPerPart = 64;
 
@@ -42,8 +42,7 @@ inline KeyOf<A> sort_key(A magnitude, bool finite) {
 template <typename K>
 void radix_sort(K* keys, K* tmp, int64_t n) {
   constexpr int kPasses = int(sizeof(K));
-  std::vector<uint32_t> hist_storage(size_t(kPasses) * 256, 0);
-  uint32_t* hist = hist_storage.data();
+  uint32_t hist[kPasses * 256] = {};
   for (int64_t i = 0; i < n; ++i) {
     const K k = keys[i];
     for (int p = 0; p < kPasses; ++p) ++hist[p * 256 + int((k >> (8 * p)) & 0xff)];
@@ -117,85 +116,112 @@ struct Stats {
   // Scratch of one part (one thread).
   struct Scratch {
     std::vector<A> tile;  // [kFeatureFields, tile_cols]: tile accumulators (kMean holds the tile mean)
-    std::vector<double> row_l1, row_l2sq;
-    std::vector<A> row_n, row_l0;
+    std::vector<A> row_n, row_l0, row_l1, row_l2sq;  // per row of the block, summed over the tiles
     std::vector<K> keys, keys_tmp;
     Scratch(int64_t tile_cols, int64_t d, bool ordered)
-        : tile(size_t(kFeatureFields * tile_cols)),
-          row_l1(kBlockRows), row_l2sq(kBlockRows), row_n(kBlockRows), row_l0(kBlockRows),
-          keys(ordered ? size_t(d) : 0), keys_tmp(ordered ? size_t(d) : 0) {}
+        : tile(size_t(kFeatureFields * tile_cols)), row_n(kBlockRows), row_l0(kBlockRows), row_l1(kBlockRows),
+          row_l2sq(kBlockRows), keys(ordered ? size_t(d) : 0), keys_tmp(ordered ? size_t(d) : 0) {}
   };
 
-  void tile_pass(PartState& state, Scratch& s, int64_t r0, int64_t nr, int64_t c0, int64_t w) const {
-    A* acc[kFeatureFields];
-    for (int k = 0; k < kFeatureFields; ++k) acc[k] = s.tile.data() + k * tile_cols;
+  // Pass A over the tile: per-feature count/sum/min/max/Σ|a|/fired/NaN and per-row n, L0, Σ|a|, Σa².
+  // kChecked=false assumes every entry is finite (no masks: about half the work); kChecked=true turns
+  // non-finite entries into neutral values. Both are branch-free so that gcc vectorizes them.
+  template <bool kChecked>
+  void tile_sums(A* const* acc, A* row_acc, int64_t r0, int64_t nr, int64_t c0, int64_t w) const {
     A *cnt = acc[kCount], *sum = acc[kMean], *mn = acc[kMin], *mx = acc[kMax], *absum = acc[kAbsSum],
-      *fired = acc[kFired], *nan = acc[kNan], *c2 = acc[kM2], *c3 = acc[kM3], *c4 = acc[kM4];
+      *fired = acc[kFired], *nan = acc[kNan];
     const A inf = inf_value<A>();
     for (int64_t j = 0; j < w; ++j) {
-      cnt[j] = sum[j] = absum[j] = fired[j] = nan[j] = c2[j] = c3[j] = c4[j] = A(0);
+      cnt[j] = sum[j] = absum[j] = fired[j] = nan[j] = A(0);
       mn[j] = inf;
       mx[j] = -inf;
     }
-    // Pass A: one read of the tile. Branch-free (vectorizes): non-finite entries become neutral values.
-    // The float64 row sums get their own loop over the row segment (in L1): gcc does not if-convert a
-    // loop that mixes float accumulators with float64 reductions.
     for (int64_t r = 0; r < nr; ++r) {
       const T* row = x + (r0 + r) * ld + c0;
-      A n = 0, l0 = 0;
-#pragma omp simd reduction(+ : n, l0)
+      A n = 0, l0 = 0, l1 = 0, l2sq = 0;
+#pragma omp simd reduction(+ : n, l0, l1, l2sq)
       for (int64_t j = 0; j < w; ++j) {
         const A v = to_acc(row[j]);
-        const bool fin = is_finite(v);
-        const A one = fin ? A(1) : A(0);
+        const bool fin = !kChecked || is_finite(v);
         const A vf = fin ? v : A(0);
         const A av = abs_value(vf);
         const A fire = av > eps ? A(1) : A(0);
         const A lo = fin ? v : inf, hi = fin ? v : -inf;
-        cnt[j] += one;
         sum[j] += vf;
         mn[j] = lo < mn[j] ? lo : mn[j];
         mx[j] = hi > mx[j] ? hi : mx[j];
         absum[j] += av;
         fired[j] += fire;
-        nan[j] += v != v ? A(1) : A(0);
-        n += one;
+        if constexpr (kChecked) {
+          cnt[j] += fin ? A(1) : A(0);
+          nan[j] += v != v ? A(1) : A(0);
+          n += fin ? A(1) : A(0);
+        }
         l0 += fire;
+        l1 += av;
+        l2sq += av * av;
       }
-      double l1 = 0, l2sq = 0;
-#pragma omp simd reduction(+ : l1, l2sq)
-      for (int64_t j = 0; j < w; ++j) {
-        const double v = double(to_acc(row[j]));  // float64 throughout: this form vectorizes
-        const double a = is_finite(v) ? abs_value(v) : 0.0;
-        l1 += a;
-        l2sq += a * a;
-      }
-      s.row_n[size_t(r)] += n;
-      s.row_l0[size_t(r)] += l0;
-      s.row_l1[size_t(r)] += l1;
-      s.row_l2sq[size_t(r)] += l2sq;
+      row_acc[0 * kBlockRows + r] = kChecked ? n : A(w);
+      row_acc[1 * kBlockRows + r] = l0;
+      row_acc[2 * kBlockRows + r] = l1;
+      row_acc[3 * kBlockRows + r] = l2sq;
     }
-    // Pass B: central sums around the tile means (the tile is in cache).
-    A* mean = sum;
-    for (int64_t j = 0; j < w; ++j) mean[j] = cnt[j] > A(0) ? sum[j] / cnt[j] : A(0);
+    if constexpr (!kChecked) {
+      for (int64_t j = 0; j < w; ++j) cnt[j] = A(nr);
+    }
+  }
+
+  // Pass B over the tile (from cache): central sums Σδ², Σδ³, Σδ⁴ around the tile's column means.
+  template <bool kChecked>
+  void tile_central(A* const* acc, int64_t r0, int64_t nr, int64_t c0, int64_t w) const {
+    A *mean = acc[kMean], *c2 = acc[kM2], *c3 = acc[kM3], *c4 = acc[kM4];
+    for (int64_t j = 0; j < w; ++j) {
+      const A count = acc[kCount][j];
+      mean[j] = count > A(0) ? mean[j] / count : A(0);  // kMean held the sum
+      c2[j] = c3[j] = c4[j] = A(0);
+    }
     for (int64_t r = 0; r < nr; ++r) {
       const T* row = x + (r0 + r) * ld + c0;
 #pragma omp simd
       for (int64_t j = 0; j < w; ++j) {
         const A v = to_acc(row[j]);
-        const A dv = is_finite(v) ? v - mean[j] : A(0);
+        const A dv = !kChecked || is_finite(v) ? v - mean[j] : A(0);
         const A d2 = dv * dv;
         c2[j] += d2;
         c3[j] += d2 * dv;
         c4[j] += d2 * d2;
       }
     }
+  }
+
+  void tile_pass(PartState& state, Scratch& s, int64_t r0, int64_t nr, int64_t c0, int64_t w) const {
+    A* acc[kFeatureFields];
+    for (int k = 0; k < kFeatureFields; ++k) acc[k] = s.tile.data() + k * tile_cols;
+    A row_acc[4 * kBlockRows];
+    // All-finite fast path first; a NaN or Inf anywhere makes some column's Σ|a| non-finite (as does an
+    // overflow of Σ|a|), and the tile is redone with masks.
+    tile_sums<false>(acc, row_acc, r0, nr, c0, w);
+    bool finite = true;
+    for (int64_t j = 0; j < w; ++j) finite = finite && is_finite(acc[kAbsSum][j]);
+    if (finite) {
+      tile_central<false>(acc, r0, nr, c0, w);
+    } else {
+      tile_sums<true>(acc, row_acc, r0, nr, c0, w);
+      tile_central<true>(acc, r0, nr, c0, w);
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      s.row_n[size_t(r)] += row_acc[r];
+      s.row_l0[size_t(r)] += row_acc[kBlockRows + r];
+      s.row_l1[size_t(r)] += row_acc[2 * kBlockRows + r];
+      s.row_l2sq[size_t(r)] += row_acc[3 * kBlockRows + r];
+    }
     merge_columns<A>(state, c0, w, acc);
   }
 
-  // Ordered channels of one row, given its totals: sortable keys of |a| (non-finite last), radix sort,
-  // then every statistic from the n sorted finite values (vectorized loops over L1-resident data).
-  void ordered_row(Scratch& s, int64_t row_index, double n, double l1, double l2sq) const {
+  // Every channel of one row given n and L0: sortable keys of |a| (non-finite last), radix sort, then
+  // all statistics from the n sorted finite values (vectorized loops over L1-resident data). Σ|a| and
+  // Σa² are recomputed here in float64: the thresholded L0 compares entries with a threshold made of them.
+  void ordered_row(Scratch& s, int64_t row_index, double n, double l0) const {
     const T* row = x + row_index * ld;
     K* keys = s.keys.data();
 #pragma omp simd
@@ -207,6 +233,22 @@ struct Stats {
     radix_sort(keys, s.keys_tmp.data(), d);
     const int64_t count = int64_t(n);
     auto value = [keys](int64_t i) { return bit_cast_rk<A>(keys[i]); };
+    double l1 = 0, l2sq = 0, gini_sum = 0;
+#pragma omp simd reduction(+ : l1, l2sq, gini_sum)
+    for (int64_t i = 0; i < count; ++i) {
+      const double a = double(value(i));
+      l1 += a;
+      l2sq += a * a;
+      gini_sum += gini_weight(i, n) * a;
+    }
+    double sum_a_log_a = 0, sum_a2_log_a = 0;
+#pragma omp simd reduction(+ : sum_a_log_a, sum_a2_log_a)
+    for (int64_t i = 0; i < count; ++i) {
+      const A a = value(i);
+      const A a_log_a = a * log_poly(a);  // float products then float64 sums: this form vectorizes
+      sum_a_log_a += double(a_log_a);
+      sum_a2_log_a += double(a_log_a) * double(a);
+    }
     // #{|a| > threshold}: the sorted values above the first one that exceeds it.
     const double threshold = abs_threshold(n, l1, l2sq);
     int64_t lo = 0, hi = count;
@@ -218,16 +260,7 @@ struct Stats {
         lo = mid + 1;
       }
     }
-    double sum_a_log_a = 0, sum_a2_log_a = 0, gini_sum = 0;
-#pragma omp simd reduction(+ : sum_a_log_a, sum_a2_log_a)
-    for (int64_t i = 0; i < count; ++i) {
-      const A a = value(i);
-      const A a_log_a = a * log_poly(a);  // float products then float64 sums: this form vectorizes
-      sum_a_log_a += double(a_log_a);
-      sum_a2_log_a += double(a_log_a) * double(a);
-    }
-#pragma omp simd reduction(+ : gini_sum)
-    for (int64_t i = 0; i < count; ++i) gini_sum += gini_weight(i, n) * double(value(i));
+    write_sort_free_row(row_out, rows, row_index, double(d), n, l0, l1, l2sq);
     write_ordered_row(row_out, rows, row_index, n, l1, l2sq, double(count - lo), sum_a_log_a, sum_a2_log_a,
                       gini_sum);
     for (int p = 0; p < num_top_p; ++p) {
@@ -246,16 +279,17 @@ struct Stats {
     Scratch s(tile_cols, d, ordered);
     for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
       const int64_t nr = std::min(kBlockRows, end - r0);
-      std::fill_n(s.row_n.begin(), nr, A(0));
-      std::fill_n(s.row_l0.begin(), nr, A(0));
-      std::fill_n(s.row_l1.begin(), nr, 0.0);
-      std::fill_n(s.row_l2sq.begin(), nr, 0.0);
+      for (auto* v : {&s.row_n, &s.row_l0, &s.row_l1, &s.row_l2sq}) std::fill_n(v->begin(), nr, A(0));
       for (int64_t c0 = 0; c0 < d; c0 += tile_cols) tile_pass(state, s, r0, nr, c0, std::min(tile_cols, d - c0));
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t i = r0 + r;
-        const double n = double(s.row_n[size_t(r)]), l1 = s.row_l1[size_t(r)], l2sq = s.row_l2sq[size_t(r)];
-        write_sort_free_row(row_out, rows, i, double(d), n, double(s.row_l0[size_t(r)]), l1, l2sq);
-        if (ordered) ordered_row(s, i, n, l1, l2sq);
+        const double n = double(s.row_n[size_t(r)]), l0 = double(s.row_l0[size_t(r)]);
+        if (ordered) {
+          ordered_row(s, i, n, l0);
+        } else {
+          write_sort_free_row(row_out, rows, i, double(d), n, l0, double(s.row_l1[size_t(r)]),
+                              double(s.row_l2sq[size_t(r)]));
+        }
       }
     }
   }
