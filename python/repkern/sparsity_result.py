@@ -140,7 +140,7 @@ def density_histogram(fire_count: Tensor, count: Tensor, bins: int) -> Tensor:
     fire_count / count in float64; features with count 0 are left out."""
     has_values = count > 0
     frequency = fire_count.double() / count.double().clamp_min(1)
-    values = torch.log10(frequency + 1e-10)
+    values = torch.log10(frequency + 1e-10).clamp_max(0.0)  # frequency 1 lands in the last bin
     values = torch.where(has_values, values, torch.full_like(values, -100.0))  # outside the range: ignored
     return torch.histc(values, bins, min=DENSITY_LOG10_FLOOR, max=0.0).to(torch.int64)
 
@@ -167,7 +167,8 @@ def row_summary_parts(rows: dict, d: int, bins: int) -> tuple[dict, dict, dict]:
         if value is None:
             continue
         v = value.double() / d if name == "l0_fraction" else value.double()
-        v = torch.where(torch.isnan(v), torch.full_like(v, -1.0), v)  # NaN rows: outside the range
+        # Rounding can put a share of 1 or a Hoyer of 0 a hair outside [0, 1]; NaN rows go outside the range.
+        v = torch.where(torch.isnan(v), torch.full_like(v, -1.0), v.clamp(0.0, 1.0))
         if v.dim() == 2:
             hists[name] = torch.stack([torch.histc(v[:, i], bins, min=0.0, max=1.0) for i in range(v.shape[1])])
         else:
