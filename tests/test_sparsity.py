@@ -267,10 +267,13 @@ def test_bad_input_names_the_argument(call, exc, message):
         call()
 
 
-def test_accumulator_device_mismatch_is_an_error():
-    acc = repkern.SparsityAccumulator(3, device="meta")
-    with pytest.raises(ValueError, match="a: accumulator lives on meta"):
-        acc.update(torch.ones(2, 3))
+def test_accumulator_rejects_other_devices():
+    acc = repkern.SparsityAccumulator(3).update(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="a: repkern supports CPU and CUDA tensors"):
+        acc.update(torch.ones(2, 3, device="meta"))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="a: accumulator lives on cpu"):
+            acc.update(torch.ones(2, 3, device="cuda"))
 
 
 # ---- custom op, torch.compile, reference backend --------------------------------------------------
