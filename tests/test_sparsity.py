@@ -91,8 +91,10 @@ def test_odd_shapes(backend, rows, d):
     _check(_data((rows, d), torch.float32, backend.device, seed=rows + d), top_p=TOP_P)
 
 
-def test_long_rows_fall_back_to_sorted_input(backend):
-    """d above the shared-memory sort buffer of the CUDA kernel: float32 beyond 8192, float64 beyond 4096."""
+def test_long_rows_fall_back_to_sorted_input(backend, monkeypatch):
+    """d above the shared-memory sort buffer of the CUDA kernel: float32 beyond 8192, float64 beyond 4096;
+    the rows are sorted by torch in chunks (here one row per chunk)."""
+    monkeypatch.setattr(sparsity_ops, "PRESORT_CHUNK_BYTES", 1)
     _check(_data((2, 8200), torch.float32, backend.device, seed=3), top_p=(0.001, 0.3))
     _check(_data((3, 4097), torch.float64, backend.device, seed=4), top_p=(0.001, 0.3))
 

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from repkern import _native, reference
+from repkern import _checks, _native, reference
 from repkern import sparsity_result as sr
 
 __all__ = ["sparsity_stats", "SparsityAccumulator"]
@@ -228,7 +228,7 @@ class SparsityAccumulator:
         probe = torch.empty((0, d))  # validates the other arguments exactly as sparsity_stats does
         eps, top_p, dense_threshold = reference.check_sparsity_args(
             probe, eps, top_p, dense_threshold, density_bins, row_bins, ordered, min_rows=0)
-        reference._checks.boolean("keep_rows", keep_rows)
+        _checks.boolean("keep_rows", keep_rows)
         self.d, self.eps, self.top_p, self.dense_threshold = d, eps, top_p, dense_threshold
         self.density_bins, self.row_bins, self.ordered, self.keep_rows = density_bins, row_bins, ordered, keep_rows
         self.device = torch.device(device) if device is not None else None
@@ -401,16 +401,13 @@ class SparsityAccumulator:
         if self.keep_rows:
             local = [{k: v.cpu() for k, v in rows.items()} for rows in self._kept]
             dist.all_gather_object(kept, local, group=group)
-        self._reset_keep_device(device)
+        self.device = device
+        self._reset()
         for rank in range(world):
             state, rows, (sums, defined, hists), stat_dtype = self._unpack_into(gathered[rank])
             rank_rows = [{k: v.to(device) for k, v in r.items()} for r in kept[rank]] if self.keep_rows else []
             self._add(state, rows, sums, defined, hists, stat_dtype, rank_rows)
         return self
-
-    def _reset_keep_device(self, device) -> None:
-        self.device = device
-        self._reset()
 
     def __repr__(self) -> str:
         return (f"SparsityAccumulator(d={self.d}, rows={self._rows}, eps={self.eps}, top_p={list(self.top_p)}, "
