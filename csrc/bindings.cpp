@@ -111,7 +111,8 @@ void def_gram_epilogue(py::module_& m, const char* name, const char* last_name, 
       py::arg("row_sums"), py::arg("totals"), py::arg(last_name));
 }
 
-// Activations [rows, d] with unit column stride (rows may be ld apart): sparsity kernels.
+// Activations [rows, d] with unit column stride, rows ld apart (any ld >= 0: the kernels only read, so
+// overlapping rows such as an expanded tensor's are fine): sparsity kernels.
 struct RowsArg {
   TensorView v;
   int64_t rows = 0, d = 0, ld = 0;
@@ -128,7 +129,7 @@ RowsArg rows_arg(const ViewArg& arg, const char* name) {
   a.d = a.v.sizes[1];
   if (a.d > 1 && a.v.strides[1] != 1) throw std::invalid_argument(std::string(name) + ": last dim must be contiguous");
   a.ld = a.rows > 1 ? a.v.strides[0] : a.d;
-  if (a.rows > 1 && a.ld < a.d) throw std::invalid_argument(std::string(name) + ": rows overlap");
+  if (a.ld < 0) throw std::invalid_argument(std::string(name) + ": negative row stride");
   return a;
 }
 

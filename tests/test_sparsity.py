@@ -86,6 +86,16 @@ def test_scalar_load_paths(backend, dtype):
     _check(wide[:, :37])  # rows 48 apart: 16-byte loads, 37 = not a whole number of vectors
 
 
+def test_expanded_and_batched_inputs(backend):
+    row = _data((1, 24), torch.float32, backend.device, seed=16)
+    expanded = row.expand(3, 70, 24)  # stride-0 rows: the same row 210 times
+    s, dense = repkern.sparsity_stats(expanded), repkern.sparsity_stats(expanded.contiguous())
+    for key, value in dense.to_dict().items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(s.to_dict()[key], value, equal_nan=True, msg=key)
+    assert s.hoyer.shape == (3, 70) and (s.var == 0).all() and torch.isnan(s.kurtosis).all()
+
+
 @pytest.mark.parametrize("rows,d", [(1, 1), (6, 1), (1, 3), (33, 3), (2, 4097)])
 def test_odd_shapes(backend, rows, d):
     _check(_data((rows, d), torch.float32, backend.device, seed=rows + d), top_p=TOP_P)
