@@ -1,11 +1,12 @@
 // CPU activation-sparsity statistics: one read of x from memory.
 //
 // Rows are split into one contiguous part per thread (per-part float64 feature states, merged in part
-// order at the end: the result depends only on the thread count). A part is walked in row blocks of up
-// to kBlockRows rows, each block in column tiles small enough that the tile's per-feature accumulators
-// stay in L1 and the tile itself in L2:
-//   pass A (from memory): per-feature count/sum/min/max/Σ|a|/fired/NaN of the tile and per-row partial
-//           n, L0, Σ|a|, Σa², in A; first without NaN/Inf masks, redone with masks if the tile has any;
+// order at the end: the result depends only on the thread count). A part is walked in blocks of about
+// kBlockBytes (16 to 128 rows), each block in column tiles small enough that the tile's per-feature
+// accumulators stay in L1 and the tile itself in L2:
+//   pass A (from memory, rows prefetched a few ahead): per-feature count/sum/min/max/Σ|a|/fired/NaN of
+//           the tile and per-row partial n, L0, Σ|a|, Σa², in A; first without NaN/Inf masks, redone
+//           with masks if the tile has any;
 //   pass B (from cache): central sums Σδ², Σδ³, Σδ⁴ around the tile's column means, then a Pébay
 //           merge of the tile into the part's float64 state.
 // With `ordered`, each row of the block is then revisited (from L2): sortable keys of |a|, an LSD radix
@@ -25,8 +26,10 @@
 namespace repkern::cpu {
 namespace {
 
-constexpr int64_t kBlockRows = 128;
+constexpr int64_t kMaxBlockRows = 128, kMinBlockRows = 16;
+constexpr int64_t kBlockBytes = 1 << 20;     // a block of rows stays in L2 for the ordered pass
 constexpr int64_t kTileAccBytes = 20 << 10;  // per-feature tile accumulators kept in L1
+constexpr int64_t kPrefetchRows = 4;
 constexpr int64_t kMinRowsPerPart = 64;
 
 template <typename A>
@@ -111,7 +114,7 @@ struct Stats {
   int num_top_p;
   bool ordered;
   A* row_out;  // [channels, rows]
-  int64_t tile_cols;
+  int64_t tile_cols, block_rows;
 
   // Scratch of one part (one thread).
   struct Scratch {
@@ -119,8 +122,9 @@ struct Stats {
     std::vector<A> row_n, row_l0, row_l1, row_l2sq;  // per row of the block, summed over the tiles
     std::vector<K> keys, keys_tmp;
     Scratch(int64_t tile_cols, int64_t d, bool ordered)
-        : tile(size_t(kFeatureFields * tile_cols)), row_n(kBlockRows), row_l0(kBlockRows), row_l1(kBlockRows),
-          row_l2sq(kBlockRows), keys(ordered ? size_t(d) : 0), keys_tmp(ordered ? size_t(d) : 0) {}
+        : tile(size_t(kFeatureFields * tile_cols)), row_n(kMaxBlockRows), row_l0(kMaxBlockRows),
+          row_l1(kMaxBlockRows), row_l2sq(kMaxBlockRows), keys(ordered ? size_t(d) : 0),
+          keys_tmp(ordered ? size_t(d) : 0) {}
   };
 
   // Pass A over the tile: per-feature count/sum/min/max/Σ|a|/fired/NaN and per-row n, L0, Σ|a|, Σa².
@@ -138,6 +142,10 @@ struct Stats {
     }
     for (int64_t r = 0; r < nr; ++r) {
       const T* row = x + (r0 + r) * ld + c0;
+      // Row segments of a tile are short strided streams that the hardware prefetcher picks up late.
+      if (!kChecked && r + kPrefetchRows < nr) {
+        for (int64_t j = 0; j < w; j += 64 / int64_t(sizeof(T))) __builtin_prefetch(row + kPrefetchRows * ld + j);
+      }
       A n = 0, l0 = 0, l1 = 0, l2sq = 0;
 #pragma omp simd reduction(+ : n, l0, l1, l2sq)
       for (int64_t j = 0; j < w; ++j) {
@@ -161,10 +169,10 @@ struct Stats {
         l1 += av;
         l2sq += av * av;
       }
-      row_acc[0 * kBlockRows + r] = kChecked ? n : A(w);
-      row_acc[1 * kBlockRows + r] = l0;
-      row_acc[2 * kBlockRows + r] = l1;
-      row_acc[3 * kBlockRows + r] = l2sq;
+      row_acc[0 * kMaxBlockRows + r] = kChecked ? n : A(w);
+      row_acc[1 * kMaxBlockRows + r] = l0;
+      row_acc[2 * kMaxBlockRows + r] = l1;
+      row_acc[3 * kMaxBlockRows + r] = l2sq;
     }
     if constexpr (!kChecked) {
       for (int64_t j = 0; j < w; ++j) cnt[j] = A(nr);
@@ -197,7 +205,7 @@ struct Stats {
   void tile_pass(PartState& state, Scratch& s, int64_t r0, int64_t nr, int64_t c0, int64_t w) const {
     A* acc[kFeatureFields];
     for (int k = 0; k < kFeatureFields; ++k) acc[k] = s.tile.data() + k * tile_cols;
-    A row_acc[4 * kBlockRows];
+    A row_acc[4 * kMaxBlockRows];
     // All-finite fast path first; a NaN or Inf anywhere makes some column's Σ|a| non-finite (as does an
     // overflow of Σ|a|), and the tile is redone with masks.
     tile_sums<false>(acc, row_acc, r0, nr, c0, w);
@@ -211,9 +219,9 @@ struct Stats {
     }
     for (int64_t r = 0; r < nr; ++r) {
       s.row_n[size_t(r)] += row_acc[r];
-      s.row_l0[size_t(r)] += row_acc[kBlockRows + r];
-      s.row_l1[size_t(r)] += row_acc[2 * kBlockRows + r];
-      s.row_l2sq[size_t(r)] += row_acc[3 * kBlockRows + r];
+      s.row_l0[size_t(r)] += row_acc[kMaxBlockRows + r];
+      s.row_l1[size_t(r)] += row_acc[2 * kMaxBlockRows + r];
+      s.row_l2sq[size_t(r)] += row_acc[3 * kMaxBlockRows + r];
     }
     merge_columns<A>(state, c0, w, acc);
   }
@@ -277,8 +285,8 @@ struct Stats {
 
   void run_part(PartState& state, int64_t begin, int64_t end) const {
     Scratch s(tile_cols, d, ordered);
-    for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
-      const int64_t nr = std::min(kBlockRows, end - r0);
+    for (int64_t r0 = begin; r0 < end; r0 += block_rows) {
+      const int64_t nr = std::min(block_rows, end - r0);
       for (auto* v : {&s.row_n, &s.row_l0, &s.row_l1, &s.row_l2sq}) std::fill_n(v->begin(), nr, A(0));
       for (int64_t c0 = 0; c0 < d; c0 += tile_cols) tile_pass(state, s, r0, nr, c0, std::min(tile_cols, d - c0));
       for (int64_t r = 0; r < nr; ++r) {
@@ -301,7 +309,8 @@ void run(const T* x, int64_t rows, int64_t d, int64_t ld, double eps, const doub
   using A = acc_t<T>;
   const int64_t tile_cols =
       std::min<int64_t>(d, std::max<int64_t>(16, kTileAccBytes / int64_t(kFeatureFields * sizeof(A)) / 16 * 16));
-  const Stats<T> stats{x, rows, d, ld, A(eps), top_p, num_top_p, ordered, row_out, tile_cols};
+  const int64_t block_rows = std::clamp<int64_t>(kBlockBytes / (d * int64_t(sizeof(T))), kMinBlockRows, kMaxBlockRows);
+  const Stats<T> stats{x, rows, d, ld, A(eps), top_p, num_top_p, ordered, row_out, tile_cols, block_rows};
   const int64_t parts =
       std::clamp<int64_t>((rows + kMinRowsPerPart - 1) / kMinRowsPerPart, 1, std::max(1, num_threads));
   std::vector<PartState> states;
