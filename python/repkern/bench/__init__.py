@@ -39,13 +39,14 @@ class Case:
     providers: dict[str, Callable[[], object]]
     bytes_moved: Optional[float] = None
     flops: Optional[float] = None
+    timing: dict = dataclasses.field(default_factory=dict)  # time_ms options, e.g. fewer repeats for slow cases
 
 
 def run_cases(cases: Sequence[Case], device: torch.device, ceilings: Ceilings, *, log=print) -> list[dict]:
     rows = []
     sha, name = git_sha(), device_name(device)
     for case in cases:
-        results = {p: measure(fn, device) for p, fn in case.providers.items()}
+        results = {p: measure(fn, device, **case.timing) for p, fn in case.providers.items()}
         ref_ms = results["reference"].median_ms if "reference" in results else None
         for provider, m in results.items():
             row = {
