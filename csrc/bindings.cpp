@@ -21,6 +21,7 @@
 #include "gram.h"
 #include "sae.h"
 #include "hsic.h"
+#include "sparsity.h"
 #if defined(REPKERN_MODULE_EMU)
 #include "emu/selftest.h"
 #endif
@@ -396,8 +397,111 @@ void def_hsic_terms(py::module_& m, const char* name, const char* last_name, Run
       py::arg(last_name));
 }
 
+// ---- sparsity kernels ------------------------------------------------------------------
+
+// Activations [rows, d] with unit column stride, rows ld apart (any ld >= 0: the kernels only read, so
+// overlapping rows such as an expanded tensor's are fine): sparsity kernels.
+struct RowsArg {
+  TensorView v;
+  int64_t rows = 0, d = 0, ld = 0;
+};
+
+RowsArg rows_arg(const ViewArg& arg, const char* name) {
+  RowsArg a;
+  a.v = view(arg, name);
+  if (a.v.sizes.size() != 2) throw std::invalid_argument(std::string(name) + ": expected shape [rows, d]");
+  if (a.v.dtype != DType::Float32 && a.v.dtype != DType::Float64 && a.v.dtype != DType::Float16 &&
+      a.v.dtype != DType::BFloat16)
+    throw std::invalid_argument(std::string(name) + ": must be a floating dtype");
+  a.rows = a.v.sizes[0];
+  a.d = a.v.sizes[1];
+  if (a.d > 1 && a.v.strides[1] != 1) throw std::invalid_argument(std::string(name) + ": last dim must be contiguous");
+  a.ld = a.rows > 1 ? a.v.strides[0] : a.d;
+  if (a.ld < 0) throw std::invalid_argument(std::string(name) + ": negative row stride");
+  return a;
+}
+
+DType accumulation_dtype(DType dtype) { return dtype == DType::Float64 ? DType::Float64 : DType::Float32; }
+
+// The top-p fractions ([P] float64, at most kMaxTopP).
+int top_p_count(const ViewArg& arg) {
+  TensorView t = view(arg, "top_p");
+  if (t.sizes.size() != 1 || t.sizes[0] > repkern::kMaxTopP)
+    throw std::invalid_argument("top_p: expected shape [P], P <= " + std::to_string(repkern::kMaxTopP));
+  t.expect(DType::Float64, {t.sizes[0]});
+  return int(t.sizes[0]);
+}
+
 #if defined(REPKERN_MODULE_EMU) || defined(REPKERN_WITH_CUDA)
+void def_sparsity_cuda(py::module_& m) {
+  m.def(
+      "sparsity_plan_cuda",
+      [](int dtype_code, int64_t rows, int64_t d, uint64_t /*stream: calling convention; the plan reads the current device*/) {
+        if (dtype_code < 0 || dtype_code >= repkern::kNumDTypes) throw std::invalid_argument("dtype: unsupported code");
+        const repkern::cuda::SparsityPlan plan = repkern::cuda::sparsity_plan(DType(dtype_code), rows, d);
+        return std::make_tuple(plan.strips, plan.splits);
+      },
+      py::arg("dtype"), py::arg("rows"), py::arg("d"), py::arg("stream"));
+  m.def(
+      "sparsity_max_smem_sort_cuda",
+      [](int dtype_code, uint64_t /*stream*/) {
+        if (dtype_code < 0 || dtype_code >= repkern::kNumDTypes) throw std::invalid_argument("dtype: unsupported code");
+        return repkern::cuda::sparsity_max_smem_sort(DType(dtype_code));
+      },
+      py::arg("dtype"), py::arg("stream"));
+  m.def(
+      "sparsity_features_cuda",
+      [](const ViewArg& x_arg, double eps, const ViewArg& partials_arg, const ViewArg& totals_arg,
+         const ViewArg& state_arg, const ViewArg& rows_out_arg, uint64_t stream) {
+        const RowsArg x = rows_arg(x_arg, "x");
+        const DType acc = accumulation_dtype(x.v.dtype);
+        const repkern::cuda::SparsityPlan plan = repkern::cuda::sparsity_plan(x.v.dtype, x.rows, x.d);
+        TensorView partials = view(partials_arg, "partials");
+        partials.expect(acc, {plan.splits, repkern::kFeatureFields, x.d});
+        TensorView totals = view(totals_arg, "row_totals");
+        totals.expect(DType::Float64, {repkern::kRowTotals, x.rows});
+        TensorView state = view(state_arg, "feature_state");
+        state.expect(DType::Float64, {repkern::kFeatureFields, x.d});
+        TensorView rows_out = view(rows_out_arg, "row_out");
+        if (rows_out.sizes.size() != 2 || rows_out.sizes[0] < repkern::kRowSortFree)
+          throw std::invalid_argument("row_out: expected shape [channels >= 5, rows]");
+        rows_out.expect(acc, {rows_out.sizes[0], x.rows});
+        py::gil_scoped_release release;
+        repkern::cuda::sparsity_features(x.v.dtype, x.v.data, x.rows, x.d, x.ld, eps, partials.data,
+                                         totals.as<double>(), state.as<double>(), rows_out.data, rows_out.sizes[0],
+                                         reinterpret_cast<void*>(stream));
+      },
+      py::arg("x"), py::arg("eps"), py::arg("partials"), py::arg("row_totals"), py::arg("feature_state"),
+      py::arg("row_out"), py::arg("stream"));
+  m.def(
+      "sparsity_ordered_cuda",
+      [](const ViewArg& x_arg, const OptView& sorted_arg, int64_t row_begin, int64_t row_end, const ViewArg& top_p_arg,
+         const ViewArg& totals_arg, const ViewArg& sums_arg, const ViewArg& rows_out_arg, uint64_t stream) {
+        const RowsArg x = rows_arg(x_arg, "x");
+        const DType acc = accumulation_dtype(x.v.dtype);
+        if (row_begin < 0 || row_end < row_begin || row_end > x.rows)
+          throw std::invalid_argument("row_begin/row_end: not a range of rows of x");
+        const void* sorted = nullptr;
+        if (sorted_arg) sorted = view(*sorted_arg, "sorted").expect(acc, {row_end - row_begin, x.d}).data;
+        const int num_top_p = top_p_count(top_p_arg);
+        TensorView totals = view(totals_arg, "row_totals");
+        totals.expect(DType::Float64, {repkern::kRowTotals, x.rows});
+        TensorView sums = view(sums_arg, "ordered_sums");
+        sums.expect(DType::Float64, {repkern::ordered_sums(num_top_p), x.rows});
+        TensorView rows_out = view(rows_out_arg, "row_out");
+        rows_out.expect(acc, {repkern::row_channels(num_top_p, true), x.rows});
+        py::gil_scoped_release release;
+        repkern::cuda::sparsity_ordered(x.v.dtype, x.v.data, sorted, x.rows, x.d, x.ld, row_begin, row_end,
+                                        static_cast<const double*>(view(top_p_arg, "top_p").data), num_top_p,
+                                        totals.as<const double>(), sums.as<double>(), rows_out.data,
+                                        reinterpret_cast<void*>(stream));
+      },
+      py::arg("x"), py::arg("sorted"), py::arg("row_begin"), py::arg("row_end"), py::arg("top_p"),
+      py::arg("row_totals"), py::arg("ordered_sums"), py::arg("row_out"), py::arg("stream"));
+}
+
 void def_cuda_launchers(py::module_& m) {
+  def_sparsity_cuda(m);
   def_gram_epilogue<uint64_t>(m, "gram_epilogue_cuda", "stream", [](const GramArgs& a, uint64_t stream) {
     repkern::cuda::gram_epilogue(a.kind, a.pass, a.inner.dtype, a.out.dtype, a.inner.data, a.aux, a.out.data,
                                  a.scale, a.row_sums, a.totals, a.batch, a.n, reinterpret_cast<void*>(stream));
@@ -488,6 +592,23 @@ PYBIND11_MODULE(_C, m) {
     repkern::cpu::hsic_terms(a.kind, a.acc, a.blocks, a.aux, a.scale, a.pairs.data(), a.num_pairs(), a.cross,
                              a.row_sums, a.diag, a.rows, a.cols, a.r0, a.c0, a.n, a.diagonal_block, num_threads);
   });
+  m.def(
+      "sparsity_stats_cpu",
+      [](const ViewArg& x_arg, double eps, const ViewArg& top_p_arg, bool ordered, const ViewArg& state_arg,
+         const ViewArg& rows_out_arg, int num_threads) {
+        const RowsArg x = rows_arg(x_arg, "x");
+        const int num_top_p = top_p_count(top_p_arg);
+        TensorView state = view(state_arg, "feature_state");
+        state.expect(DType::Float64, {repkern::kFeatureFields, x.d});
+        TensorView rows_out = view(rows_out_arg, "row_out");
+        rows_out.expect(accumulation_dtype(x.v.dtype), {repkern::row_channels(num_top_p, ordered), x.rows});
+        py::gil_scoped_release release;
+        repkern::cpu::sparsity_stats(x.v.dtype, x.v.data, x.rows, x.d, x.ld, eps,
+                                     static_cast<const double*>(view(top_p_arg, "top_p").data), num_top_p, ordered,
+                                     state.as<double>(), rows_out.data, num_threads);
+      },
+      py::arg("x"), py::arg("eps"), py::arg("top_p"), py::arg("ordered"), py::arg("feature_state"),
+      py::arg("row_out"), py::arg("num_threads"));
 #if defined(REPKERN_WITH_CUDA)
   def_cuda_launchers(m);
 #endif
