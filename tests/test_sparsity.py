@@ -3,6 +3,7 @@ reference, on every backend (CPU kernels, CUDA kernels through the emulator unde
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import socket
@@ -418,7 +419,8 @@ def _free_port() -> int:
 def _distributed_worker(rank: int, world: int, port: int) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))  # a failing rank cannot hang the other
     try:
         torch.set_num_threads(1)
         a = _data((101, 10), torch.float64, "cpu", seed=40)
@@ -433,6 +435,9 @@ def _distributed_worker(rank: int, world: int, port: int) -> None:
         with pytest.raises(ValueError, match="incompatible"):
             odd.all_reduce()
     finally:
+        # Without it a rank can tear down its gloo pairs while the other still has a send in
+        # flight, and gloo aborts ("terminate called without an active exception"; seen under load).
+        dist.barrier()
         dist.destroy_process_group()
 
 
