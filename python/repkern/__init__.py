@@ -2,7 +2,7 @@
 
 Public API (see README): :func:`gram`; :func:`hsic`, :func:`cka`, :func:`cka_from_grams`,
 :func:`cka_matrix`, :func:`cka_plan`;
-:class:`StreamingCKA`, :class:`MinibatchCKA`; :func:`sparsity_stats`, :class:`SparsityAccumulator`;
+:class:`StreamingCKA`, :class:`MinibatchCKA`; :func:`cka_test` (:class:`CkaTestResult`); :func:`sparsity_stats`, :class:`SparsityAccumulator`;
 :func:`sae_encode`, :func:`sae_decode` (:class:`SparseCodes`, :class:`CsrCodes`), :class:`SAE`
 (with checkpoint loaders);
 :func:`build_info`; pure-PyTorch twins of
@@ -16,7 +16,9 @@ from importlib import metadata as _metadata
 from repkern import reference  # noqa: F401
 from repkern._native import has_emulator as _has_emulator
 from repkern.codes import CsrCodes, SparseCodes
+from repkern.cka_test_result import CkaTestResult
 from repkern.ops.cka import CkaPlan, cka, cka_from_grams, cka_matrix, cka_plan, hsic
+from repkern.ops.cka_test import cka_test
 from repkern.ops.gram import gram
 from repkern.ops.sae import sae_decode, sae_encode
 from repkern.ops.sparsity import SparsityAccumulator, sparsity_stats
@@ -45,6 +47,6 @@ def build_info() -> dict:
 
 
 __all__ = ["gram", "hsic", "cka", "cka_from_grams", "cka_matrix", "cka_plan", "CkaPlan", "StreamingCKA",
-           "MinibatchCKA", "sparsity_stats",
+           "MinibatchCKA", "cka_test", "CkaTestResult", "sparsity_stats",
            "SparsityAccumulator", "SparsityStats", "sae_encode", "sae_decode", "SAE", "SparseCodes", "CsrCodes",
            "build_info", "reference", "__version__"]
