@@ -166,8 +166,11 @@ class _LayerAccumulator:
         with torch.no_grad():
             layers = [t.detach() for t in layers]
             stats = {f"first_row/{a}": t[0].double() for a, t in enumerate(layers)}
-            stats["varying"] = (~torch.stack([reference.constant_rows(t) for t in layers])).double()
-            stats["finite"] = torch.stack([reference.all_finite(t) for t in layers]).double()
+            # one read per layer for both flags: column min and max (NaN and ±Inf show up in them)
+            bounds = [torch.aminmax(t, dim=0) for t in layers]
+            stats["varying"] = torch.stack([(lo != hi).any() for lo, hi in bounds]).double()
+            stats["finite"] = torch.stack([torch.isfinite(lo).all() & torch.isfinite(hi).all()
+                                           for lo, hi in bounds]).double()
             stats.update(self._batch_stats(layers, layout))
         if self.device is None:
             self.device = device
@@ -347,7 +350,7 @@ def _shift(stats: dict, deltas: list[Tensor], n: int, pairs: list[tuple[int, int
                         + ka * traces[b] + 2 * kb * sum_dot[a] + 2 * ka * sum_dot[b] + n * ka * kb)
             out[f"g/{a},{b}"] = g + traces[a] * db + 2 * (m.T @ da) + 2 * sum_dot[a] * db + ka * sums[b] + n * ka * db
             out[f"h/{a},{b}"] = h + traces[b] * da + 2 * (m @ db) + 2 * sum_dot[b] * da + kb * sums[a] + n * kb * da
-        out[f"M/{a},{b}"] = m + torch.outer(sums[a], db) + torch.outer(da, sums[b]) + n * torch.outer(da, db)
+        out[f"M/{a},{b}"] = torch.addr(m, sums[a], db).addr_(da, sums[b] + n * db)  # two rank-1 passes
     if debiased:
         out["P"] = p_new
     for a, d in enumerate(deltas):
@@ -431,7 +434,7 @@ class StreamingCKA(_LayerAccumulator):
             z = ta - mean  # centered on the batch mean: the products below do not cancel
             zs.append(z)
             stats[f"shift/{a}"] = mean.double()
-            stats[f"sum/{a}"] = z.sum(0, dtype=torch.float64)
+            stats[f"sum/{a}"] = z.sum(0).double()  # centered: no cancellation in the accumulation dtype
             if self.debiased:
                 zs64.append(z.double())
                 norms.append(z.square().sum(-1, dtype=torch.float64))
@@ -452,7 +455,7 @@ class StreamingCKA(_LayerAccumulator):
         moved = _shift(theirs, deltas, their_samples, pairs, self.debiased)
         for key, _ in self._stat_shapes(self._layout):
             if not key.startswith("shift/"):
-                self._stats[key] = self._stats[key] + moved[key]
+                self._stats[key].add_(moved[key])
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
