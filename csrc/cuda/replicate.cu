@@ -1,6 +1,6 @@
 // CUDA replicate row sums (common/replicate_math.h): one warp per (row i, replicate r),
-// lanes striding over the columns with 16-byte loads of A's row (and of the replicate's
-// permutation or weights), two vectors in flight per lane; Permute gathers B's row π_r(i)
+// lanes striding over the columns with 16-byte loads of A's row (Bootstrap: and B's; and of
+// the replicate's permutation or weights), two vectors in flight per lane; Permute gathers B's row π_r(i)
 // at π_r(j) (the row, n·sizeof(T), stays in L1/L2 while the warp reads it). Warp-shuffle
 // sums in float64; lane 0 writes the (r, i) entry: no atomics, so the result is the same
 // bits on every run. Consecutive warps take consecutive replicates of one row, so a block
@@ -65,12 +65,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
     for (int64_t j0 = int64_t(lane) * V; j0 < n; j0 += int64_t(32) * V * kUnroll) {
       Pack<T, V> av[kUnroll] = {};
       Pack<Companion, V> cv[kUnroll] = {};
+      [[maybe_unused]] Pack<T, V> bv[kUnroll] = {};  // Bootstrap: B's row i, read like A's
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {  // all loads first: kUnroll vectors in flight
         const int64_t j = j0 + int64_t(u) * 32 * V;
         if (j < n) {  // n % V == 0 when Vec: a vector is whole or absent
           av[u] = load_pack<T, V>(a_row + j);
           cv[u] = load_pack<Companion, V>(col + j);
+          if constexpr (M == ReplicateMode::Bootstrap) bv[u] = load_pack<T, V>(b_row + j);
         }
       }
 #pragma unroll
@@ -82,7 +84,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
             if constexpr (M == ReplicateMode::Permute) {
               replicate_add<M>(s0, s1, s2, s3, s4, double(av[u].v[v]), double(b_row[cv[u].v[v]]), 1.0);
             } else {
-              replicate_add<M>(s0, s1, s2, s3, s4, double(av[u].v[v]), double(b_row[j + v]), double(cv[u].v[v]));
+              replicate_add<M>(s0, s1, s2, s3, s4, double(av[u].v[v]), double(bv[u].v[v]), double(cv[u].v[v]));
             }
           }
         }
