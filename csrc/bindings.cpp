@@ -21,6 +21,7 @@
 #include "gram.h"
 #include "sae.h"
 #include "hsic.h"
+#include "replicate.h"
 #include "sparsity.h"
 #if defined(REPKERN_MODULE_EMU)
 #include "emu/selftest.h"
@@ -397,6 +398,57 @@ void def_hsic_terms(py::module_& m, const char* name, const char* last_name, Run
       py::arg(last_name));
 }
 
+// ---- cka_test replicate row sums ----------------------------------------------------------
+
+struct ReplicateArgs {
+  repkern::ReplicateMode mode;
+  DType dtype = DType::Float32;
+  const void* a = nullptr;
+  const void* b = nullptr;
+  const int32_t* index = nullptr;
+  const float* weight = nullptr;
+  double* out = nullptr;
+  int64_t replicates = 0, n = 0;
+
+  ReplicateArgs(int mode_code, const ViewArg& a_arg, const ViewArg& b_arg, const ViewArg& columns_arg,
+                const ViewArg& out_arg)
+      : mode(repkern::ReplicateMode(mode_code)) {
+    using repkern::ReplicateMode;
+    if (mode_code != int(ReplicateMode::Permute) && mode_code != int(ReplicateMode::Bootstrap))
+      throw std::invalid_argument("mode: unsupported for replicate_rows");
+    TensorView av = view(a_arg, "a");
+    if (av.sizes.size() != 2 || av.sizes[0] != av.sizes[1]) throw std::invalid_argument("a: expected shape [n, n]");
+    dtype = av.dtype;
+    n = av.sizes[0];
+    if (dtype != DType::Float32 && dtype != DType::Float64) throw std::invalid_argument("a: must be float32 or float64");
+    a = av.expect(dtype, {n, n}).data;
+    b = view(b_arg, "b").expect(dtype, {n, n}).data;
+    TensorView cv = view(columns_arg, "columns");
+    if (cv.sizes.size() != 2 || cv.sizes[1] != n) throw std::invalid_argument("columns: expected shape [R, n]");
+    replicates = cv.sizes[0];
+    if (mode == ReplicateMode::Permute) {
+      index = cv.expect(DType::Int32, {replicates, n}).as<const int32_t>();
+    } else {
+      weight = cv.expect(DType::Float32, {replicates, n}).as<const float>();
+    }
+    out = view(out_arg, "out").expect(DType::Float64, {replicates, n, repkern::replicate_channels(mode)}).as<double>();
+  }
+};
+
+// Binds a replicate_rows entry point (see def_gram_epilogue). Permutation indices are
+// not range-checked here (a device array): the Python op builds them with randperm.
+template <typename Last, typename Run>
+void def_replicate_rows(py::module_& m, const char* name, const char* last_name, Run run) {
+  m.def(
+      name,
+      [run](int mode, const ViewArg& a, const ViewArg& b, const ViewArg& columns, const ViewArg& out, Last last) {
+        ReplicateArgs args(mode, a, b, columns, out);
+        py::gil_scoped_release release;
+        run(args, last);
+      },
+      py::arg("mode"), py::arg("a"), py::arg("b"), py::arg("columns"), py::arg("out"), py::arg(last_name));
+}
+
 // ---- sparsity kernels ------------------------------------------------------------------
 
 // Activations [rows, d] with unit column stride, rows ld apart (any ld >= 0: the kernels only read, so
@@ -512,6 +564,10 @@ void def_cuda_launchers(py::module_& m) {
                               a.row_sums, a.diag, a.rows, a.cols, a.r0, a.c0, a.n, a.diagonal_block,
                               reinterpret_cast<void*>(stream));
   });
+  def_replicate_rows<uint64_t>(m, "replicate_rows_cuda", "stream", [](const ReplicateArgs& a, uint64_t stream) {
+    repkern::cuda::replicate_rows(a.mode, a.dtype, a.a, a.b, a.index, a.weight, a.out, a.replicates, a.n,
+                                  reinterpret_cast<void*>(stream));
+  });
 }
 #endif
 
@@ -591,6 +647,9 @@ PYBIND11_MODULE(_C, m) {
   def_hsic_terms<int>(m, "hsic_terms_cpu", "num_threads", [](const HsicArgs& a, int num_threads) {
     repkern::cpu::hsic_terms(a.kind, a.acc, a.blocks, a.aux, a.scale, a.pairs.data(), a.num_pairs(), a.cross,
                              a.row_sums, a.diag, a.rows, a.cols, a.r0, a.c0, a.n, a.diagonal_block, num_threads);
+  });
+  def_replicate_rows<int>(m, "replicate_rows_cpu", "num_threads", [](const ReplicateArgs& a, int num_threads) {
+    repkern::cpu::replicate_rows(a.mode, a.dtype, a.a, a.b, a.index, a.weight, a.out, a.replicates, a.n, num_threads);
   });
   m.def(
       "sparsity_stats_cpu",

@@ -25,6 +25,7 @@ from repkern import _native
 VECTORIZED_KERNELS = (
     r"features_kernel<.*, true>",  # sparsity one-read pass, 16-byte-load instantiations
     r"ordered_kernel<.*, \(Source\)1>",  # sparsity per-row sort kernel, Source::Vector
+    r"replicate_rows_kernel<.*, true>",  # cka_test permutation/bootstrap rows, 16-byte-load instantiations
 )
 
 

@@ -61,3 +61,38 @@ def assert_close_to_reference(fast: torch.Tensor, ref_low: torch.Tensor, ref64: 
         ref_err = (low64 - ref64).abs().max().item()
         floor = torch.finfo(fast.dtype).eps * max(1.0, ref64.abs().max().item())
         assert err <= 2 * ref_err + floor, f"{fast.dtype}: error {err:.3g} > 2 × reference error {ref_err:.3g}"
+
+
+def _gloo_rank(rank: int, world: int, port: int, worker) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))  # a failing rank cannot hang the other
+    try:
+        torch.set_num_threads(1)
+        worker(rank, world)
+    finally:
+        # Without it a rank can tear down its gloo pairs while the other still has a send in
+        # flight, and gloo aborts ("terminate called without an active exception"; seen under load).
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_gloo_processes(worker, world: int = 2) -> None:
+    """Runs worker(rank, world) in `world` processes joined by a gloo process group on localhost.
+    `worker` must be a module-level function (it is pickled into spawned processes)."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_gloo_rank, args=(world, port, worker), nprocs=world, join=True)

@@ -3,10 +3,7 @@ reference, on every backend (CPU kernels, CUDA kernels through the emulator unde
 
 from __future__ import annotations
 
-import datetime
 import math
-import os
-import socket
 
 import numpy as np
 import pytest
@@ -15,7 +12,7 @@ import torch
 import repkern
 from repkern import reference
 from repkern.ops import sparsity as sparsity_ops
-from tests.conftest import assert_close_to_reference
+from tests.conftest import assert_close_to_reference, run_gloo_processes
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 TOP_P = (0.01, 0.05, 0.1, 0.5)
@@ -410,45 +407,22 @@ def test_accumulator_summaries_and_kept_rows():
     assert empty.rows == 0 and torch.isnan(empty.mean).all() and bool(empty.dead.all())
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _distributed_worker(rank: int, world: int, port: int) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))  # a failing rank cannot hang the other
-    try:
-        torch.set_num_threads(1)
-        a = _data((101, 10), torch.float64, "cpu", seed=40)
-        a[17, 2] = math.nan
-        cut = 37
-        mine = a[:cut] if rank == 0 else a[cut:]
-        acc = _accumulate([mine], keep_rows=True, top_p=TOP_P).all_reduce()
-        single = repkern.sparsity_stats(a, top_p=TOP_P)
-        _assert_same_stats(acc.compute(), single, rtol=1e-10, atol=1e-12)
-        # Settings that differ between ranks are an error on every rank.
-        odd = repkern.SparsityAccumulator(10, eps=0.5 if rank == 1 else 0.0)
-        with pytest.raises(ValueError, match="incompatible"):
-            odd.all_reduce()
-    finally:
-        # Without it a rank can tear down its gloo pairs while the other still has a send in
-        # flight, and gloo aborts ("terminate called without an active exception"; seen under load).
-        dist.barrier()
-        dist.destroy_process_group()
+def _distributed_worker(rank: int, world: int) -> None:
+    a = _data((101, 10), torch.float64, "cpu", seed=40)
+    a[17, 2] = math.nan
+    cut = 37
+    mine = a[:cut] if rank == 0 else a[cut:]
+    acc = _accumulate([mine], keep_rows=True, top_p=TOP_P).all_reduce()
+    single = repkern.sparsity_stats(a, top_p=TOP_P)
+    _assert_same_stats(acc.compute(), single, rtol=1e-10, atol=1e-12)
+    # Settings that differ between ranks are an error on every rank.
+    odd = repkern.SparsityAccumulator(10, eps=0.5 if rank == 1 else 0.0)
+    with pytest.raises(ValueError, match="incompatible"):
+        odd.all_reduce()
 
 
 def test_all_reduce_over_two_gloo_processes_equals_single_process():
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this build")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_distributed_worker, args=(2, _free_port()), nprocs=2, join=True)
+    run_gloo_processes(_distributed_worker)
 
 
 def test_row_channels_layout_matches_native():

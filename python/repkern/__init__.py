@@ -1,7 +1,8 @@
 """repkern: fast kernels for representation analysis on PyTorch tensors.
 
 Public API (see README): :func:`gram`; :func:`hsic`, :func:`cka`, :func:`cka_from_grams`,
-:func:`cka_matrix`, :func:`cka_plan`; :func:`sparsity_stats`, :class:`SparsityAccumulator`;
+:func:`cka_matrix`, :func:`cka_plan`;
+:class:`StreamingCKA`, :class:`MinibatchCKA`; :func:`cka_test` (:class:`CkaTestResult`); :func:`sparsity_stats`, :class:`SparsityAccumulator`;
 :func:`sae_encode`, :func:`sae_decode` (:class:`SparseCodes`, :class:`CsrCodes`), :class:`SAE`
 (with checkpoint loaders);
 :func:`build_info`; pure-PyTorch twins of
@@ -15,10 +16,13 @@ from importlib import metadata as _metadata
 from repkern import reference  # noqa: F401
 from repkern._native import has_emulator as _has_emulator
 from repkern.codes import CsrCodes, SparseCodes
+from repkern.cka_test_result import CkaTestResult
 from repkern.ops.cka import CkaPlan, cka, cka_from_grams, cka_matrix, cka_plan, hsic
+from repkern.ops.cka_test import cka_test
 from repkern.ops.gram import gram
 from repkern.ops.sae import sae_decode, sae_encode
 from repkern.ops.sparsity import SparsityAccumulator, sparsity_stats
+from repkern.ops.streaming import MinibatchCKA, StreamingCKA
 from repkern.sae import SAE
 from repkern.sparsity_result import SparsityStats
 
@@ -42,6 +46,7 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["gram", "hsic", "cka", "cka_from_grams", "cka_matrix", "cka_plan", "CkaPlan", "sparsity_stats",
+__all__ = ["gram", "hsic", "cka", "cka_from_grams", "cka_matrix", "cka_plan", "CkaPlan", "StreamingCKA",
+           "MinibatchCKA", "cka_test", "CkaTestResult", "sparsity_stats",
            "SparsityAccumulator", "SparsityStats", "sae_encode", "sae_decode", "SAE", "SparseCodes", "CsrCodes",
            "build_info", "reference", "__version__"]

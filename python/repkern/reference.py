@@ -565,6 +565,107 @@ def cka_matrix(
             elif ok_i and ok_j:
                 out[i, j] = (kc * lc).sum() / (kk * ll).sqrt()
     return out
+def minibatch_cka(
+    batches,
+    kernel: str = "linear",
+    *,
+    debiased: bool = True,
+    sigma: Optional[float] = None,
+    threshold: float = 1.0,
+    median: str = "full",
+) -> torch.Tensor:
+    """Minibatch CKA (Nguyen, Raghu & Kornblith 2021; DESIGN.md §4) in plain PyTorch.
+
+    batches: a sequence of ``(xs, ys)``, one per batch; xs a list of (b, d_i) layers,
+    ys a list of (b, e_j) layers or None (xs against itself); b may differ between batches.
+    Per batch, HSIC of every pair from centered Grams (U-centered for ``debiased``: the
+    unbiased HSIC₁); then Σ_b HSIC(K_b, L_b) / sqrt(Σ_b HSIC(K_b, K_b) · Σ_b HSIC(L_b, L_b))
+    -> (len(xs), len(ys)). NaN where a layer's summed self-HSIC is <= 0 or it holds NaN/Inf."""
+    cross = selfs_x = selfs_y = None
+    for xs, ys in batches:
+        xs, ys, s, t = check_cka_matrix_args(xs, ys, kernel, debiased, sigma, threshold, median)
+        n = xs[0].shape[0]
+        norm = n * (n - 3) if debiased else (n - 1) ** 2
+        kx = [center_gram(_kernel_gram(x, kernel, s, t, median), debiased) for x in xs]
+        ky = kx if ys is None else [center_gram(_kernel_gram(y, kernel, s, t, median), debiased) for y in ys]
+        h = torch.stack([torch.stack([(k * l).sum() for l in ky]) for k in kx]) / norm
+        hx = torch.stack([(k * k).sum() for k in kx]) / norm
+        hy = torch.stack([(l * l).sum() for l in ky]) / norm
+        cross, selfs_x, selfs_y = (h, hx, hy) if cross is None else (cross + h, selfs_x + hx, selfs_y + hy)
+    ok = (selfs_x[:, None] > 0) & (selfs_y[None, :] > 0)
+    denom = torch.where(ok, selfs_x[:, None] * selfs_y[None, :], torch.ones_like(cross))
+    return torch.where(ok, cross / denom.sqrt(), torch.full_like(cross, torch.nan))
+
+
+def check_cka_test_args(x, y, kernel, debiased, n_permutations, n_bootstrap, seed, ci, sigma, threshold, median):
+    """Validates :func:`cka_test` arguments (x, y: (n, d)); returns (sigma, threshold, ci)."""
+    for name, t in (("x", x), ("y", y)):
+        check_samples(name, t, min_dim=2, shape_hint="(shape (n, d))")
+        if t.dim() != 2:
+            raise ValueError(f"{name}: expected shape (n, d), got {tuple(t.shape)}")
+    sigma, threshold = check_hsic_args(x, y, kernel, debiased, sigma, threshold, median)
+    for name, value in (("n_permutations", n_permutations), ("n_bootstrap", n_bootstrap), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+        if value < 0:
+            raise ValueError(f"{name}: expected >= 0, got {value}")
+    ci = _checks.positive_number("ci", ci)
+    if not ci < 1:
+        raise ValueError(f"ci: expected a level in (0, 1), got {ci}")
+    if x.shape[0] > 2**31 - 1:
+        raise ValueError(f"x: n={x.shape[0]} exceeds the int32 permutation indices")
+    return sigma, threshold, ci
+
+
+def replicate_indices(n: int, n_permutations: int, n_bootstrap: int, seed: int, device=None):
+    """The resampling plan of :func:`cka_test`, drawn on the CPU from ``torch.Generator().manual_seed(seed)``
+    (the same on every device): (n_permutations, n) permutations (argsort of uniforms), then
+    (n_bootstrap, n) bootstrap indices drawn with replacement. int64, on `device`."""
+    generator = torch.Generator().manual_seed(seed)
+    perms = torch.argsort(torch.rand(n_permutations, n, generator=generator), dim=1)
+    boots = torch.randint(0, n, (n_bootstrap, n), generator=generator)
+    return perms.to(device), boots.to(device)
+
+
+def cka_test(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    kernel: str = "linear",
+    *,
+    debiased: bool = False,
+    n_permutations: int = 1000,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+    sigma: Optional[float] = None,
+    threshold: float = 1.0,
+    median: str = "full",
+):
+    """Permutation test and bootstrap interval of CKA(x, y), x (n, d1), y (n, d2), the plain way:
+    Gram matrices once, then for every permutation π of :func:`replicate_indices` the CKA of
+    K and L[π][:, π], and for every bootstrap draw b the CKA of K[b][:, b] and L[b][:, b]
+    (the kernel bandwidth stays the one of the full data). Returns a CkaTestResult."""
+    from repkern.cka_test_result import finish
+
+    sigma, threshold, ci = check_cka_test_args(x, y, kernel, debiased, n_permutations, n_bootstrap, seed, ci, sigma,
+                                               threshold, median)
+    n = x.shape[0]
+    k = _kernel_gram(x, kernel, sigma, threshold, median).double()
+    l = _kernel_gram(y, kernel, sigma, threshold, median).double()
+    perms, boots = replicate_indices(n, n_permutations, n_bootstrap, seed, x.device)
+    ok = bool(all_finite(x) & all_finite(y) & ~constant_rows(x) & ~constant_rows(y))
+    nan = torch.full((), torch.nan, dtype=torch.float64, device=x.device)
+    observed = cka_from_grams(k, l, debiased=debiased) if ok else nan
+    null = [cka_from_grams(k, l[p][:, p], debiased=debiased) for p in perms]
+    boot = [cka_from_grams(k[b][:, b], l[b][:, b], debiased=debiased) for b in boots]
+    empty = torch.empty(0, dtype=torch.float64, device=x.device)
+    null = torch.stack(null) if null else empty
+    boot = torch.stack(boot) if boot else empty
+    if not ok:
+        null, boot = torch.full_like(null, torch.nan), torch.full_like(boot, torch.nan)
+    return finish(observed, null, boot, ci, acc_dtype(x.dtype))
+
+
 # ---- activation sparsity (DESIGN.md §4) -------------------------------------------------
 
 SPARSITY_MAX_TOP_P = 8  # csrc/common/sparsity_math.h kMaxTopP

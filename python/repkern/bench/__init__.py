@@ -20,7 +20,7 @@ import torch
 
 from repkern.bench.timing import Ceilings, device_name, git_sha, measure, measure_ceilings
 
-SUITES = ("gram", "cka", "sparsity", "sae")  # modules repkern.bench.<suite> with cases(device, quick)
+SUITES = ("gram", "cka", "sparsity", "sae", "streaming")  # modules repkern.bench.<suite> with cases(device, quick)
 
 CSV_FIELDS = (
     "op", "provider", "shape", "dtype", "device", "median_ms", "p20_ms", "p80_ms", "peak_mem_bytes",

@@ -1,0 +1,136 @@
+// CUDA replicate row sums (common/replicate_math.h): one warp per (row i, replicate r),
+// lanes striding over the columns with 16-byte loads of A's row (Bootstrap: and B's; and of
+// the replicate's permutation or weights), two vectors in flight per lane; Permute gathers B's row π_r(i)
+// at π_r(j) (the row, n·sizeof(T), stays in L1/L2 while the warp reads it). Warp-shuffle
+// sums in float64; lane 0 writes the (r, i) entry: no atomics, so the result is the same
+// bits on every run. Consecutive warps take consecutive replicates of one row, so a block
+// reads A's row from DRAM once for kWarps replicates. Grid: kBlocksPerSM blocks per SM,
+// grid-stride over the n·R items.
+//
+// Minimum traffic: A and B once (2·n²·sizeof(T); B's gathered rows come from cache after
+// their first read), the R·n indices or weights (4 bytes each) and R·n·C float64 outputs.
+// Reads through the cache per launch: R·n²·(sizeof(T) + 4 + sizeof(T)) (Permute) or
+// R·n²·(2·sizeof(T) + 4) (Bootstrap). FLOPs (float64): 2·R·n² (Permute), 12·R·n² (Bootstrap).
+#include "replicate.h"
+
+#include <string>
+#include <type_traits>
+
+#include "common/launch.h"
+#include "common/math.h"
+#include "cuda/reduce.cuh"
+
+namespace repkern::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBlocksPerSM = 4;
+constexpr int kUnroll = 2;  // vectors in flight per lane
+
+template <typename T>
+constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte load of A
+
+// Raw storage of V elements of U loaded at once (16 bytes for T-sized rows; the int32/float
+// companions of a double row are 8 bytes).
+template <typename U, int V>
+struct alignas(sizeof(U) * V) Pack {
+  U v[V];
+};
+
+template <typename U, int V>
+__device__ __forceinline__ Pack<U, V> load_pack(const U* p) {
+  return *reinterpret_cast<const Pack<U, V>*>(p);
+}
+
+template <ReplicateMode M, typename T, bool Vec>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM)
+    replicate_rows_kernel(const T* __restrict__ a,             // [n, n]
+                          const T* __restrict__ b,             // [n, n]
+                          const void* __restrict__ companion,  // [R, n] int32 π (Permute) or float w (Bootstrap)
+                          double* __restrict__ out,            // [R, n, C]
+                          int64_t replicates, int64_t n) {
+  constexpr int C = replicate_channels(M);
+  constexpr int V = Vec ? kVec<T> : 1;
+  using Companion = std::conditional_t<M == ReplicateMode::Permute, int32_t, float>;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t items = n * replicates;
+  const int64_t stride = int64_t(gridDim.x) * kWarps;
+  for (int64_t item = int64_t(blockIdx.x) * kWarps + warp; item < items; item += stride) {  // warp-uniform
+    const int64_t i = item / replicates, r = item % replicates;
+    const T* a_row = a + i * n;
+    const Companion* col = static_cast<const Companion*>(companion) + r * n;  // π_r or w_r
+    const T* b_row = b + (M == ReplicateMode::Permute ? int64_t(col[i]) : i) * n;
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
+    for (int64_t j0 = int64_t(lane) * V; j0 < n; j0 += int64_t(32) * V * kUnroll) {
+      Pack<T, V> av[kUnroll] = {};
+      Pack<Companion, V> cv[kUnroll] = {};
+      [[maybe_unused]] Pack<T, V> bv[kUnroll] = {};  // Bootstrap: B's row i, read like A's
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {  // all loads first: kUnroll vectors in flight
+        const int64_t j = j0 + int64_t(u) * 32 * V;
+        if (j < n) {  // n % V == 0 when Vec: a vector is whole or absent
+          av[u] = load_pack<T, V>(a_row + j);
+          cv[u] = load_pack<Companion, V>(col + j);
+          if constexpr (M == ReplicateMode::Bootstrap) bv[u] = load_pack<T, V>(b_row + j);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t j = j0 + int64_t(u) * 32 * V;
+        if (j < n) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            if constexpr (M == ReplicateMode::Permute) {
+              replicate_add<M>(s0, s1, s2, s3, s4, double(av[u].v[v]), double(b_row[cv[u].v[v]]), 1.0);
+            } else {
+              replicate_add<M>(s0, s1, s2, s3, s4, double(av[u].v[v]), double(bv[u].v[v]), double(cv[u].v[v]));
+            }
+          }
+        }
+      }
+    }
+    const double s[5] = {warp_sum(s0), C > 1 ? warp_sum(s1) : 0.0, C > 1 ? warp_sum(s2) : 0.0,
+                         C > 1 ? warp_sum(s3) : 0.0, C > 1 ? warp_sum(s4) : 0.0};
+    if (lane == 0) {
+#pragma unroll
+      for (int c = 0; c < C; ++c) out[(r * n + i) * C + c] = s[c];
+    }
+  }
+}
+
+template <ReplicateMode M, typename T>
+void launch(const T* a, const T* b, const int32_t* index, const float* weight, double* out, int64_t replicates,
+            int64_t n, void* stream) {
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  const bool vec = n % kVec<T> == 0 && aligned(a) && aligned(b) && aligned(index) && aligned(weight);
+  const int64_t items = n * replicates;
+  LaunchShape shape;
+  shape.grid = dim3(unsigned(rk_min<int64_t>((items + kWarps - 1) / kWarps, int64_t(sm_count()) * kBlocksPerSM)));
+  shape.block = dim3(kThreads);
+  shape.stream = static_cast<cudaStream_t>(stream);
+  auto describe = [&] {
+    return "mode=" + std::to_string(int(M)) + " n=" + std::to_string(n) + " replicates=" + std::to_string(replicates);
+  };
+  const void* companion = M == ReplicateMode::Permute ? static_cast<const void*>(index) : weight;
+  auto run = [&](auto kernel) {
+    launch_kernel("replicate_rows", describe, kernel, shape, a, b, companion, out, replicates, n);
+  };
+  if (vec) {
+    run(replicate_rows_kernel<M, T, true>);
+  } else {
+    run(replicate_rows_kernel<M, T, false>);
+  }
+}
+
+}  // namespace
+
+void replicate_rows(ReplicateMode mode, DType dtype, const void* a, const void* b, const int32_t* index,
+                    const float* weight, double* out, int64_t replicates, int64_t n, void* stream) {
+  if (replicates == 0 || n == 0) return;
+  dispatch_replicate(mode, dtype, [&]<ReplicateMode M, typename T>() {
+    launch<M, T>(static_cast<const T*>(a), static_cast<const T*>(b), index, weight, out, replicates, n, stream);
+  });
+}
+
+}  // namespace repkern::cuda
