@@ -10,6 +10,7 @@ from importlib import metadata as _metadata
 
 from repkern import reference  # noqa: F401
 from repkern._native import has_emulator as _has_emulator
+from repkern.capture import capture
 from repkern.ops.gram import gram
 
 try:
@@ -32,4 +33,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["gram", "build_info", "reference", "__version__"]
+__all__ = ["gram", "capture", "build_info", "reference", "__version__"]
