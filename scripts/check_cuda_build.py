@@ -1,7 +1,8 @@
 """Static evidence for the CUDA kernels (DESIGN.md §6), printed into the CI log:
 per kernel and architecture, registers / shared memory / spills from ptxas -v
 (in the build log), and from the SASS of the installed module the global load
-widths and any local-memory traffic (LDL/STL), which fails the check."""
+widths and any local-memory traffic (LDL/STL), which fails the check, as does a
+kernel declared vectorized (VECTORIZED_KERNELS) without 128-bit global loads."""
 
 from __future__ import annotations
 
@@ -17,6 +18,14 @@ import sys
 
 import repkern
 from repkern import _native
+
+# Memory-bound kernels that must load global memory 16 bytes at a time (LDG.E.128): regular expressions
+# over the short kernel names printed below. Each must match a kernel on every architecture (a renamed
+# kernel fails the check instead of slipping through).
+VECTORIZED_KERNELS = (
+    r"features_kernel<.*, true>",  # sparsity one-read pass, 16-byte-load instantiations
+    r"ordered_kernel<.*, \(Source\)1>",  # sparsity per-row sort kernel, Source::Vector
+)
 
 
 def demangle(names):
@@ -36,7 +45,7 @@ def short(name: str) -> str:
 
 def ptxas_report(log_path: str) -> None:
     compiling = re.compile(r"Compiling entry function '(\w+)' for '(sm_\w+)'")
-    used = re.compile(r"Used (\d+) registers.*?(\d+) bytes smem")
+    used = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")  # ptxas omits smem when a kernel has none
     spill = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
     rows, current = [], None
     with open(log_path, errors="replace") as f:
@@ -47,7 +56,7 @@ def ptxas_report(log_path: str) -> None:
             elif current and (m := spill.search(line)):
                 current[4] = f"stack {m.group(1)} B, spills {m.group(2)}/{m.group(3)} B"
             elif current and (m := used.search(line)):
-                current[2], current[3] = m.group(1), m.group(2)
+                current[2], current[3] = m.group(1), m.group(2) or "0"
     if not rows:
         print("ptxas: no kernel report in the build log (CUDA not compiled?)")
         return
@@ -100,6 +109,26 @@ def sass_report(module_path: str) -> int:
         print("FAIL: kernels use local memory (LDL/STL)")
         return 1
     print("no local memory (LDL/STL) in any kernel")
+    return vectorized_report(stats, names)
+
+
+def vectorized_report(stats, names) -> int:
+    archs = sorted({arch for arch, _ in stats})
+    failed = False
+    for pattern in VECTORIZED_KERNELS:
+        for arch in archs:
+            builds = [(short(names[m]), counter) for (a, m), counter in stats.items()
+                      if a == arch and re.fullmatch(pattern, short(names[m]))]
+            if not builds:
+                print(f"FAIL: no {arch} kernel matches the vectorized pattern {pattern!r}")
+                failed = True
+            for name, counter in builds:
+                if counter["LDG.E.128"] == 0:
+                    print(f"FAIL: {arch} {name} is declared vectorized but has no LDG.E.128")
+                    failed = True
+    if failed:
+        return 1
+    print(f"128-bit global loads in every kernel declared vectorized ({len(VECTORIZED_KERNELS)} patterns, {len(archs)} archs)")
     return 0
 
 

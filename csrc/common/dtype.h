@@ -50,15 +50,14 @@ RK_HD float half_to_float(Half h) {
 #if defined(__CUDA_ARCH__)
   return __half2float(__ushort_as_half(h.bits));
 #else
+  // Integer masks instead of branches or selects: gcc vectorizes CPU loops over half data only in this form.
   const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16;
-  const uint32_t exp = (h.bits >> 10) & 0x1fu;
-  const uint32_t mant = h.bits & 0x3ffu;
-  if (exp == 0) {  // zero or subnormal: mant * 2^-24
-    const float v = float(mant) * 5.9604644775390625e-8f;
-    return sign ? -v : v;
-  }
-  if (exp == 31) return bits_float(sign | 0x7f800000u | (mant << 13));
-  return bits_float(sign | ((exp + 112u) << 23) | (mant << 13));
+  const uint32_t magnitude = h.bits & 0x7fffu;  // exponent and mantissa
+  // Normal: rebias the exponent by 127 − 15; Inf/NaN (all-ones exponent): by 2·(127 − 15).
+  const uint32_t rebiased = (magnitude << 13) + 0x38000000u + uint32_t(magnitude >= 0x7c00u) * 0x38000000u;
+  const uint32_t subnormal = float_bits(float(int32_t(magnitude)) * 5.9604644775390625e-8f);  // mant · 2^-24
+  const uint32_t is_subnormal = 0u - uint32_t(magnitude < 0x400u);  // all ones for zero/subnormal
+  return bits_float((subnormal & is_subnormal) | (rebiased & ~is_subnormal) | sign);
 #endif
 }
 

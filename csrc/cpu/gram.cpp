@@ -5,6 +5,7 @@
 #include "gram.h"
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <vector>
@@ -16,10 +17,43 @@ namespace {
 
 constexpr int64_t kTile = 64;
 
+// 8×8 transpose in vector registers (GCC vector extensions: AVX shuffles where
+// available, split into narrower ones elsewhere). src/dst rows are kTile apart.
+template <typename A>
+inline void transpose8x8(const A* src, A* dst) {
+  typedef A vec __attribute__((vector_size(8 * sizeof(A))));
+  vec r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) std::memcpy(&r[i], src + i * kTile, sizeof(vec));
+  for (int i = 0; i < 8; i += 2) {  // interleave row pairs
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {  // 2×2 blocks of pairs
+    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int i = 0; i < 4; ++i) {  // halves
+    const vec lo = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    const vec hi = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    std::memcpy(dst + i * kTile, &lo, sizeof(vec));
+    std::memcpy(dst + (i + 4) * kTile, &hi, sizeof(vec));
+  }
+}
+
 template <GramKind K, typename A>
 struct Tile {
   A v[kTile][kTile];
+  A vt[kTile][kTile];  // transpose of v, for the mirrored write
   int64_t rows = 0, cols = 0;
+
+  // vt[c][r] = v[r][c] by 8×8 register transposes, so that the mirrored write
+  // reads rows (a strided column walk does not vectorize).
+  void transpose() {
+    for (int64_t rb = 0; rb < kTile; rb += 8)
+      for (int64_t cb = 0; cb < kTile; cb += 8) transpose8x8(&v[rb][cb], &vt[cb][rb]);
+  }
 
   // Fills tile (ti, tj), ti <= tj, of batch matrix g; diagonal tiles mirrored.
   void compute(const A* g, const A* aux, A scale, int64_t n, int64_t ti, int64_t tj) {
@@ -107,10 +141,11 @@ void run(const A* inner, const A* aux, Out* out, const A* scale, double* row_sum
           }
         }
         if (ti == tj) continue;
+        tile->transpose();
         for (int64_t c = 0; c < tile->cols; ++c) {
           Out* orow = o + (c0 + c) * n + r0;
           for (int64_t r = 0; r < tile->rows; ++r) {
-            A v = tile->v[r][c];
+            A v = tile->vt[c][r];
             if constexpr (P == GramPass::WriteCentered) v = gram_center(v, mean_c[c], mean_r[r], mean_all);
             orow[r] = from_acc<Out>(v);
           }

@@ -15,6 +15,7 @@
 
 #include "common/launch.h"
 #include "cuda/reduce.cuh"
+#include "cuda/tile_pairs.cuh"
 
 namespace repkern::cuda {
 namespace {
@@ -23,22 +24,6 @@ constexpr int kTile = 32;          // tile edge = warp width
 constexpr int kRowsPerPass = 8;    // blockDim.y
 constexpr int kRowIters = kTile / kRowsPerPass;
 constexpr unsigned kMaxGridY = 65535;  // batch matrices: blockIdx.y + 65535 · blockIdx.z
-
-// Block p -> unordered tile pair {a, a + k mod T}, k = 0..T/2: every pair once
-// (for even T the pairs with k = T/2 come up twice; the second is skipped).
-// Integer-only: a sqrt-based triangle inverse costs a slow-path call and spills.
-__host__ __device__ __forceinline__ unsigned tile_pairs_per_row(unsigned tiles) { return tiles / 2 + 1; }
-
-__device__ __forceinline__ bool tile_pair(unsigned p, unsigned tiles, unsigned& ti, unsigned& tj) {
-  const unsigned per_row = tile_pairs_per_row(tiles);
-  const unsigned a = p / per_row, k = p % per_row;
-  if (2 * k == tiles && a >= tiles / 2) return false;
-  unsigned b = a + k;
-  if (b >= tiles) b -= tiles;
-  ti = a < b ? a : b;
-  tj = a < b ? b : a;
-  return true;
-}
 
 template <GramKind K, GramPass P, typename A, typename Out>
 __global__ void __launch_bounds__(kTile* kRowsPerPass)

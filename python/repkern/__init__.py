@@ -1,6 +1,10 @@
 """repkern: fast kernels for representation analysis on PyTorch tensors.
 
-Public API (see README): :func:`gram`, :func:`build_info`; pure-PyTorch twins of
+Public API (see README): :func:`gram`; :func:`hsic`, :func:`cka`, :func:`cka_from_grams`,
+:func:`cka_matrix`, :func:`cka_plan`; :func:`sparsity_stats`, :class:`SparsityAccumulator`;
+:func:`sae_encode`, :func:`sae_decode` (:class:`SparseCodes`, :class:`CsrCodes`), :class:`SAE`
+(with checkpoint loaders);
+:func:`build_info`; pure-PyTorch twins of
 every op in :mod:`repkern.reference`.
 """
 
@@ -11,7 +15,13 @@ from importlib import metadata as _metadata
 from repkern import reference  # noqa: F401
 from repkern._native import has_emulator as _has_emulator
 from repkern.capture import capture
+from repkern.codes import CsrCodes, SparseCodes
+from repkern.ops.cka import CkaPlan, cka, cka_from_grams, cka_matrix, cka_plan, hsic
 from repkern.ops.gram import gram
+from repkern.ops.sae import sae_decode, sae_encode
+from repkern.ops.sparsity import SparsityAccumulator, sparsity_stats
+from repkern.sae import SAE
+from repkern.sparsity_result import SparsityStats
 
 try:
     __version__ = _metadata.version("repkern")
@@ -33,4 +43,6 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["gram", "capture", "build_info", "reference", "__version__"]
+__all__ = ["gram", "hsic", "cka", "cka_from_grams", "cka_matrix", "cka_plan", "CkaPlan", "sparsity_stats",
+           "SparsityAccumulator", "SparsityStats", "sae_encode", "sae_decode", "SAE", "SparseCodes", "CsrCodes",
+           "capture", "build_info", "reference", "__version__"]

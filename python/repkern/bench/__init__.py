@@ -2,8 +2,9 @@
 
 Every case reports time (median/p20/p80), peak memory, the speed-up over the
 reference, and how close the kernel gets to this device's limits measured in the
-same run: GB/s against a large copy for memory-bound work, GFLOP/s against a
-large float32 matmul for compute-bound work.
+same run: GB/s against a large copy (and against a large sum, the single-read
+ceiling) for memory-bound work, GFLOP/s against a large float32 matmul for
+compute-bound work.
 
 Run: ``python benchmarks/bench_gram.py`` (or ``python -m repkern bench``).
 """
@@ -19,11 +20,11 @@ import torch
 
 from repkern.bench.timing import Ceilings, device_name, git_sha, measure, measure_ceilings
 
-SUITES = ("gram",)  # modules repkern.bench.<suite> with cases(device, quick)
+SUITES = ("gram", "cka", "sparsity", "sae")  # modules repkern.bench.<suite> with cases(device, quick)
 
 CSV_FIELDS = (
     "op", "provider", "shape", "dtype", "device", "median_ms", "p20_ms", "p80_ms", "peak_mem_bytes",
-    "speedup_vs_reference", "gbps", "copy_fraction", "gflops", "matmul_fraction", "torch", "git_sha",
+    "speedup_vs_reference", "gbps", "copy_fraction", "read_fraction", "gflops", "matmul_fraction", "torch", "git_sha",
 )
 
 
@@ -38,13 +39,14 @@ class Case:
     providers: dict[str, Callable[[], object]]
     bytes_moved: Optional[float] = None
     flops: Optional[float] = None
+    timing: dict = dataclasses.field(default_factory=dict)  # time_ms options (fewer repeats for slow cases)
 
 
 def run_cases(cases: Sequence[Case], device: torch.device, ceilings: Ceilings, *, log=print) -> list[dict]:
     rows = []
     sha, name = git_sha(), device_name(device)
     for case in cases:
-        results = {p: measure(fn, device) for p, fn in case.providers.items()}
+        results = {p: measure(fn, device, **case.timing) for p, fn in case.providers.items()}
         ref_ms = results["reference"].median_ms if "reference" in results else None
         for provider, m in results.items():
             row = {
@@ -52,12 +54,13 @@ def run_cases(cases: Sequence[Case], device: torch.device, ceilings: Ceilings, *
                 "device": name, "median_ms": round(m.median_ms, 4), "p20_ms": round(m.p20_ms, 4),
                 "p80_ms": round(m.p80_ms, 4), "peak_mem_bytes": m.peak_mem_bytes,
                 "speedup_vs_reference": round(ref_ms / m.median_ms, 3) if ref_ms else "",
-                "gbps": "", "copy_fraction": "", "gflops": "", "matmul_fraction": "",
+                "gbps": "", "copy_fraction": "", "read_fraction": "", "gflops": "", "matmul_fraction": "",
                 "torch": torch.__version__, "git_sha": sha,
             }
             if case.bytes_moved:
                 gbps = case.bytes_moved / m.median_ms / 1e6
                 row["gbps"], row["copy_fraction"] = round(gbps, 2), round(gbps / ceilings.copy_gbps, 3)
+                row["read_fraction"] = round(gbps / ceilings.read_gbps, 3)
             if case.flops:
                 gflops = case.flops / m.median_ms / 1e6
                 row["gflops"], row["matmul_fraction"] = round(gflops, 1), round(gflops / ceilings.matmul_gflops, 3)
@@ -72,7 +75,8 @@ def format_row(row: dict) -> str:
     if row["speedup_vs_reference"] != "":
         extra += f"  x{row['speedup_vs_reference']:<6} vs ref"
     if row["gbps"] != "":
-        extra += f"  {row['gbps']:8.2f} GB/s ({100 * row['copy_fraction']:.0f}% of copy)"
+        extra += (f"  {row['gbps']:8.2f} GB/s ({100 * row['copy_fraction']:.0f}% of copy, "
+                  f"{100 * row['read_fraction']:.0f}% of read)")
     if row["gflops"] != "":
         extra += f"  {row['gflops']:8.1f} GFLOP/s ({100 * row['matmul_fraction']:.0f}% of matmul)"
     return (f"{row['op']:<14} {row['provider']:<10} {row['shape']:<26} {row['dtype']:<9} "
@@ -83,7 +87,7 @@ def run(suites: Sequence[str] = SUITES, *, device: Optional[torch.device] = None
         csv_path: Optional[str] = None, log=print) -> list[dict]:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ceilings = measure_ceilings(device, quick=quick)
-    log(f"device: {device_name(device)}; copy {ceilings.copy_gbps:.1f} GB/s; "
+    log(f"device: {device_name(device)}; copy {ceilings.copy_gbps:.1f} GB/s; read (sum) {ceilings.read_gbps:.1f} GB/s; "
         f"float32 matmul {ceilings.matmul_gflops:.1f} GFLOP/s (same run); torch {torch.__version__}; sha {git_sha()}")
     rows = []
     for suite in suites:

@@ -98,16 +98,19 @@ class Ceilings:
 
     copy_gbps: float  # clone of a large tensor: bytes read + written per second
     matmul_gflops: float  # large float32 torch.matmul
+    read_gbps: float  # sum of the same large tensor: bytes read per second (single-read kernels)
 
 
 def measure_ceilings(device: torch.device, *, quick: bool = False) -> Ceilings:
     n = (1 << 24) if quick else (1 << 26)  # float32 elements: 64 / 256 MB
     src = torch.empty(n, device=device).uniform_()
     copy_ms = statistics.median(time_ms(src.clone, device, min_time_s=0.3))
+    read_ms = statistics.median(time_ms(src.sum, device, min_time_s=0.3))
     m = 1024 if quick or device.type == "cpu" else 8192
     a = torch.randn(m, m, device=device)
     mm_ms = statistics.median(time_ms(lambda: a @ a, device, min_time_s=0.3))
-    return Ceilings(copy_gbps=2 * 4 * n / copy_ms / 1e6, matmul_gflops=2 * m**3 / mm_ms / 1e6)
+    return Ceilings(copy_gbps=2 * 4 * n / copy_ms / 1e6, matmul_gflops=2 * m**3 / mm_ms / 1e6,
+                    read_gbps=4 * n / read_ms / 1e6)
 
 
 def git_sha() -> str:

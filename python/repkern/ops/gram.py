@@ -17,6 +17,7 @@ Custom op (fake impl and autograd registered):
 from __future__ import annotations
 
 import enum
+import math
 from typing import Optional
 
 import torch
@@ -121,22 +122,48 @@ def _median_sq_dist(d: Tensor, offdiag: bool) -> tuple[Tensor, Tensor]:
     the n(n−1)/2 upper-triangle values. Returns (median (B,), flat positions i·n + j
     (B, 2) of the two middle entries; a diagonal position stands for a zero)."""
     batch, n, _ = d.shape
+    values = d.new_empty((batch, n * (n - 1) // 2))
+    for i in range(n - 1):  # row slices: a boolean-mask gather of all n² entries costs as much as the GEMM
+        start = i * (n - 1) - i * (i - 1) // 2
+        values[:, start : start + n - 1 - i] = d[:, i, i + 1 :]
+    return _median_from_upper(values, n, offdiag)
+
+
+def _next_order_statistic(values: Tensor, value: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k-th smallest of values (B, N) given the (k−1)-th (value, index (B,)): the
+    same value when at least k entries are <= it (ties), else the smallest entry
+    above it, NaN when only NaN is left (torch's order). A few streaming passes
+    instead of a second kthvalue."""
+    tie = torch.count_nonzero(values <= value[:, None], dim=1) >= k
+    above = values > value[:, None]
+    nearest, nearest_index = torch.where(above, values, math.inf).min(1)
+    has_above = above.any(1)
+    nan_index = values.isnan().to(torch.uint8).argmax(1)
+    value = torch.where(tie, value, torch.where(has_above, nearest, torch.full_like(value, math.nan)))
+    index = torch.where(tie, index, torch.where(has_above, nearest_index, nan_index))
+    return value, index
+
+
+def _median_from_upper(values: Tensor, n: int, offdiag: bool) -> tuple[Tensor, Tensor]:
+    """:func:`_median_sq_dist` from the strict upper triangle of d packed row-major
+    into values (B, n(n−1)/2)."""
+    batch = values.shape[0]
     total, zeros = (n * (n - 1), 0) if offdiag else (n * n, n)
-    upper = torch.ones(n, n, dtype=torch.bool, device=d.device).triu_(1)
-    values = d[:, upper]  # (B, n(n−1)/2)
-    selected = {}
+    selected = {}  # k -> (value, packed index)
     meds, positions = [], []
     for rank in ((total + 1) // 2, total // 2 + 1):  # 1-based ranks in the full multiset
         if rank <= zeros:
-            meds.append(d.new_zeros(batch))
-            positions.append(torch.zeros(batch, dtype=torch.int64, device=d.device))
+            meds.append(values.new_zeros(batch))
+            positions.append(torch.zeros(batch, dtype=torch.int64, device=values.device))
             continue
         k = (rank - zeros + 1) // 2  # ceil((rank − zeros) / 2): each value counted twice
         if k not in selected:
-            value, index = torch.kthvalue(values, k, dim=1)
-            selected[k] = (value, _upper_to_flat(index, n))
+            if k - 1 in selected:  # the two middle ranks are neighbours
+                selected[k] = _next_order_statistic(values, *selected[k - 1], k)
+            else:
+                selected[k] = torch.kthvalue(values, k, dim=1)
         meds.append(selected[k][0])
-        positions.append(selected[k][1])
+        positions.append(_upper_to_flat(selected[k][1], n))
     return (meds[0] + meds[1]) / 2, torch.stack(positions, dim=1)
 
 

@@ -1,0 +1,344 @@
+// CPU activation-sparsity statistics: one read of x from memory.
+//
+// Rows are split into one contiguous part per thread (per-part float64 feature states, merged in part
+// order at the end: the result depends only on the thread count). A part is walked in blocks of about
+// kBlockBytes (16 to 128 rows), each block in column tiles small enough that the tile's per-feature
+// accumulators stay in L1 and the tile itself in L2:
+//   pass A (from memory, rows prefetched a few ahead): per-feature count/sum/min/max/Σ|a|/fired/NaN of
+//           the tile and per-row partial n, L0, Σ|a|, Σa², in A; first without NaN/Inf masks, redone
+//           with masks if the tile has any;
+//   pass B (from cache): central sums Σδ², Σδ³, Σδ⁴ around the tile's column means, then a Pébay
+//           merge of the tile into the part's float64 state.
+// With `ordered`, each row of the block is then revisited (from L2): sortable keys of |a|, an LSD radix
+// sort (8-bit digits; digit passes where every key agrees are skipped: 16-bit inputs sort in two
+// passes), then float64 row sums, Gini, entropies, the threshold count (binary search) and top-p
+// masses from the sorted values.
+#include "sparsity.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common/dispatch.h"
+#include "common/parallel.h"
+
+namespace repkern::cpu {
+namespace {
+
+constexpr int64_t kMaxBlockRows = 128, kMinBlockRows = 16;
+constexpr int64_t kBlockBytes = 1 << 20;     // a block of rows stays in L2 for the ordered pass
+constexpr int64_t kTileAccBytes = 20 << 10;  // per-feature tile accumulators kept in L1
+constexpr int64_t kPrefetchRows = 4;
+constexpr int64_t kMinRowsPerPart = 64;
+
+template <typename A>
+using KeyOf = std::conditional_t<sizeof(A) == 8, uint64_t, uint32_t>;
+
+// Sortable bits of |a| for finite a (monotone for non-negative floats); non-finite entries sort last.
+template <typename A>
+inline KeyOf<A> sort_key(A magnitude, bool finite) {
+  return finite ? bit_cast_rk<KeyOf<A>>(magnitude) : std::numeric_limits<KeyOf<A>>::max();
+}
+
+// LSD radix sort, 8-bit digits; digits shared by all keys are skipped. Result in `keys`.
+template <typename K>
+void radix_sort(K* keys, K* tmp, int64_t n) {
+  constexpr int kPasses = int(sizeof(K));
+  uint32_t hist[kPasses * 256] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    const K k = keys[i];
+    for (int p = 0; p < kPasses; ++p) ++hist[p * 256 + int((k >> (8 * p)) & 0xff)];
+  }
+  K* src = keys;
+  K* dst = tmp;
+  for (int p = 0; p < kPasses; ++p) {
+    uint32_t* h = hist + p * 256;
+    if (h[int((src[0] >> (8 * p)) & 0xff)] == uint32_t(n)) continue;  // every key has this digit
+    uint32_t offset = 0;
+    for (int b = 0; b < 256; ++b) {
+      const uint32_t c = h[b];
+      h[b] = offset;
+      offset += c;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const K k = src[i];
+      dst[h[int((k >> (8 * p)) & 0xff)]++] = k;
+    }
+    std::swap(src, dst);
+  }
+  if (src != keys) std::memcpy(keys, src, size_t(n) * sizeof(K));
+}
+
+// Per-feature float64 state of one part of the rows ([kFeatureFields, d], sparsity_math.h).
+struct PartState {
+  std::vector<double> f;
+  int64_t d;
+  explicit PartState(int64_t d_) : f(size_t(kFeatureFields * d_), 0.0), d(d_) {
+    std::fill_n(field(kMin), d, std::numeric_limits<double>::infinity());
+    std::fill_n(field(kMax), d, -std::numeric_limits<double>::infinity());
+  }
+  double* field(int k) { return f.data() + k * d; }
+  const double* field(int k) const { return f.data() + k * d; }
+};
+
+// dst[j] ∪= src[j] for columns [c0, c0 + w); src fields are pointers to w-long arrays (tile or part).
+template <typename S>
+void merge_columns(PartState& dst, int64_t c0, int64_t w, const S* const* src) {
+  double* f[kFeatureFields];
+  for (int k = 0; k < kFeatureFields; ++k) f[k] = dst.field(k) + c0;
+#pragma omp simd
+  for (int64_t j = 0; j < w; ++j) {
+    const Moments<double> a{f[kCount][j], f[kMean][j], f[kM2][j], f[kM3][j], f[kM4][j]};
+    const Moments<double> b{double(src[kCount][j]), double(src[kMean][j]), double(src[kM2][j]),
+                            double(src[kM3][j]), double(src[kM4][j])};
+    const Moments<double> m = merge_moments(a, b);
+    f[kCount][j] = m.n, f[kMean][j] = m.mean, f[kM2][j] = m.m2, f[kM3][j] = m.m3, f[kM4][j] = m.m4;
+    f[kFired][j] += double(src[kFired][j]);
+    f[kNan][j] += double(src[kNan][j]);
+    f[kAbsSum][j] += double(src[kAbsSum][j]);
+    f[kMin][j] = std::min(f[kMin][j], double(src[kMin][j]));
+    f[kMax][j] = std::max(f[kMax][j], double(src[kMax][j]));
+  }
+}
+
+template <typename T>
+struct Stats {
+  using A = acc_t<T>;
+  using K = KeyOf<A>;
+
+  const T* x;
+  int64_t rows, d, ld;
+  A eps;
+  const double* top_p;
+  int num_top_p;
+  bool ordered;
+  A* row_out;  // [channels, rows]
+  int64_t tile_cols, block_rows;
+
+  // Scratch of one part (one thread).
+  struct Scratch {
+    std::vector<A> tile;  // [kFeatureFields, tile_cols]: tile accumulators (kMean holds the tile mean)
+    std::vector<A> row_n, row_l0, row_l1, row_l2sq;  // per row of the block, summed over the tiles
+    std::vector<K> keys, keys_tmp;
+    Scratch(int64_t tile_cols, int64_t d, bool ordered)
+        : tile(size_t(kFeatureFields * tile_cols)), row_n(kMaxBlockRows), row_l0(kMaxBlockRows),
+          row_l1(kMaxBlockRows), row_l2sq(kMaxBlockRows), keys(ordered ? size_t(d) : 0),
+          keys_tmp(ordered ? size_t(d) : 0) {}
+  };
+
+  // Pass A over the tile: per-feature count/sum/min/max/Σ|a|/fired/NaN and per-row n, L0, Σ|a|, Σa².
+  // kChecked=false assumes every entry is finite (no masks: about half the work); kChecked=true turns
+  // non-finite entries into neutral values. Both are branch-free so that gcc vectorizes them.
+  template <bool kChecked>
+  void tile_sums(A* const* acc, A* row_acc, int64_t r0, int64_t nr, int64_t c0, int64_t w) const {
+    A *cnt = acc[kCount], *sum = acc[kMean], *mn = acc[kMin], *mx = acc[kMax], *absum = acc[kAbsSum],
+      *fired = acc[kFired], *nan = acc[kNan];
+    const A inf = inf_value<A>();
+    for (int64_t j = 0; j < w; ++j) {
+      cnt[j] = sum[j] = absum[j] = fired[j] = nan[j] = A(0);
+      mn[j] = inf;
+      mx[j] = -inf;
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      const T* row = x + (r0 + r) * ld + c0;
+      // Row segments of a tile are short strided streams that the hardware prefetcher picks up late.
+      if (!kChecked && r + kPrefetchRows < nr) {
+        for (int64_t j = 0; j < w; j += 64 / int64_t(sizeof(T))) __builtin_prefetch(row + kPrefetchRows * ld + j);
+      }
+      A n = 0, l0 = 0, l1 = 0, l2sq = 0;
+#pragma omp simd reduction(+ : n, l0, l1, l2sq)
+      for (int64_t j = 0; j < w; ++j) {
+        const A v = to_acc(row[j]);
+        const bool fin = !kChecked || is_finite(v);
+        const A vf = fin ? v : A(0);
+        const A av = abs_value(vf);
+        const A fire = av > eps ? A(1) : A(0);
+        const A lo = fin ? v : inf, hi = fin ? v : -inf;
+        sum[j] += vf;
+        mn[j] = lo < mn[j] ? lo : mn[j];
+        mx[j] = hi > mx[j] ? hi : mx[j];
+        absum[j] += av;
+        fired[j] += fire;
+        if constexpr (kChecked) {
+          cnt[j] += fin ? A(1) : A(0);
+          nan[j] += v != v ? A(1) : A(0);
+          n += fin ? A(1) : A(0);
+        }
+        l0 += fire;
+        l1 += av;
+        l2sq += av * av;
+      }
+      row_acc[0 * kMaxBlockRows + r] = kChecked ? n : A(w);
+      row_acc[1 * kMaxBlockRows + r] = l0;
+      row_acc[2 * kMaxBlockRows + r] = l1;
+      row_acc[3 * kMaxBlockRows + r] = l2sq;
+    }
+    if constexpr (!kChecked) {
+      for (int64_t j = 0; j < w; ++j) cnt[j] = A(nr);
+    }
+  }
+
+  // Pass B over the tile (from cache): central sums Σδ², Σδ³, Σδ⁴ around the tile's column means.
+  template <bool kChecked>
+  void tile_central(A* const* acc, int64_t r0, int64_t nr, int64_t c0, int64_t w) const {
+    A *mean = acc[kMean], *c2 = acc[kM2], *c3 = acc[kM3], *c4 = acc[kM4];
+    for (int64_t j = 0; j < w; ++j) {
+      const A count = acc[kCount][j];
+      mean[j] = count > A(0) ? mean[j] / count : A(0);  // kMean held the sum
+      c2[j] = c3[j] = c4[j] = A(0);
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      const T* row = x + (r0 + r) * ld + c0;
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) {
+        const A v = to_acc(row[j]);
+        const A dv = !kChecked || is_finite(v) ? v - mean[j] : A(0);
+        const A d2 = dv * dv;
+        c2[j] += d2;
+        c3[j] += d2 * dv;
+        c4[j] += d2 * d2;
+      }
+    }
+  }
+
+  void tile_pass(PartState& state, Scratch& s, int64_t r0, int64_t nr, int64_t c0, int64_t w) const {
+    A* acc[kFeatureFields];
+    for (int k = 0; k < kFeatureFields; ++k) acc[k] = s.tile.data() + k * tile_cols;
+    A row_acc[4 * kMaxBlockRows];
+    // All-finite fast path first; a NaN or Inf anywhere makes some column's Σ|a| non-finite (as does an
+    // overflow of Σ|a|), and the tile is redone with masks.
+    tile_sums<false>(acc, row_acc, r0, nr, c0, w);
+    bool finite = true;
+    for (int64_t j = 0; j < w; ++j) finite = finite && is_finite(acc[kAbsSum][j]);
+    if (finite) {
+      tile_central<false>(acc, r0, nr, c0, w);
+    } else {
+      tile_sums<true>(acc, row_acc, r0, nr, c0, w);
+      tile_central<true>(acc, r0, nr, c0, w);
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      s.row_n[size_t(r)] += row_acc[r];
+      s.row_l0[size_t(r)] += row_acc[kMaxBlockRows + r];
+      s.row_l1[size_t(r)] += row_acc[2 * kMaxBlockRows + r];
+      s.row_l2sq[size_t(r)] += row_acc[3 * kMaxBlockRows + r];
+    }
+    merge_columns<A>(state, c0, w, acc);
+  }
+
+  // Every channel of one row given n and L0: sortable keys of |a| (non-finite last), radix sort, then
+  // all statistics from the n sorted finite values (vectorized loops over L1-resident data). Σ|a| and
+  // Σa² are recomputed here in float64: the thresholded L0 compares entries with a threshold made of them.
+  void ordered_row(Scratch& s, int64_t row_index, double n, double l0) const {
+    const T* row = x + row_index * ld;
+    K* keys = s.keys.data();
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) {
+      const A v = to_acc(row[j]);
+      const bool fin = is_finite(v);
+      keys[j] = sort_key(abs_value(fin ? v : A(0)), fin);
+    }
+    radix_sort(keys, s.keys_tmp.data(), d);
+    const int64_t count = int64_t(n);
+    auto value = [keys](int64_t i) { return bit_cast_rk<A>(keys[i]); };
+    double l1 = 0, l2sq = 0, gini_sum = 0;
+#pragma omp simd reduction(+ : l1, l2sq, gini_sum)
+    for (int64_t i = 0; i < count; ++i) {
+      const double a = double(value(i));
+      l1 += a;
+      l2sq += a * a;
+      gini_sum += gini_weight(i, n) * a;
+    }
+    double sum_a_log_a = 0, sum_a2_log_a = 0;
+#pragma omp simd reduction(+ : sum_a_log_a, sum_a2_log_a)
+    for (int64_t i = 0; i < count; ++i) {
+      const A a = value(i);
+      const A a_log_a = a * log_poly(a);  // float products then float64 sums: this form vectorizes
+      sum_a_log_a += double(a_log_a);
+      sum_a2_log_a += double(a_log_a) * double(a);
+    }
+    // #{|a| > threshold}: the sorted values above the first one that exceeds it.
+    const double threshold = abs_threshold(n, l1, l2sq);
+    int64_t lo = 0, hi = count;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (double(value(mid)) > threshold) {
+        hi = mid;
+      } else {
+        lo = mid + 1;
+      }
+    }
+    write_sort_free_row(row_out, rows, row_index, double(d), n, l0, l1, l2sq);
+    write_ordered_row(row_out, rows, row_index, n, l1, l2sq, double(count - lo), sum_a_log_a, sum_a2_log_a,
+                      gini_sum);
+    for (int p = 0; p < num_top_p; ++p) {
+      const int64_t k = std::min(top_k_count(top_p[p], n), count);
+      double s1 = 0, s2 = 0;
+      for (int64_t i = count - k; i < count; ++i) {
+        const double a = double(value(i));
+        s1 += a;
+        s2 += a * a;
+      }
+      write_top_p(row_out, rows, row_index, p, num_top_p, l1, l2sq, s1, s2);
+    }
+  }
+
+  void run_part(PartState& state, int64_t begin, int64_t end) const {
+    Scratch s(tile_cols, d, ordered);
+    for (int64_t r0 = begin; r0 < end; r0 += block_rows) {
+      const int64_t nr = std::min(block_rows, end - r0);
+      for (auto* v : {&s.row_n, &s.row_l0, &s.row_l1, &s.row_l2sq}) std::fill_n(v->begin(), nr, A(0));
+      for (int64_t c0 = 0; c0 < d; c0 += tile_cols) tile_pass(state, s, r0, nr, c0, std::min(tile_cols, d - c0));
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t i = r0 + r;
+        const double n = double(s.row_n[size_t(r)]), l0 = double(s.row_l0[size_t(r)]);
+        if (ordered) {
+          ordered_row(s, i, n, l0);
+        } else {
+          write_sort_free_row(row_out, rows, i, double(d), n, l0, double(s.row_l1[size_t(r)]),
+                              double(s.row_l2sq[size_t(r)]));
+        }
+      }
+    }
+  }
+};
+
+template <typename T>
+void run(const T* x, int64_t rows, int64_t d, int64_t ld, double eps, const double* top_p, int num_top_p,
+         bool ordered, double* feature_state, acc_t<T>* row_out, int num_threads) {
+  using A = acc_t<T>;
+  const int64_t tile_cols =
+      std::min<int64_t>(d, std::max<int64_t>(16, kTileAccBytes / int64_t(kFeatureFields * sizeof(A)) / 16 * 16));
+  const int64_t block_rows = std::clamp<int64_t>(kBlockBytes / (d * int64_t(sizeof(T))), kMinBlockRows, kMaxBlockRows);
+  const Stats<T> stats{x, rows, d, ld, A(eps), top_p, num_top_p, ordered, row_out, tile_cols, block_rows};
+  const int64_t parts =
+      std::clamp<int64_t>((rows + kMinRowsPerPart - 1) / kMinRowsPerPart, 1, std::max(1, num_threads));
+  std::vector<PartState> states;
+  states.reserve(size_t(parts));
+  for (int64_t p = 0; p < parts; ++p) states.emplace_back(d);
+  parallel_for(parts, num_threads, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) stats.run_part(states[size_t(p)], rows * p / parts, rows * (p + 1) / parts);
+  });
+  PartState& total = states[0];
+  for (int64_t p = 1; p < parts; ++p) {
+    const double* src[kFeatureFields];
+    for (int k = 0; k < kFeatureFields; ++k) src[k] = states[size_t(p)].field(k);
+    merge_columns<double>(total, 0, d, src);
+  }
+  std::memcpy(feature_state, total.f.data(), total.f.size() * sizeof(double));
+}
+
+}  // namespace
+
+void sparsity_stats(DType dtype, const void* x, int64_t rows, int64_t d, int64_t ld, double eps,
+                    const double* top_p, int num_top_p, bool ordered, double* feature_state, void* row_out,
+                    int num_threads) {
+  if (d <= 0) return;
+  switch_dtype(dtype, "sparsity_stats x", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    run<T>(static_cast<const T*>(x), rows, d, ld, eps, top_p, num_top_p, ordered, feature_state,
+           static_cast<acc_t<T>*>(row_out), num_threads);
+  });
+}
+
+}  // namespace repkern::cpu

@@ -1,0 +1,83 @@
+// SAE encode/decode launchers: CPU (cpu/sae.cpp) and CUDA (cuda/sae.cu, also
+// compiled into the emulator). Same contract; math in common/sae_math.h.
+//
+// The encoder GEMM is done by torch in column chunks; per chunk `pre` holds
+// x' W_enc[:, col0 : col0 + cols] (acc dtype A: float32, or float64 for float64
+// inputs). Each kernel adds the chunk's bias and applies the activation
+// (threshold θ per column, float32; null = ReLU) on the fly:
+//   sae_activate   dense codes (may write in place over `pre`), firing counts
+//   sae_sparsify   CSR pieces: count nonzeros per row, then write (column, value)
+//   sae_topk_merge merge each row's running top-k (values, columns) with the chunk
+// Sparse codes and gradients use two gathers:
+//   sae_spmm   out[r] = Σ_{e in row r} vals[e] · dense[cols[e]] (+ bias)  (decode, x / W_enc grads)
+//   sae_sddmm  out[e] = a[rows[e]] · b[cols[e]]                          (decode grad of the values)
+#pragma once
+
+#include <cstdint>
+
+#include "common/dtype.h"
+
+namespace repkern {
+
+#define REPKERN_SAE_ACTIVATE_ARGS                                                          \
+  DType acc_dtype, DType out_dtype,                                                       \
+      const void* pre,              /* [rows, cols] acc, row stride ld_pre              */ \
+      int64_t ld_pre, const void* bias, /* [cols] acc                                   */ \
+      const float* theta,           /* [cols] or null (ReLU)                            */ \
+      void* out,                    /* [rows, cols] out_dtype, row stride ld_out; may be pre */ \
+      int64_t ld_out, int64_t* fire_counts, /* [cols] += rows with a nonzero code, or null */ \
+      int64_t rows, int64_t cols
+
+#define REPKERN_SAE_SPARSIFY_ARGS                                                              \
+  DType acc_dtype, const void* pre, /* [rows, cols] acc, contiguous                         */ \
+      const void* bias,             /* [cols] acc                                           */ \
+      const float* theta,           /* [cols] or null (ReLU)                                */ \
+      int64_t* counts,              /* [rows] nonzeros per row (count pass), or null        */ \
+      const int64_t* offsets,       /* [rows] first output position per row (write pass)    */ \
+      int64_t* out_cols,            /* [nnz] column (col0 + j) of each nonzero (write pass) */ \
+      void* out_vals,               /* [nnz] acc, its value (write pass)                    */ \
+      int64_t rows, int64_t cols, int64_t col0
+
+#define REPKERN_SAE_TOPK_ARGS                                                                     \
+  DType acc_dtype, const void* pre, /* [rows, cols] acc, contiguous                            */ \
+      const void* bias,             /* [cols] acc                                              */ \
+      void* top_vals,               /* [rows, k] acc, running top-k sorted by rank (in/out)    */ \
+      int64_t* top_cols,            /* [rows, k] their columns (in/out)                        */ \
+      int64_t rows, int64_t cols, int64_t col0, int k,                                         \
+      bool first,      /* the state holds nothing yet (cols >= k)                              */ \
+      bool relu_first  /* rank relu(h) (sparsify order) instead of h                           */
+
+#define REPKERN_SAE_SPMM_ARGS                                                                   \
+  DType dtype, const int64_t* crow, /* [rows + 1] CSR row pointers                           */ \
+      const int64_t* cols,          /* [nnz] column = row of `dense`                          */ \
+      const void* vals,             /* [nnz] dtype                                            */ \
+      const void* dense,            /* [K, D] dtype, or null (row sums only)                  */ \
+      const void* bias,             /* [D] dtype or null                                      */ \
+      void* out,                    /* [rows, D] dtype (with dense)                           */ \
+      void* row_sums,               /* [rows] acc: Σ vals of each row, or null                */ \
+      int64_t rows, int64_t D
+
+#define REPKERN_SAE_SDDMM_ARGS                                                  \
+  DType dtype, const int64_t* rows_of, /* [nnz] row of `a`                   */ \
+      const int64_t* cols_of,          /* [nnz] row of `b`                   */ \
+      const void* a,                   /* [R, D] dtype                       */ \
+      const void* b,                   /* [K, D] dtype                       */ \
+      void* out,                       /* [nnz] acc                          */ \
+      int64_t nnz, int64_t D
+
+namespace cpu {
+void sae_activate(REPKERN_SAE_ACTIVATE_ARGS, int num_threads);
+void sae_sparsify(REPKERN_SAE_SPARSIFY_ARGS, int num_threads);
+void sae_topk_merge(REPKERN_SAE_TOPK_ARGS, int num_threads);
+void sae_spmm(REPKERN_SAE_SPMM_ARGS, int num_threads);
+void sae_sddmm(REPKERN_SAE_SDDMM_ARGS, int num_threads);
+}  // namespace cpu
+namespace cuda {
+void sae_activate(REPKERN_SAE_ACTIVATE_ARGS, void* stream);
+void sae_sparsify(REPKERN_SAE_SPARSIFY_ARGS, void* stream);
+void sae_topk_merge(REPKERN_SAE_TOPK_ARGS, void* stream);
+void sae_spmm(REPKERN_SAE_SPMM_ARGS, void* stream);
+void sae_sddmm(REPKERN_SAE_SDDMM_ARGS, void* stream);
+}  // namespace cuda
+
+}  // namespace repkern

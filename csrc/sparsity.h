@@ -1,0 +1,63 @@
+// Activation-sparsity launchers: CPU (cpu/sparsity.cpp) and CUDA (cuda/sparsity.cu, also compiled
+// into the emulator). Math and layouts: common/sparsity_math.h; definitions: DESIGN.md §4.
+//
+// Input x: [rows, d] in `dtype`, unit column stride, rows `ld` elements apart (any float dtype).
+// A = float64 for float64 input, float32 otherwise (the row outputs' and the CUDA partials' type).
+#pragma once
+
+#include <cstdint>
+
+#include "common/dtype.h"
+#include "common/sparsity_math.h"
+
+namespace repkern {
+
+namespace cpu {
+// Everything in one call: per-feature state and every row output, one read of x (the rows of a
+// block are revisited in cache for the central moments and the ordered statistics).
+void sparsity_stats(DType dtype,
+                    const void* x,          // [rows, d] dtype, rows ld apart
+                    int64_t rows, int64_t d, int64_t ld, double eps,
+                    const double* top_p,    // [num_top_p] fractions in (0, 1]
+                    int num_top_p, bool ordered,
+                    double* feature_state,  // [kFeatureFields, d]
+                    void* row_out,          // [row_channels(num_top_p, ordered), rows] A
+                    int num_threads);
+}  // namespace cpu
+
+namespace cuda {
+// Grid of the one-read pass: column strips × row splits (splits sized from the SM count).
+struct SparsityPlan {
+  int64_t strips = 0, splits = 0;
+};
+SparsityPlan sparsity_plan(DType dtype, int64_t rows, int64_t d);
+
+// One read of x: per-feature state, row totals (threshold included) and the sort-free row channels.
+void sparsity_features(DType dtype,
+                       const void* x,          // [rows, d] dtype, rows ld apart
+                       int64_t rows, int64_t d, int64_t ld, double eps,
+                       void* partials,         // [plan.splits, kFeatureFields, d] A, workspace
+                       double* row_totals,     // [kRowTotals, rows], zero-filled by the caller
+                       double* feature_state,  // [kFeatureFields, d]
+                       void* row_out,          // [channels, rows] A; channels >= kRowSortFree
+                       int64_t channels, void* stream);
+
+// Largest d whose rows the ordered kernel sorts in shared memory; beyond it the caller passes rows
+// already sorted (|a| ascending, non-finite as +inf, in A).
+int64_t sparsity_max_smem_sort(DType dtype);
+
+// Ordered row channels (kRowGini..) for rows [row_begin, row_end): Gini, thresholded L0, effective
+// ranks, top-p masses. Reads x (or `sorted`) and the row totals of sparsity_features.
+void sparsity_ordered(DType dtype,
+                      const void* x,              // [rows, d] dtype, rows ld apart
+                      const void* sorted,         // [row_end − row_begin, d] A, or null (sort in smem)
+                      int64_t rows, int64_t d, int64_t ld, int64_t row_begin, int64_t row_end,
+                      const double* top_p,        // [num_top_p], device memory
+                      int num_top_p,
+                      const double* row_totals,   // [kRowTotals, rows]
+                      double* sums,               // [ordered_sums(num_top_p), rows], workspace
+                      void* row_out,              // [row_channels(num_top_p, true), rows] A
+                      void* stream);
+}  // namespace cuda
+
+}  // namespace repkern

@@ -1,0 +1,57 @@
+"""Sparse SAE codes: the two forms ``repkern.sae_encode(..., output="sparse")`` returns.
+
+- :class:`SparseCodes` (TopK): exactly k codes per row, ``values``/``indices`` of
+  shape ``(..., k)``, sorted by rank (largest pre-activation first; equal values:
+  lower index first).
+- :class:`CsrCodes` (ReLU, JumpReLU, BatchTopK): a variable number of nonzero codes
+  per row in CSR form over the ``N = prod(shape[:-1])`` rows, columns ascending
+  within a row.
+
+Both are NamedTuples of tensors (pytrees: they pass through ``torch.compile``) and
+convert with ``to_dense()``; :func:`repkern.sae_decode` takes either directly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class SparseCodes(NamedTuple):
+    """TopK codes: ``values (..., k)`` in the weights' dtype, ``indices (..., k)`` int64
+    in ``[0, d_sae)``."""
+
+    values: Tensor
+    indices: Tensor
+    d_sae: int
+
+    def to_dense(self) -> Tensor:
+        """``(..., d_sae)``, zeros where no code was kept (differentiable w.r.t. values)."""
+        zeros = self.values.new_zeros((*self.values.shape[:-1], self.d_sae))
+        return zeros.scatter(-1, self.indices, self.values)
+
+
+class CsrCodes(NamedTuple):
+    """Row r of the flattened batch holds ``values[crow_indices[r]:crow_indices[r+1]]``
+    at columns ``col_indices[...]`` (ascending). ``shape`` is the dense shape
+    ``(..., d_sae)``."""
+
+    crow_indices: Tensor  # (N + 1,) int64
+    col_indices: Tensor  # (nnz,) int64
+    values: Tensor  # (nnz,)
+    shape: tuple
+
+    def row_indices(self) -> Tensor:
+        """``(nnz,)`` int64: the row of each stored code."""
+        n = self.crow_indices.numel() - 1
+        rows = torch.arange(n, device=self.crow_indices.device)
+        return rows.repeat_interleave(self.crow_indices.diff(), output_size=self.col_indices.numel())
+
+    def to_dense(self) -> Tensor:
+        """``shape``, zeros where nothing is stored (differentiable w.r.t. values)."""
+        n, d_sae = math.prod(self.shape[:-1]), self.shape[-1]
+        dense = self.values.new_zeros((n, d_sae)).index_put((self.row_indices(), self.col_indices), self.values)
+        return dense.reshape(self.shape)

@@ -1,0 +1,414 @@
+"""Activation sparsity statistics: ``repkern.sparsity_stats``, ``repkern.SparsityAccumulator`` and the custom op.
+
+Custom op (fake impl registered; no autograd: counts, thresholds and sorts have no useful gradient, so
+the public functions detach their input):
+  repkern::sparsity_stats(x (N, d), eps, top_p (P floats), ordered)
+      -> (feature state (10, d) float64, row channels (C, N) in the accumulation dtype)
+The feature state holds, per feature, count / fired / NaN counts, mean and central moment sums M2..M4,
+min, max, Σ|a| (csrc/common/sparsity_math.h): partial states merge exactly (Chan/Pébay, float64), which
+is what the accumulator does across batches and processes.
+
+Path: CPU tensors -> one native call (one read of x). CUDA / emulator -> ``sparsity_features`` (one read:
+per-feature state, row totals, sort-free row channels), then, for the ordered statistics,
+``sparsity_ordered`` (per-row sort in shared memory; rows longer than its buffer are sorted by torch.sort
+in chunks of rows and passed in sorted).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from repkern import _checks, _native, reference
+from repkern import sparsity_result as sr
+
+__all__ = ["sparsity_stats", "SparsityAccumulator"]
+
+# csrc/common/sparsity_math.h: FeatureField (sr.FEATURE_FIELDS), RowField, RowTotal, OrderedSum.
+FEATURE_FIELDS = sr.FEATURE_FIELDS
+SORT_FREE_CHANNELS = ("l0", "nonfinite", "l1", "l2", "hoyer")
+ORDERED_CHANNELS = ("gini", "thresholded_l0", "effective_rank_l1", "effective_rank_l2")  # then top_p_l1, top_p_l2
+ROW_TOTALS = 5
+ORDERED_SUMS = 4
+PRESORT_CHUNK_BYTES = 64 << 20  # bound on the torch.sort workspace of the long-row fallback
+
+
+def row_channels(num_top_p: int, ordered: bool) -> int:
+    return len(SORT_FREE_CHANNELS) + (len(ORDERED_CHANNELS) + 2 * num_top_p if ordered else 0)
+
+
+# ---- repkern::sparsity_stats ------------------------------------------------------------
+
+
+def _ordered_cuda(x: Tensor, top: Tensor, totals: Tensor, out: Tensor) -> None:
+    rows, d = x.shape
+    sums = torch.empty((ORDERED_SUMS + 2 * top.numel(), rows), dtype=torch.float64, device=x.device)
+    capacity = _native.call("sparsity_max_smem_sort", x.device, _native.DTYPE_CODES[x.dtype])
+    if d <= capacity:
+        _native.call("sparsity_ordered", x.device, x, None, 0, rows, top, totals, sums, out)
+        return
+    acc = out.dtype
+    chunk = max(1, PRESORT_CHUNK_BYTES // (d * (acc.itemsize + 8)))
+    for begin in range(0, rows, chunk):
+        end = min(rows, begin + chunk)
+        part = x[begin:end].to(acc)
+        keys = torch.where(torch.isfinite(part), part.abs(), torch.full_like(part, math.inf))
+        ascending = torch.sort(keys, dim=1).values
+        _native.call("sparsity_ordered", x.device, x, ascending, begin, end, top, totals, sums, out)
+
+
+@torch.library.custom_op("repkern::sparsity_stats", mutates_args=())
+def _sparsity_op(x: Tensor, eps: float, top_p: Sequence[float], ordered: bool) -> tuple[Tensor, Tensor]:
+    """x (N, d) -> (feature state (10, d) float64, row channels (C, N) in the accumulation dtype)."""
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    rows, d = x.shape
+    acc = _native.acc_dtype(x.dtype)
+    state = torch.empty((len(FEATURE_FIELDS), d), dtype=torch.float64, device=x.device)
+    out = torch.empty((row_channels(len(top_p), ordered), rows), dtype=acc, device=x.device)
+    top = torch.tensor(list(top_p), dtype=torch.float64, device=x.device)
+    if _native.backend_for(x.device) == "cpu":
+        _native.call("sparsity_stats", x.device, x, eps, top, ordered, state, out)
+        return state, out
+    _, splits = _native.call("sparsity_plan", x.device, _native.DTYPE_CODES[x.dtype], rows, d)
+    partials = torch.empty((splits, len(FEATURE_FIELDS), d), dtype=acc, device=x.device)
+    totals = torch.zeros((ROW_TOTALS, rows), dtype=torch.float64, device=x.device)
+    _native.call("sparsity_features", x.device, x, eps, partials, totals, state, out)
+    if ordered and rows > 0:
+        _ordered_cuda(x, top, totals, out)
+    return state, out
+
+
+@_sparsity_op.register_fake
+def _(x, eps, top_p, ordered):
+    rows, d = x.shape
+    acc = _native.acc_dtype(x.dtype)
+    return (x.new_empty((len(FEATURE_FIELDS), d), dtype=torch.float64),
+            x.new_empty((row_channels(len(top_p), ordered), rows), dtype=acc))
+
+
+# ---- feature states and results ---------------------------------------------------------
+
+
+def empty_feature_state(d: int, device=None) -> Tensor:
+    state = torch.zeros((len(FEATURE_FIELDS), d), dtype=torch.float64, device=device)
+    state[FEATURE_FIELDS.index("min")] = math.inf
+    state[FEATURE_FIELDS.index("max")] = -math.inf
+    return state
+
+
+def merge_feature_states(a: Tensor, b: Tensor) -> Tensor:
+    """Union of two feature states (10, d): Chan/Pébay moment merge in float64, the same formulas as
+    merge_moments in csrc/common/sparsity_math.h; counts and Σ|a| add, min/max combine."""
+    na, nfa, nna, ma, m2a, m3a, m4a, mina, maxa, absa = a.unbind(0)
+    nb, nfb, nnb, mb, m2b, m3b, m4b, minb, maxb, absb = b.unbind(0)
+    n = na + nb
+    inv_n = torch.where(n > 0, 1 / n.clamp_min(1), torch.zeros_like(n))
+    delta = mb - ma
+    delta_n = delta * inv_n
+    delta_n2 = delta_n * delta_n
+    na_nb = na * nb
+    term = delta * delta_n * na_nb
+    mean = torch.where(na == 0, mb, ma + delta_n * nb)
+    m2 = m2a + m2b + term
+    m3 = m3a + m3b + term * delta_n * (na - nb) + 3 * delta_n * (na * m2b - nb * m2a)
+    m4 = (m4a + m4b + term * delta_n2 * (na * na - na_nb + nb * nb) + 6 * delta_n2 * (na * na * m2b + nb * nb * m2a)
+          + 4 * delta_n * (na * m3b - nb * m3a))
+    return torch.stack([n, nfa + nfb, nna + nnb, mean, m2, m3, m4, torch.minimum(mina, minb),
+                        torch.maximum(maxa, maxb), absa + absb])
+
+
+def _row_dict(out: Tensor, top_p: tuple, ordered: bool) -> dict:
+    """Row channels (C, N) -> {name: (N,) or (N, P)}; counts as int64."""
+    rows = {name: out[i] for i, name in enumerate(SORT_FREE_CHANNELS)}
+    rows["l0"] = rows["l0"].to(torch.int64)
+    rows["nonfinite"] = rows["nonfinite"].to(torch.int64)
+    if ordered:
+        base = len(SORT_FREE_CHANNELS)
+        rows.update({name: out[base + i] for i, name in enumerate(ORDERED_CHANNELS)})
+        base += len(ORDERED_CHANNELS)
+        p = len(top_p)
+        rows["top_p_l1"] = out[base : base + p].T
+        rows["top_p_l2"] = out[base + p : base + 2 * p].T
+    return rows
+
+
+def _run(a: Tensor, eps: float, top_p: tuple, ordered: bool) -> tuple[Tensor, dict]:
+    """a (..., d) -> (feature state, per-row dict of (N,) / (N, P) tensors), honouring REPKERN_BACKEND."""
+    d = a.shape[-1]
+    x = a.detach().reshape(-1, d)
+    if _native.use_reference():
+        return reference.sparsity_feature_state(x, eps), reference.sparsity_rows(x, eps, top_p, ordered)
+    state, out = torch.ops.repkern.sparsity_stats(x, eps, list(top_p), ordered)
+    return state, _row_dict(out, top_p, ordered)
+
+
+# ---- public API ---------------------------------------------------------------------------------
+
+
+def sparsity_stats(
+    a: Tensor,
+    *,
+    eps: float = 0.0,
+    top_p=(0.01, 0.05, 0.1),
+    dense_threshold: float = 0.1,
+    density_bins: int = 50,
+    row_bins: int = 20,
+    ordered: bool = True,
+) -> sr.SparsityStats:
+    """Sparsity statistics of activations ``a`` in one read (DESIGN.md §4).
+
+    Args:
+        a: ``(..., d)``: rows = samples/tokens (any leading dims, at least one row), last dim = d
+            features; float32, float64, float16 or bfloat16; CPU or CUDA; non-contiguous is fine
+            (a copy is made only when the last dim is strided or the leading dims cannot be flattened).
+        eps: an entry "fires" (counts in L0 and feature firing) when ``|a| > eps`` (eps >= 0).
+        top_p: up to 8 fractions p in (0, 1]; top-p mass = share of Σ|a| (``top_p_l1``) and of Σa²
+            (``top_p_l2``) held by the ⌈p·n⌉ largest |a| of the row (at least one entry).
+        dense_threshold: a feature is dense when its firing frequency is above this.
+        density_bins: bins of the log10 feature-density histogram on [−10, 0].
+        row_bins: bins of the per-row histograms on [0, 1].
+        ordered: also compute Gini, top-p masses, thresholded L0 and effective ranks (a second look at
+            each row: from cache on the CPU, a per-row sort kernel on CUDA). ``False`` gives the one-read
+            subset: per-feature statistics, L0, L1, L2, Hoyer.
+
+    Returns:
+        :class:`repkern.sparsity_result.SparsityStats` (fields and degenerate cases documented there):
+        floating statistics in float32 (float64 for float64 input), counts int64.
+
+    NaN/Inf policy: non-finite entries are counted (per feature: ``nan_count``, ``inf_count``; per row:
+    ``nonfinite``; totals) and excluded from every other statistic. Effective rank uses both
+    normalizations: ``effective_rank_l1`` (p = |a|/Σ|a|) and ``effective_rank_l2`` (p = a²/Σa²).
+    Accumulation: float32 within a block of rows, float64 for row sums, merges across blocks and moments.
+    Not differentiable (the input is detached).
+    """
+    eps, top_p, dense_threshold = reference.check_sparsity_args(
+        a, eps, top_p, dense_threshold, density_bins, row_bins, ordered)
+    if _native.use_reference():
+        return reference.sparsity_stats(a, eps=eps, top_p=top_p, dense_threshold=dense_threshold,
+                                        density_bins=density_bins, row_bins=row_bins, ordered=ordered)
+    d = a.shape[-1]
+    state, per_row = _run(a, eps, top_p, ordered)
+    sums, defined, hists = sr.row_summary_parts(per_row, d, row_bins)
+    lead = a.shape[:-1]
+    shaped = {k: v.reshape(*lead, *v.shape[1:]) for k, v in per_row.items()}
+    return sr.build_stats(state, a.numel() // d, shaped, sums, defined, hists, stat_dtype=_native.stat_dtype(a.dtype),
+                  top_p=top_p, eps=eps, dense_threshold=dense_threshold, density_bins=density_bins,
+                  row_bins=row_bins)
+
+
+class SparsityAccumulator:
+    """Streaming and distributed sparsity statistics over batches of activations with d features.
+
+    ``update(a)`` adds a batch ``(..., d)``; ``compute()`` returns a
+    :class:`~repkern.sparsity_result.SparsityStats` equal to :func:`sparsity_stats` of all batches
+    concatenated: per-feature statistics merge exactly (Chan/Pébay formulas in float64, so any batch split
+    and any merge order give the same result up to float64 rounding), and per-row statistics are
+    summarized (``row_mean``, ``row_defined``, ``row_histogram``); with ``keep_rows=True`` the per-row
+    tensors are kept too (flattened to (N,), in update order; kept rows cost memory per row).
+    ``merge(other)`` adds another accumulator's data; ``all_reduce(group)`` merges the accumulators of
+    all processes of a torch.distributed group (every rank ends with the same result, merged in rank
+    order); ``state_dict()`` / ``load_state_dict()`` checkpoint it.
+
+    The state lives on ``device`` (default: the device of the first batch). Results are float32, or
+    float64 once a float64 batch was added. Arguments as in :func:`sparsity_stats`; batches with no rows
+    are ignored.
+    """
+
+    def __init__(self, d: int, *, eps: float = 0.0, top_p=(0.01, 0.05, 0.1), dense_threshold: float = 0.1,
+                 density_bins: int = 50, row_bins: int = 20, ordered: bool = True, keep_rows: bool = False,
+                 device=None):
+        if isinstance(d, bool) or not isinstance(d, int):
+            raise TypeError(f"d: expected an int, got {type(d).__name__}")
+        if d < 1:
+            raise ValueError(f"d: expected >= 1 features, got {d}")
+        probe = torch.empty((0, d))  # validates the other arguments exactly as sparsity_stats does
+        eps, top_p, dense_threshold = reference.check_sparsity_args(
+            probe, eps, top_p, dense_threshold, density_bins, row_bins, ordered, min_rows=0)
+        _checks.boolean("keep_rows", keep_rows)
+        self.d, self.eps, self.top_p, self.dense_threshold = d, eps, top_p, dense_threshold
+        self.density_bins, self.row_bins, self.ordered, self.keep_rows = density_bins, row_bins, ordered, keep_rows
+        self.device = torch.device(device) if device is not None else None
+        self._reset()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _reset(self):
+        device = self.device or torch.device("cpu")
+        self._state = empty_feature_state(self.d, device)
+        self._rows = 0
+        self._stat_dtype = torch.float32
+        empty_rows = self._empty_row_dict(device)
+        self._sums, self._defined, self._hists = sr.row_summary_parts(empty_rows, self.d, self.row_bins)
+        self._kept: list[dict] = []
+
+    def _empty_row_dict(self, device) -> dict:
+        out = torch.empty((row_channels(len(self.top_p), self.ordered), 0), dtype=torch.float64, device=device)
+        return _row_dict(out, self.top_p, self.ordered)
+
+    def _config(self) -> dict:
+        return {"d": self.d, "eps": self.eps, "top_p": list(self.top_p), "dense_threshold": self.dense_threshold,
+                "density_bins": self.density_bins, "row_bins": self.row_bins, "ordered": self.ordered,
+                "keep_rows": self.keep_rows}
+
+    def _check_compatible(self, config: dict, name: str) -> None:
+        mine = self._config()
+        for key, value in mine.items():
+            if config.get(key) != value:
+                raise ValueError(f"{name}: incompatible accumulator ({key}={config.get(key)!r}, expected {value!r})")
+
+    def _to_device(self, device: torch.device) -> None:
+        self.device = device
+        self._state = self._state.to(device)
+        for parts in (self._sums, self._defined, self._hists):
+            for k in parts:
+                parts[k] = parts[k].to(device)
+
+    def _add(self, state: Tensor, rows: int, sums: dict, defined: dict, hists: dict, stat_dtype: torch.dtype,
+             kept: list) -> None:
+        self._state = merge_feature_states(self._state, state.to(self._state.device))
+        self._rows += rows
+        for mine, theirs in ((self._sums, sums), (self._defined, defined), (self._hists, hists)):
+            for k in mine:
+                mine[k] = mine[k] + theirs[k].to(mine[k].device)
+        if stat_dtype == torch.float64:
+            self._stat_dtype = torch.float64
+        self._kept.extend(kept)
+
+    # -- public -----------------------------------------------------------------------------
+
+    def update(self, a: Tensor) -> "SparsityAccumulator":
+        """Adds the rows of a ``(..., d)`` batch."""
+        reference.check_sparsity_args(a, self.eps, self.top_p, self.dense_threshold, self.density_bins,
+                                      self.row_bins, self.ordered, min_rows=0)
+        if a.shape[-1] != self.d:
+            raise ValueError(f"a: expected {self.d} features in the last dim, got shape {tuple(a.shape)}")
+        if self.device is None:
+            self._to_device(a.device)
+        elif a.device != self.device:
+            raise ValueError(f"a: accumulator lives on {self.device}, got a tensor on {a.device}")
+        rows = a.numel() // self.d
+        if rows == 0:
+            return self
+        state, per_row = _run(a, self.eps, self.top_p, self.ordered)
+        sums, defined, hists = sr.row_summary_parts(per_row, self.d, self.row_bins)
+        self._add(state, rows, sums, defined, hists, _native.stat_dtype(a.dtype), [per_row] if self.keep_rows else [])
+        return self
+
+    def merge(self, other: "SparsityAccumulator") -> "SparsityAccumulator":
+        """Adds the data of another accumulator with the same settings (in place; returns self)."""
+        if not isinstance(other, SparsityAccumulator):
+            raise TypeError(f"other: expected a SparsityAccumulator, got {type(other).__name__}")
+        self._check_compatible(other._config(), "other")
+        if self.device is None and other.device is not None:
+            self._to_device(other.device)
+        self._add(other._state, other._rows, other._sums, other._defined, other._hists, other._stat_dtype,
+                  [{k: v.to(self._state.device) for k, v in rows.items()} for rows in other._kept])
+        return self
+
+    def compute(self) -> sr.SparsityStats:
+        per_row = None
+        if self.keep_rows:
+            parts = self._kept or [self._empty_row_dict(self._state.device)]
+            per_row = {k: torch.cat([p[k].to(self._stat_dtype) if p[k].is_floating_point() else p[k] for p in parts])
+                       for k in parts[0]}
+        return sr.build_stats(self._state, self._rows, per_row, self._sums, self._defined, self._hists,
+                      stat_dtype=self._stat_dtype, top_p=self.top_p, eps=self.eps,
+                      dense_threshold=self.dense_threshold, density_bins=self.density_bins, row_bins=self.row_bins)
+
+    def state_dict(self) -> dict:
+        sd = {"config": self._config(), "feature_state": self._state.clone(), "rows": self._rows,
+              "stat_dtype": str(self._stat_dtype).replace("torch.", "")}
+        for prefix, parts in (("row_sum", self._sums), ("row_defined", self._defined), ("row_histogram", self._hists)):
+            sd.update({f"{prefix}/{k}": v.clone() for k, v in parts.items()})
+        if self.keep_rows:
+            sd["kept_rows"] = [{k: v.clone() for k, v in rows.items()} for rows in self._kept]
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or "config" not in state_dict:
+            raise TypeError("state_dict: expected a dict from SparsityAccumulator.state_dict()")
+        self._check_compatible(state_dict["config"], "state_dict")
+        device = self.device or state_dict["feature_state"].device
+        state = state_dict["feature_state"]
+        if tuple(state.shape) != (len(FEATURE_FIELDS), self.d) or state.dtype != torch.float64:
+            raise ValueError(f"state_dict: feature_state must be float64 of shape {(len(FEATURE_FIELDS), self.d)}")
+        self.device = torch.device(device)
+        self._reset()
+        self._state = state.to(self.device).clone()
+        self._rows = int(state_dict["rows"])
+        self._stat_dtype = getattr(torch, state_dict["stat_dtype"])
+        for prefix, parts in (("row_sum", self._sums), ("row_defined", self._defined), ("row_histogram", self._hists)):
+            for k in parts:
+                value = state_dict[f"{prefix}/{k}"]
+                if value.shape != parts[k].shape:
+                    raise ValueError(f"state_dict: {prefix}/{k} has shape {tuple(value.shape)}, "
+                                     f"expected {tuple(parts[k].shape)}")
+                parts[k] = value.to(self.device).clone()
+        self._kept = [{k: v.to(self.device) for k, v in rows.items()} for rows in state_dict.get("kept_rows", [])]
+
+    def _packed(self) -> Tensor:
+        """Everything but kept rows as one float64 vector (counts are exact in float64 below 2^53)."""
+        parts = [self._state.flatten(), torch.tensor([float(self._rows), float(self._stat_dtype == torch.float64)],
+                                                      dtype=torch.float64, device=self._state.device)]
+        for group in (self._sums, self._defined, self._hists):
+            parts += [group[k].double().flatten() for k in sorted(group)]
+        return torch.cat(parts)
+
+    def _unpack_into(self, packed: Tensor) -> tuple:
+        pos = 0
+
+        def take(shape, dtype):
+            nonlocal pos
+            n = math.prod(shape)
+            out = packed[pos : pos + n].reshape(shape).to(dtype)
+            pos += n
+            return out
+
+        state = take(self._state.shape, torch.float64)
+        rows, is64 = take((2,), torch.float64).tolist()
+        groups = []
+        for group in (self._sums, self._defined, self._hists):
+            groups.append({k: take(group[k].shape, group[k].dtype) for k in sorted(group)})
+        return state, int(rows), groups, torch.float64 if is64 else torch.float32
+
+    def all_reduce(self, group=None) -> "SparsityAccumulator":
+        """Merges the accumulators of every process in ``group`` (torch.distributed, any backend whose
+        all_gather supports the state's device: gloo on CPU, NCCL on CUDA). Collective: every rank must
+        call it; afterwards each holds the merged statistics (merged in rank order, so all agree)."""
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("all_reduce: torch.distributed is not initialized (call init_process_group first)")
+        world = dist.get_world_size(group)
+        device = self._state.device
+        config = self._config()
+        signature = torch.tensor([self.d, self.eps, len(self.top_p), *self.top_p, *([-1.0] * (8 - len(self.top_p))),
+                                  self.dense_threshold, self.density_bins, self.row_bins, float(self.ordered),
+                                  float(self.keep_rows)], dtype=torch.float64, device=device)
+        signatures = [torch.empty_like(signature) for _ in range(world)]
+        dist.all_gather(signatures, signature, group=group)
+        for rank, sig in enumerate(signatures):
+            if not torch.equal(sig, signature):
+                raise ValueError(f"all_reduce: rank {rank} has an incompatible accumulator (settings {config} here)")
+        packed = self._packed()
+        gathered = [torch.empty_like(packed) for _ in range(world)]
+        dist.all_gather(gathered, packed, group=group)
+        kept = [None] * world
+        if self.keep_rows:
+            local = [{k: v.cpu() for k, v in rows.items()} for rows in self._kept]
+            dist.all_gather_object(kept, local, group=group)
+        self.device = device
+        self._reset()
+        for rank in range(world):
+            state, rows, (sums, defined, hists), stat_dtype = self._unpack_into(gathered[rank])
+            rank_rows = [{k: v.to(device) for k, v in r.items()} for r in kept[rank]] if self.keep_rows else []
+            self._add(state, rows, sums, defined, hists, stat_dtype, rank_rows)
+        return self
+
+    def __repr__(self) -> str:
+        return (f"SparsityAccumulator(d={self.d}, rows={self._rows}, eps={self.eps}, top_p={list(self.top_p)}, "
+                f"ordered={self.ordered}, keep_rows={self.keep_rows}, device={self.device})")

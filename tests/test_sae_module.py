@@ -1,0 +1,186 @@
+"""repkern.SAE and its checkpoint loaders. Each test writes a small synthetic
+checkpoint in a library's own format and checks repkern's encode/decode against that
+library's formula, written out here independently (from its source, not repkern's)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import repkern
+from repkern import SAE, CsrCodes, SparseCodes
+
+D_IN, D_SAE = 12, 96
+
+
+def _weights(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W_enc = torch.randn(D_IN, D_SAE, generator=g) / math.sqrt(D_IN)
+    W_dec = torch.randn(D_SAE, D_IN, generator=g) / math.sqrt(D_SAE)
+    b_enc = 0.2 * torch.randn(D_SAE, generator=g)
+    b_dec = 0.5 * torch.randn(D_IN, generator=g)
+    threshold = 0.3 * torch.rand(D_SAE, generator=g)
+    x = torch.randn(20, D_IN, generator=g) + b_dec
+    return W_enc, W_dec, b_enc, b_dec, threshold, x
+
+
+def _topk_dense(acts, k):
+    top = acts.topk(k, dim=-1)
+    return torch.zeros_like(acts).scatter(-1, top.indices, top.values)
+
+
+def _check(sae, x, expected_codes, expected_recon):
+    torch.testing.assert_close(sae.encode(x), expected_codes, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae(x), expected_recon, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+def test_saelens(tmp_path, architecture, apply_b_dec):
+    W_enc, W_dec, b_enc, b_dec, threshold, x = _weights()
+    tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    if architecture == "jumprelu":
+        tensors["threshold"] = threshold
+    save_file(tensors, tmp_path / "sae_weights.safetensors")
+    cfg = {"architecture": architecture, "d_in": D_IN, "d_sae": D_SAE, "apply_b_dec_to_input": apply_b_dec,
+           "normalize_activations": "none", "dtype": "float32"}
+    if architecture == "topk":
+        cfg["k"] = 7
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    sae = SAE.load(tmp_path)
+    # SAELens: sae_in = x − b_dec·apply_b_dec_to_input; hidden_pre = sae_in @ W_enc + b_enc
+    hidden_pre = (x - b_dec * apply_b_dec) @ W_enc + b_enc
+    if architecture == "standard":
+        feats = torch.relu(hidden_pre)
+    elif architecture == "topk":  # TopK: topk over hidden_pre, then ReLU on the values
+        top = hidden_pre.topk(7, dim=-1)
+        feats = torch.zeros_like(hidden_pre).scatter(-1, top.indices, torch.relu(top.values))
+    else:
+        feats = torch.relu(hidden_pre) * (hidden_pre > threshold)
+    _check(sae, x, feats, feats @ W_dec + b_dec)
+
+
+def test_saelens_old_config_and_constant_norm_rescale(tmp_path):
+    W_enc, W_dec, b_enc, b_dec, _, x = _weights(1)
+    save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, tmp_path / "sae_weights.safetensors")
+    (tmp_path / "cfg.json").write_text(json.dumps({"activation_fn_str": "topk", "activation_fn_kwargs": {"k": 5},
+                                                   "normalize_activations": "constant_norm_rescale"}))
+    sae = SAE.load(tmp_path, format="saelens")
+    coeff = D_IN**0.5 / x.norm(dim=-1, keepdim=True)
+    hidden_pre = (x * coeff - b_dec) @ W_enc + b_enc
+    top = hidden_pre.topk(5, dim=-1)
+    feats = torch.zeros_like(hidden_pre).scatter(-1, top.indices, torch.relu(top.values))
+    _check(sae, x, feats, (feats @ W_dec + b_dec) / coeff)
+
+
+def test_sparsify(tmp_path):
+    W_enc, W_dec, b_enc, b_dec, _, x = _weights(2)
+    save_file({"encoder.weight": W_enc.mT.contiguous(), "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec},
+              tmp_path / "sae.safetensors")
+    (tmp_path / "cfg.json").write_text(json.dumps({"expansion_factor": 8, "normalize_decoder": True,
+                                                   "num_latents": D_SAE, "k": 6, "d_in": D_IN}))
+    sae = SAE.load(tmp_path)
+    # sparsify: pre_acts = relu(linear(x − b_dec, encoder.weight, encoder.bias)); topk(k); decode via W_dec
+    pre_acts = torch.relu(torch.nn.functional.linear(x - b_dec, W_enc.mT, b_enc))
+    top_acts, top_indices = pre_acts.topk(6, sorted=False)
+    recon = torch.nn.functional.embedding_bag(top_indices, W_dec, per_sample_weights=top_acts, mode="sum") + b_dec
+    _check(sae, x, torch.zeros_like(pre_acts).scatter(-1, top_indices, top_acts), recon)
+    codes = sae.encode(x, output="sparse")
+    assert isinstance(codes, SparseCodes)
+    torch.testing.assert_close(codes.values, top_acts.sort(dim=-1, descending=True).values)
+
+
+def test_gemmascope(tmp_path):
+    W_enc, W_dec, b_enc, b_dec, threshold, x = _weights(3)
+    np.savez(tmp_path / "params.npz", W_enc=W_enc.numpy(), W_dec=W_dec.numpy(), b_enc=b_enc.numpy(),
+             b_dec=b_dec.numpy(), threshold=threshold.numpy())
+    sae = SAE.load(tmp_path / "params.npz")
+    # Gemma Scope: pre = x @ W_enc + b_enc (no b_dec subtraction); mask = pre > threshold; acts = mask * relu(pre)
+    pre = x @ W_enc + b_enc
+    acts = (pre > threshold) * torch.relu(pre)
+    _check(sae, x, acts, acts @ W_dec + b_dec)
+    assert sae.threshold.dtype == torch.float32 and sae.threshold.requires_grad
+
+
+def test_dictionary_learning_autoencoder(tmp_path):
+    W_enc, W_dec, b_enc, b_dec, _, x = _weights(4)
+    torch.save({"bias": b_dec, "encoder.weight": W_enc.mT.contiguous(), "encoder.bias": b_enc,
+                "decoder.weight": W_dec.mT.contiguous()}, tmp_path / "ae.pt")
+    sae = SAE.load(tmp_path)
+    enc = torch.nn.Linear(D_IN, D_SAE)
+    dec = torch.nn.Linear(D_SAE, D_IN, bias=False)
+    with torch.no_grad():
+        enc.weight.copy_(W_enc.mT), enc.bias.copy_(b_enc), dec.weight.copy_(W_dec.mT)
+        f = torch.relu(enc(x - b_dec))  # AutoEncoder.encode
+        _check(sae, x, f, dec(f) + b_dec)
+
+
+@pytest.mark.parametrize("dict_class", ["AutoEncoderTopK", "BatchTopKSAE"])
+def test_dictionary_learning_topk(tmp_path, dict_class):
+    W_enc, W_dec, b_enc, b_dec, _, x = _weights(5)
+    torch.save({"encoder.weight": W_enc.mT.contiguous(), "encoder.bias": b_enc, "decoder.weight": W_dec.mT.contiguous(),
+                "b_dec": b_dec, "k": torch.tensor(5, dtype=torch.int), "threshold": torch.tensor(0.25)},
+               tmp_path / "ae.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": dict_class, "k": 5}}))
+    sae = SAE.load(tmp_path, format="dictionary_learning")
+    post_relu = torch.relu((x - b_dec) @ W_enc + b_enc)
+    if dict_class == "AutoEncoderTopK":  # relu, then top-k
+        f = _topk_dense(post_relu, 5)
+    else:  # BatchTopKSAE.encode(use_threshold=True)
+        f = post_relu * (post_relu > 0.25)
+    _check(sae, x, f, f @ W_dec + b_dec)
+
+
+def test_unknown_format_lists_the_files(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"cannot tell the checkpoint format.*found files \['weights.bin'\]"):
+        SAE.load(tmp_path)
+    with pytest.raises(ValueError, match="format: expected one of"):
+        SAE.load(tmp_path, format="openai")
+    with pytest.raises(ValueError, match=r"sparsify checkpoint needs cfg.json; found files \['weights.bin'\]"):
+        SAE.load(tmp_path, format="sparsify")
+
+
+def test_missing_keys_list_what_was_found(tmp_path):
+    W_enc, W_dec, b_enc, b_dec, _, _ = _weights()
+    save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec}, tmp_path / "sae_weights.safetensors")
+    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "standard"}))
+    with pytest.raises(ValueError, match=r"missing keys \['b_dec'\]; found keys \['W_dec', 'W_enc', 'b_enc'\]"):
+        SAE.load(tmp_path)
+    np.savez(tmp_path / "params.npz", W_enc=W_enc.numpy())
+    with pytest.raises(ValueError, match=r"gemmascope params.npz: missing keys \['b_enc', 'W_dec'"):
+        SAE.load(tmp_path, format="gemmascope")
+    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "gated"}))
+    save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, tmp_path / "sae_weights.safetensors")
+    with pytest.raises(ValueError, match="unsupported architecture 'gated'"):
+        SAE.load(tmp_path, format="saelens")
+
+
+def test_module_trains(backend):
+    """forward/backward through sparse codes reaches every parameter, JumpReLU θ included."""
+    W_enc, W_dec, b_enc, b_dec, threshold, x = _weights(6)
+    for kw in (dict(activation="topk", k=6, output="sparse"), dict(activation="jumprelu", threshold=threshold)):
+        sae = SAE(W_enc, b_enc, W_dec, b_dec, **kw).to(backend.device)
+        xd = x.to(backend.device)
+        loss = (sae(xd) - xd).square().mean() + 0.1 * sae.encode(xd, output="dense").sum(-1).mean()
+        loss.backward()
+        for name, p in sae.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        codes = sae.encode(xd, output="sparse")
+        assert isinstance(codes, SparseCodes if kw["activation"] == "topk" else CsrCodes)
+
+
+def test_module_rejects_bad_configuration():
+    W_enc, W_dec, b_enc, b_dec, _, _ = _weights()
+    with pytest.raises(ValueError, match="k: must be in"):
+        SAE(W_enc, b_enc, W_dec, b_dec, activation="topk", k=D_SAE + 1)
+    with pytest.raises(ValueError, match=r"W_dec: expected shape \(d_sae, d_in\)"):
+        SAE(W_enc, b_enc, W_dec.mT, b_dec)
+    with pytest.raises(ValueError, match="normalize_activations: expected one of"):
+        SAE(W_enc, b_enc, W_dec, b_dec, normalize_activations="expected_average_only_in")
+    assert repkern.SAE is SAE
