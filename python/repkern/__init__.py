@@ -4,7 +4,8 @@ Public API (see README): :func:`gram`; :func:`hsic`, :func:`cka`, :func:`cka_fro
 :func:`cka_matrix`, :func:`cka_plan`; :func:`sparsity_stats`, :class:`SparsityAccumulator`;
 :func:`sae_encode`, :func:`sae_decode` (:class:`SparseCodes`, :class:`CsrCodes`), :class:`SAE`
 (with checkpoint loaders);
-:func:`build_info`; pure-PyTorch twins of
+:func:`capture`, :func:`compare_models`, :func:`profile_sparsity` (:class:`CkaResult`,
+:class:`SparsityProfile`, :func:`load_result`); :func:`build_info`; pure-PyTorch twins of
 every op in :mod:`repkern.reference`.
 """
 
@@ -20,8 +21,10 @@ from repkern.ops.cka import CkaPlan, cka, cka_from_grams, cka_matrix, cka_plan, 
 from repkern.ops.gram import gram
 from repkern.ops.sae import sae_decode, sae_encode
 from repkern.ops.sparsity import SparsityAccumulator, sparsity_stats
+from repkern.results import CkaResult, SparsityProfile, load_result
 from repkern.sae import SAE
 from repkern.sparsity_result import SparsityStats
+from repkern.workflows import compare_models, profile_sparsity
 
 try:
     __version__ = _metadata.version("repkern")
@@ -45,4 +48,5 @@ def build_info() -> dict:
 
 __all__ = ["gram", "hsic", "cka", "cka_from_grams", "cka_matrix", "cka_plan", "CkaPlan", "sparsity_stats",
            "SparsityAccumulator", "SparsityStats", "sae_encode", "sae_decode", "SAE", "SparseCodes", "CsrCodes",
-           "capture", "build_info", "reference", "__version__"]
+           "capture", "compare_models", "profile_sparsity", "CkaResult", "SparsityProfile", "load_result",
+           "build_info", "reference", "__version__"]
