@@ -8,7 +8,8 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend; a clear ImportError without matplotlib."""
     try:
         import matplotlib
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -31,7 +32,7 @@ def cka_heatmap(
 ) -> str:
     """Heatmap of a (rows, cols) CKA matrix with labelled layer axes, a colour bar
     on [0, 1] and the values written in the cells when they fit. Returns `path`."""
-    plt = _pyplot()
+    plt = pyplot()
     values = matrix.detach().double().cpu().numpy()
     rows, cols = values.shape
     if len(row_labels) != rows or len(col_labels) != cols:
@@ -66,7 +67,7 @@ def sparsity_profiles(
 ) -> str:
     """One panel per metric, one line per input set: ``profiles[input set][metric]``
     is a per-layer sequence. Returns `path`."""
-    plt = _pyplot()
+    plt = pyplot()
     sets = list(profiles)
     if not sets:
         raise ValueError("profiles: no input sets")

@@ -52,8 +52,8 @@ def _model_inputs(batch, device: torch.device) -> tuple[tuple, dict, Optional[to
     return (batch,), {}, None
 
 
-def _run(cap, batch, device: torch.device) -> dict:
-    """Pooled activations of one batch."""
+def run_batch(cap, batch, device: torch.device) -> dict:
+    """Pooled activations of one batch, run on ``device`` (``cap``: an entered :func:`repkern.capture`)."""
     args, kwargs, mask = _model_inputs(batch, device)
     return cap.run(*args, attention_mask=mask, **kwargs)
 
@@ -167,7 +167,7 @@ def compare_models(
             elif same_model:
                 acts_b = cap_b.collect(mask)  # the hooks of cap_b saw the same forward pass
             else:
-                acts_b = _run(cap_b, batch, device_b)
+                acts_b = run_batch(cap_b, batch, device_b)
             xs = [acts_a[name] for name in cap_a.names]
             ys = None if acts_b is None else [acts_b[name].to(device_a) for name in cap_b.names]
             rows = xs[0].shape[0]
@@ -213,7 +213,7 @@ def profile_sparsity(
     batches = 0
     with capture(model, layers, pool=pool) as cap, _evaluating(model):
         for batch in _progress(dataloader, progress, "profile_sparsity"):
-            for name, acts in _run(cap, batch, device).items():
+            for name, acts in run_batch(cap, batch, device).items():
                 if name not in accumulators:
                     accumulators[name] = SparsityAccumulator(acts.shape[-1], device=device, **stats_options)
                 accumulators[name].update(acts)
