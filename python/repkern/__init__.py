@@ -1,7 +1,8 @@
 """repkern: fast kernels for representation analysis on PyTorch tensors.
 
 Public API (see README): :func:`gram`; :func:`hsic`, :func:`cka`, :func:`cka_from_grams`,
-:func:`cka_matrix`, :func:`cka_plan`; :func:`sparsity_stats`, :class:`SparsityAccumulator`;
+:func:`cka_matrix`, :func:`cka_plan`;
+:class:`StreamingCKA`, :class:`MinibatchCKA`; :func:`sparsity_stats`, :class:`SparsityAccumulator`;
 :func:`sae_encode`, :func:`sae_decode` (:class:`SparseCodes`, :class:`CsrCodes`), :class:`SAE`
 (with checkpoint loaders);
 :func:`capture`, :func:`compare_models`, :func:`profile_sparsity` (:class:`CkaResult`,
@@ -21,6 +22,7 @@ from repkern.ops.cka import CkaPlan, cka, cka_from_grams, cka_matrix, cka_plan, 
 from repkern.ops.gram import gram
 from repkern.ops.sae import sae_decode, sae_encode
 from repkern.ops.sparsity import SparsityAccumulator, sparsity_stats
+from repkern.ops.streaming import MinibatchCKA, StreamingCKA
 from repkern.results import CkaResult, SparsityProfile, load_result
 from repkern.sae import SAE
 from repkern.sparsity_result import SparsityStats
@@ -46,7 +48,8 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["gram", "hsic", "cka", "cka_from_grams", "cka_matrix", "cka_plan", "CkaPlan", "sparsity_stats",
+__all__ = ["gram", "hsic", "cka", "cka_from_grams", "cka_matrix", "cka_plan", "CkaPlan", "StreamingCKA",
+           "MinibatchCKA", "sparsity_stats",
            "SparsityAccumulator", "SparsityStats", "sae_encode", "sae_decode", "SAE", "SparseCodes", "CsrCodes",
            "capture", "compare_models", "profile_sparsity", "CkaResult", "SparsityProfile", "load_result",
            "build_info", "reference", "__version__"]

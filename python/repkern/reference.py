@@ -565,6 +565,38 @@ def cka_matrix(
             elif ok_i and ok_j:
                 out[i, j] = (kc * lc).sum() / (kk * ll).sqrt()
     return out
+def minibatch_cka(
+    batches,
+    kernel: str = "linear",
+    *,
+    debiased: bool = True,
+    sigma: Optional[float] = None,
+    threshold: float = 1.0,
+    median: str = "full",
+) -> torch.Tensor:
+    """Minibatch CKA (Nguyen, Raghu & Kornblith 2021; DESIGN.md §4) in plain PyTorch.
+
+    batches: a sequence of ``(xs, ys)``, one per batch; xs a list of (b, d_i) layers,
+    ys a list of (b, e_j) layers or None (xs against itself); b may differ between batches.
+    Per batch, HSIC of every pair from centered Grams (U-centered for ``debiased``: the
+    unbiased HSIC₁); then Σ_b HSIC(K_b, L_b) / sqrt(Σ_b HSIC(K_b, K_b) · Σ_b HSIC(L_b, L_b))
+    -> (len(xs), len(ys)). NaN where a layer's summed self-HSIC is <= 0 or it holds NaN/Inf."""
+    cross = selfs_x = selfs_y = None
+    for xs, ys in batches:
+        xs, ys, s, t = check_cka_matrix_args(xs, ys, kernel, debiased, sigma, threshold, median)
+        n = xs[0].shape[0]
+        norm = n * (n - 3) if debiased else (n - 1) ** 2
+        kx = [center_gram(_kernel_gram(x, kernel, s, t, median), debiased) for x in xs]
+        ky = kx if ys is None else [center_gram(_kernel_gram(y, kernel, s, t, median), debiased) for y in ys]
+        h = torch.stack([torch.stack([(k * l).sum() for l in ky]) for k in kx]) / norm
+        hx = torch.stack([(k * k).sum() for k in kx]) / norm
+        hy = torch.stack([(l * l).sum() for l in ky]) / norm
+        cross, selfs_x, selfs_y = (h, hx, hy) if cross is None else (cross + h, selfs_x + hx, selfs_y + hy)
+    ok = (selfs_x[:, None] > 0) & (selfs_y[None, :] > 0)
+    denom = torch.where(ok, selfs_x[:, None] * selfs_y[None, :], torch.ones_like(cross))
+    return torch.where(ok, cross / denom.sqrt(), torch.full_like(cross, torch.nan))
+
+
 # ---- activation sparsity (DESIGN.md §4) -------------------------------------------------
 
 SPARSITY_MAX_TOP_P = 8  # csrc/common/sparsity_math.h kMaxTopP

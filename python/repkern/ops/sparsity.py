@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from repkern import _checks, _native, reference
+from repkern._distributed import all_gather_states
 from repkern import sparsity_result as sr
 
 __all__ = ["sparsity_stats", "SparsityAccumulator"]
@@ -381,22 +382,12 @@ class SparsityAccumulator:
         call it; afterwards each holds the merged statistics (merged in rank order, so all agree)."""
         import torch.distributed as dist
 
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("all_reduce: torch.distributed is not initialized (call init_process_group first)")
-        world = dist.get_world_size(group)
         device = self._state.device
-        config = self._config()
         signature = torch.tensor([self.d, self.eps, len(self.top_p), *self.top_p, *([-1.0] * (8 - len(self.top_p))),
                                   self.dense_threshold, self.density_bins, self.row_bins, float(self.ordered),
-                                  float(self.keep_rows)], dtype=torch.float64, device=device)
-        signatures = [torch.empty_like(signature) for _ in range(world)]
-        dist.all_gather(signatures, signature, group=group)
-        for rank, sig in enumerate(signatures):
-            if not torch.equal(sig, signature):
-                raise ValueError(f"all_reduce: rank {rank} has an incompatible accumulator (settings {config} here)")
-        packed = self._packed()
-        gathered = [torch.empty_like(packed) for _ in range(world)]
-        dist.all_gather(gathered, packed, group=group)
+                                  float(self.keep_rows)], dtype=torch.float64)
+        gathered = all_gather_states(self._packed(), signature, group)
+        world = len(gathered)
         kept = [None] * world
         if self.keep_rows:
             local = [{k: v.cpu() for k, v in rows.items()} for rows in self._kept]

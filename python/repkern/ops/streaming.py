@@ -1,0 +1,570 @@
+"""Streaming, minibatch and distributed CKA: ``repkern.StreamingCKA`` and ``repkern.MinibatchCKA``.
+
+Both accumulate, batch by batch, mergeable float64 statistics of the activations of the
+layers of two models (or of one model with itself) and give the (Lx, Ly) CKA matrix.
+
+StreamingCKA — exact linear CKA over all samples seen (DESIGN.md §4, feature space). Per
+layer a, with z = x − c_a (c_a a fixed per-layer shift: the first batch's mean), it keeps
+s_a = Σ z and, per pair (a, b) of layers, M_ab = Σ z_a z_bᵀ (d_a × d_b); the debiased
+form also needs, with u_i = ‖z_a,i‖², v_i = ‖z_b,i‖²: P_ab = Σ u_i v_i, g_ab = Σ u_i z_b,i,
+h_ab = Σ v_i z_a,i. Moving the shift by δ (z' = z + δ) is a closed polynomial map of
+these statistics (:func:`_shift`): merges move the other side's statistics onto this
+side's shift; compute() moves everything onto the overall mean (δ = −s/n), where
+    biased   h_ab = ‖M_ab‖²_F
+    debiased h_ab = ‖M_ab‖²_F − (n/(n−2)) P_ab + tr(M_aa) tr(M_bb)/((n−1)(n−2))
+and CKA_ab = h_ab / sqrt(h_aa h_bb), exactly the one-shot feature-space estimator.
+Each batch is centered on its own mean before its products (in the accumulation dtype),
+so mean-shifted float32 data loses nothing to cancellation.
+
+MinibatchCKA — Nguyen, Raghu & Kornblith (2021): per batch, the unbiased HSIC₁ of every
+pair (the fused HSIC-terms kernel, or the feature path for the linear kernel, as
+``cka_matrix`` plans it), summed over batches in float64; CKA = Σ_b HSIC₁(K_b, L_b) /
+sqrt(Σ_b HSIC₁(K_b, K_b) Σ_b HSIC₁(L_b, L_b)).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from repkern import _checks, _native, reference
+from repkern._distributed import all_gather_states
+from repkern.ops import cka as cka_ops
+
+__all__ = ["StreamingCKA", "MinibatchCKA", "DEFAULT_MAX_STATE_BYTES"]
+
+DEFAULT_MAX_STATE_BYTES = 1 << 30  # StreamingCKA's statistics; argument max_state_bytes overrides it
+
+# (widths of the layers of xs, widths of the layers of ys or None for a self-comparison)
+Layout = tuple[tuple[int, ...], Optional[tuple[int, ...]]]
+
+
+def _positional_layers(layout: Layout) -> list[int]:
+    xs, ys = layout
+    return list(xs) + list(ys or ())
+
+
+class _LayerAccumulator:
+    """update / merge / compute / state_dict / all_reduce shared by both CKA accumulators.
+
+    State: a layout (fixed by the first batch), counts, and a dict of float64 tensors on
+    the accumulator's device. The base keeps, per positional layer (xs then ys), its first
+    row, whether any later row differed (a constant layer gives NaN with a warning, as in
+    ``cka_matrix``) and whether every value was finite; subclasses add their statistics."""
+
+    _min_samples_per_batch = 1
+
+    def __init__(self, kernel: str, debiased: bool, device) -> None:
+        _checks.choice("kernel", kernel, reference.GRAM_KERNELS)
+        _checks.boolean("debiased", debiased)
+        self.kernel, self.debiased = kernel, debiased
+        self.device = torch.device(device) if device is not None else None
+        self._reset()
+
+    # -- subclass hooks ------------------------------------------------------------------------
+
+    def _config(self) -> dict:
+        raise NotImplementedError
+
+    def _signature(self) -> list[float]:
+        """The config as numbers, for the all_reduce agreement check."""
+        raise NotImplementedError
+
+    def _stat_shapes(self, layout: Layout) -> list[tuple[str, tuple]]:
+        raise NotImplementedError
+
+    def _batch_stats(self, layers: list[Tensor], layout: Layout) -> dict:
+        raise NotImplementedError
+
+    def _combine(self, theirs: dict, their_samples: int) -> None:
+        """Adds another state's statistics (same layout and device) into self._stats."""
+        raise NotImplementedError
+
+    def _terms(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """(numerators (Lx, Ly), self terms (L,), Σ K∘K-type scale of the self terms (L,) or None)."""
+        raise NotImplementedError
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        self._layout: Optional[Layout] = None
+        self._stats: dict[str, Tensor] = {}
+        self._samples = 0
+        self._batches = 0
+        self._float64 = False
+
+    def _shapes(self, layout: Layout) -> list[tuple[str, tuple]]:
+        dims = _positional_layers(layout)
+        base = [(f"first_row/{a}", (d,)) for a, d in enumerate(dims)]
+        base += [("varying", (len(dims),)), ("finite", (len(dims),))]
+        return base + self._stat_shapes(layout)
+
+    def _check_layout(self, layout: Layout, name: Optional[str] = None) -> None:
+        """Same layers as before; errors name `name`, or the argument (xs / ys) for update."""
+        if self._layout is None:
+            return
+        (mine_x, mine_y), (xs, ys) = self._layout, layout
+        if len(xs) != len(mine_x):
+            raise ValueError(f"{name or 'xs'}: {len(xs)} layers of xs, but this accumulator has {len(mine_x)}")
+        if (ys is None) != (mine_y is None):
+            raise ValueError(f"{name or 'ys'}: ys={'None' if ys is None else 'layers'}, but this accumulator was set "
+                             f"up with ys={'None' if mine_y is None else 'layers'} (a self-comparison uses ys=None "
+                             "throughout)")
+        if ys is not None and len(ys) != len(mine_y):
+            raise ValueError(f"{name or 'ys'}: {len(ys)} layers of ys, but this accumulator has {len(mine_y)}")
+        for which, got, want in (("xs", xs, mine_x), ("ys", ys or (), mine_y or ())):
+            for i, (g, w) in enumerate(zip(got, want)):
+                if g != w:
+                    raise ValueError(f"{name or f'{which}[{i}]'}: {which}[{i}] has width {g}, but this accumulator "
+                                     f"has {w}")
+
+    def _to(self, device: torch.device) -> None:
+        self.device = device
+        self._stats = {k: v.to(device) for k, v in self._stats.items()}
+
+    def _add(self, stats: dict, layout: Layout, samples: int, batches: int, float64: bool) -> None:
+        if self._layout is None:
+            self._layout = layout
+            self._stats = {k: v.to(self.device).clone() for k, v in stats.items()}
+        else:
+            mine = self._stats
+            dims = _positional_layers(layout)
+            same_first = torch.stack([(mine[f"first_row/{a}"] == stats[f"first_row/{a}"]).all()
+                                      for a in range(len(dims))])
+            varying = (mine["varying"] > 0) | (stats["varying"] > 0) | ~same_first
+            mine["varying"] = varying.double()
+            mine["finite"] = torch.minimum(mine["finite"], stats["finite"])
+            self._combine(stats, samples)
+        self._samples += samples
+        self._batches += batches
+        self._float64 = self._float64 or float64
+
+    # -- public -------------------------------------------------------------------------------
+
+    def update(self, xs: Sequence[Tensor], ys: Optional[Sequence[Tensor]] = None):
+        """Adds one batch: ``xs`` a sequence of ``(b, d_i)`` activations of the layers of
+        model A, ``ys`` of ``(b, e_j)`` for model B, or ``None`` to compare xs with itself.
+        Every layer of one call has the same b samples, dtype and device; the number and
+        widths of the layers, and ys=None or not, stay as in the first call. Returns self."""
+        xs = reference.check_layers("xs", xs)
+        if ys is not None:
+            ys = reference.check_layers("ys", ys, ("xs[0]", xs[0]))
+        layout: Layout = (tuple(t.shape[1] for t in xs), None if ys is None else tuple(t.shape[1] for t in ys))
+        self._check_layout(layout)
+        device = xs[0].device
+        if self.device is not None and device != self.device:
+            raise ValueError(f"xs[0]: on device {device}, but this accumulator's state is on {self.device}")
+        b = xs[0].shape[0]
+        if b < self._min_samples_per_batch:
+            raise ValueError(f"xs[0]: {type(self).__name__}(debiased={self.debiased}) needs batches of at least "
+                             f"{self._min_samples_per_batch} samples, got b={b}")
+        layers = list(xs) + list(ys or ())
+        with torch.no_grad():
+            layers = [t.detach() for t in layers]
+            stats = {f"first_row/{a}": t[0].double() for a, t in enumerate(layers)}
+            stats["varying"] = (~torch.stack([reference.constant_rows(t) for t in layers])).double()
+            stats["finite"] = torch.stack([reference.all_finite(t) for t in layers]).double()
+            stats.update(self._batch_stats(layers, layout))
+        if self.device is None:
+            self.device = device
+        self._add(stats, layout, b, 1, xs[0].dtype == torch.float64)
+        return self
+
+    def merge(self, other):
+        """Adds the data of another accumulator of the same class, settings and layers
+        (in place; returns self). Merging in any order gives the same result up to rounding."""
+        if type(other) is not type(self):
+            raise TypeError(f"other: expected a {type(self).__name__}, got {type(other).__name__}")
+        self._check_config(other._config(), "other")
+        if other._layout is None:
+            return self
+        self._check_layout(other._layout, "other")
+        if self.device is None:
+            self.device = other.device
+        stats = {k: v.to(self.device) for k, v in other._stats.items()}
+        self._add(stats, other._layout, other._samples, other._batches, other._float64)
+        return self
+
+    def _check_config(self, config: dict, name: str) -> None:
+        for key, value in self._config().items():
+            if config.get(key) != value:
+                raise ValueError(f"{name}: incompatible accumulator ({key}={config.get(key)!r}, expected {value!r})")
+
+    @property
+    def samples(self) -> int:
+        """Samples (rows per layer) seen so far."""
+        return self._samples
+
+    @property
+    def batches(self) -> int:
+        """update calls (merged accumulators' included) seen so far."""
+        return self._batches
+
+    def compute(self) -> Tensor:
+        """The ``(len(xs), len(ys))`` CKA matrix (ys=None: ``(len(xs), len(xs))``, exactly
+        symmetric with unit diagonal) in float32, or float64 once a float64 batch was added.
+        A constant layer (every row equal over all batches) or one whose self term is
+        <= 0 gives NaN in its row and column with a RuntimeWarning naming it; a layer
+        that held NaN/Inf gives NaN there without a warning."""
+        if self._layout is None:
+            raise ValueError(f"{type(self).__name__}.compute: no data yet (call update first)")
+        self._check_enough_samples()
+        (dims_x, dims_y) = self._layout
+        lx = len(dims_x)
+        cross, self_h, self_scale = self._terms()
+        finite = self._stats["finite"] > 0
+        constant = ~(self._stats["varying"] > 0)
+        dtype = torch.float64 if self._float64 else torch.float32
+        bad = cka_ops._degenerate(self_h, self_scale, dtype, constant, finite)
+        ok = finite & ~bad
+        cols = torch.arange(lx) if dims_y is None else torch.arange(lx, lx + len(dims_y))
+        rows = torch.arange(lx)
+        rows, cols = rows.to(cross.device), cols.to(cross.device)
+        out = cka_ops._ratio(cross, self_h[rows][:, None], self_h[cols][None, :], ok[rows][:, None] & ok[cols][None, :])
+        if dims_y is None:
+            out = torch.where(torch.eye(lx, dtype=torch.bool, device=out.device) & ok[:, None],
+                              torch.ones_like(out), out)
+        if bool(bad.any()):
+            names = [f"xs[{a}]" if a < lx else f"ys[{a - lx}]" for a in bad.nonzero().flatten().tolist()]
+            cka_ops._warn(f"{type(self).__name__}.compute", names)
+        return out.to(dtype)
+
+    def _check_enough_samples(self) -> None:
+        pass
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue: settings, layout, counts and the float64 statistics."""
+        layout = None
+        if self._layout is not None:
+            layout = {"xs": list(self._layout[0]), "ys": None if self._layout[1] is None else list(self._layout[1])}
+        return {"config": self._config(), "layout": layout, "samples": self._samples, "batches": self._batches,
+                "float64": self._float64, "stats": {k: v.clone() for k, v in self._stats.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores a :meth:`state_dict` of an accumulator with the same settings (exactly:
+        the statistics are copied bit for bit), onto this accumulator's device if it has one."""
+        if not isinstance(state_dict, dict) or not {"config", "layout", "stats"} <= state_dict.keys():
+            raise TypeError(f"state_dict: expected a dict from {type(self).__name__}.state_dict()")
+        self._check_config(state_dict["config"], "state_dict")
+        raw = state_dict["layout"]
+        self._reset()
+        if raw is None:
+            return
+        layout: Layout = (tuple(raw["xs"]), None if raw["ys"] is None else tuple(raw["ys"]))
+        stats = state_dict["stats"]
+        for key, shape in self._shapes(layout):
+            value = stats.get(key)
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape or value.dtype != torch.float64:
+                raise ValueError(f"state_dict: stats/{key} must be a float64 tensor of shape {shape}")
+        device = self.device or stats[self._shapes(layout)[0][0]].device
+        self.device = torch.device(device)
+        self._layout = layout
+        self._stats = {key: stats[key].to(self.device).clone() for key, _ in self._shapes(layout)}
+        self._samples, self._batches = int(state_dict["samples"]), int(state_dict["batches"])
+        self._float64 = bool(state_dict["float64"])
+
+    # -- distributed -------------------------------------------------------------------------------
+
+    def _packed(self, device: torch.device) -> Tensor:
+        """[samples, batches, float64, has layout, (ys is None, Lx, Ly, widths...), statistics...]."""
+        head = [float(self._samples), float(self._batches), float(self._float64), float(self._layout is not None)]
+        parts = []
+        if self._layout is not None:
+            xs, ys = self._layout
+            head += [float(ys is None), float(len(xs)), float(len(ys or ())), *map(float, xs), *map(float, ys or ())]
+            parts = [self._stats[key].flatten() for key, _ in self._shapes(self._layout)]
+        return torch.cat([torch.tensor(head, dtype=torch.float64, device=device)] + [p.to(device) for p in parts])
+
+    def _unpacked(self, packed: Tensor):
+        """A fresh accumulator with these settings holding the state `packed` describes."""
+        other = copy.copy(self)  # same settings
+        other._reset()
+        values = packed.tolist()[:7]
+        if not values[3]:
+            return other
+        symmetric, lx, ly = bool(values[4]), int(values[5]), int(values[6])
+        widths = [int(w) for w in packed[7 : 7 + lx + ly].tolist()]
+        layout: Layout = (tuple(widths[:lx]), None if symmetric else tuple(widths[lx:]))
+        pos, stats = 7 + lx + ly, {}
+        for key, shape in other._shapes(layout):
+            size = math.prod(shape)
+            stats[key] = packed[pos : pos + size].reshape(shape)
+            pos += size
+        other._layout, other._stats = layout, stats
+        other._samples, other._batches, other._float64 = int(values[0]), int(values[1]), bool(values[2])
+        return other
+
+    def all_reduce(self, group=None):
+        """Merges the accumulators of every process of a torch.distributed ``group`` (gloo
+        on CPU, NCCL on CUDA; every rank must call it). Afterwards each rank holds the
+        statistics of all ranks' data, merged in rank order, so all ranks agree bit for bit.
+        Ranks with different settings raise ValueError on every rank. Returns self."""
+        device = self.device or torch.device("cpu")
+        states = all_gather_states(self._packed(device), torch.tensor(self._signature(), dtype=torch.float64), group)
+        others = [self._unpacked(state) for state in states]
+        self._reset()
+        self.device = device
+        for other in others:
+            other.device = device
+            self.merge(other)
+        return self
+
+
+# ---- StreamingCKA ---------------------------------------------------------------------------------
+
+
+def _streaming_pairs(layout: Layout) -> list[tuple[int, int]]:
+    """Pairs of positional layers with statistics: self pairs always; ys=None: i < j among xs,
+    else every (xs, ys) pair."""
+    xs, ys = layout
+    lx = len(xs)
+    if ys is None:
+        return [(a, b) for a in range(lx) for b in range(a, lx)]
+    return [(a, a) for a in range(lx + len(ys))] + [(a, lx + b) for a in range(lx) for b in range(len(ys))]
+
+
+def _shift(stats: dict, deltas: list[Tensor], n: int, pairs: list[tuple[int, int]], debiased: bool) -> dict:
+    """The statistics of z' = z + δ_a per layer a from those of z (module docstring), all float64."""
+    out = dict(stats)
+    sums = [stats[f"sum/{a}"] for a in range(len(deltas))]
+    kappa = [d @ d for d in deltas]
+    traces = {a: torch.diagonal(stats[f"M/{a},{a}"]).sum() for a in range(len(deltas))}
+    sum_dot = [s @ d for s, d in zip(sums, deltas)]  # s_a·δ_a
+    if debiased:
+        p_new = stats["P"].clone()
+    for p, (a, b) in enumerate(pairs):
+        m = stats[f"M/{a},{b}"]
+        da, db, ka, kb = deltas[a], deltas[b], kappa[a], kappa[b]
+        if debiased:
+            g, h = stats[f"g/{a},{b}"], stats[f"h/{a},{b}"]
+            p_new[p] = (stats["P"][p] + 2 * (db @ g) + 2 * (da @ h) + 4 * (da @ (m @ db)) + kb * traces[a]
+                        + ka * traces[b] + 2 * kb * sum_dot[a] + 2 * ka * sum_dot[b] + n * ka * kb)
+            out[f"g/{a},{b}"] = g + traces[a] * db + 2 * (m.T @ da) + 2 * sum_dot[a] * db + ka * sums[b] + n * ka * db
+            out[f"h/{a},{b}"] = h + traces[b] * da + 2 * (m @ db) + 2 * sum_dot[b] * da + kb * sums[a] + n * kb * da
+        out[f"M/{a},{b}"] = m + torch.outer(sums[a], db) + torch.outer(da, sums[b]) + n * torch.outer(da, db)
+    if debiased:
+        out["P"] = p_new
+    for a, d in enumerate(deltas):
+        out[f"sum/{a}"] = sums[a] + n * d
+        out[f"shift/{a}"] = stats[f"shift/{a}"] - d
+    return out
+
+
+def _state_bytes(layout: Layout, debiased: bool) -> int:
+    dims = _positional_layers(layout)
+    per_pair = sum(dims[a] * dims[b] + (dims[a] + dims[b] + 1 if debiased else 0) for a, b in _streaming_pairs(layout))
+    return 8 * (per_pair + 3 * sum(dims))
+
+
+class StreamingCKA(_LayerAccumulator):
+    """Exact linear CKA over batches of activations, from mergeable float64 statistics.
+
+    ``StreamingCKA(kernel="linear", debiased=False, *, max_state_bytes=None, device=None)``
+
+    ``update(xs, ys)`` adds a batch (see :meth:`update`); ``compute()`` equals
+    ``repkern.cka_matrix(cat(xs), cat(ys), "linear", debiased=...)`` over all samples seen
+    up to float rounding, whatever the batch sizes (a batch may have a single sample; the
+    estimator needs n >= 2 samples in total, n >= 4 debiased). ``merge``, ``state_dict`` /
+    ``load_state_dict`` and ``all_reduce`` as described on each method.
+
+    Memory: per pair of layers (a, b) with statistics — every (xs, ys) pair and every
+    layer with itself; ys=None: i <= j among xs — d_a·d_b float64 values (plus d_a + d_b + 1
+    for debiased), plus 3·d per layer. ``max_state_bytes`` (default 1 GiB) caps it: the first
+    update whose layers would need more raises ValueError; :class:`MinibatchCKA` needs
+    O(batch²) memory per layer instead. Only the linear kernel has finite sufficient
+    statistics; other kernels raise ValueError (use MinibatchCKA).
+    """
+
+    def __init__(self, kernel: str = "linear", debiased: bool = False, *, max_state_bytes: Optional[int] = None,
+                 device=None):
+        if kernel != "linear":
+            _checks.choice("kernel", kernel, reference.GRAM_KERNELS)
+            raise ValueError(f"kernel: StreamingCKA is exact for kernel='linear' only (got {kernel!r}); "
+                             "use repkern.MinibatchCKA for other kernels")
+        if max_state_bytes is None:
+            max_state_bytes = DEFAULT_MAX_STATE_BYTES
+        if isinstance(max_state_bytes, bool) or not isinstance(max_state_bytes, int):
+            raise TypeError(f"max_state_bytes: expected an int (bytes), got {type(max_state_bytes).__name__}")
+        if max_state_bytes <= 0:
+            raise ValueError(f"max_state_bytes: expected a positive number of bytes, got {max_state_bytes}")
+        self.max_state_bytes = max_state_bytes
+        super().__init__(kernel, debiased, device)
+
+    def _config(self) -> dict:
+        return {"class": "StreamingCKA", "kernel": self.kernel, "debiased": self.debiased}
+
+    def _signature(self) -> list[float]:
+        return [1.0, float(self.debiased)]
+
+    def _stat_shapes(self, layout: Layout) -> list[tuple[str, tuple]]:
+        dims = _positional_layers(layout)
+        pairs = _streaming_pairs(layout)
+        shapes = [(f"shift/{a}", (d,)) for a, d in enumerate(dims)] + [(f"sum/{a}", (d,)) for a, d in enumerate(dims)]
+        shapes += [(f"M/{a},{b}", (dims[a], dims[b])) for a, b in pairs]
+        if self.debiased:
+            shapes += [("P", (len(pairs),))]
+            shapes += [(f"g/{a},{b}", (dims[b],)) for a, b in pairs] + [(f"h/{a},{b}", (dims[a],)) for a, b in pairs]
+        return shapes
+
+    def _check_budget(self, layout: Layout) -> None:
+        need = _state_bytes(layout, self.debiased)
+        if need > self.max_state_bytes:
+            raise ValueError(
+                f"xs: StreamingCKA's exact statistics for these layers need {need / 2**20:.1f} MiB (d_a·d_b float64 "
+                f"per pair of layers) > max_state_bytes={self.max_state_bytes}; use repkern.MinibatchCKA (memory per "
+                "batch, not per pair of feature dims) or raise max_state_bytes")
+
+    def _batch_stats(self, layers: list[Tensor], layout: Layout) -> dict:
+        if self._layout is None:
+            self._check_budget(layout)
+        acc = _native.acc_dtype(layers[0].dtype)
+        stats, zs, norms, zs64 = {}, [], [], []
+        for a, t in enumerate(layers):
+            ta = t.to(acc)
+            mean = ta.mean(0)
+            z = ta - mean  # centered on the batch mean: the products below do not cancel
+            zs.append(z)
+            stats[f"shift/{a}"] = mean.double()
+            stats[f"sum/{a}"] = z.sum(0, dtype=torch.float64)
+            if self.debiased:
+                zs64.append(z.double())
+                norms.append(z.square().sum(-1, dtype=torch.float64))
+        pairs = _streaming_pairs(layout)
+        for a, b in pairs:
+            stats[f"M/{a},{b}"] = (zs[a].T @ zs[b]).double()
+            if self.debiased:
+                stats[f"g/{a},{b}"] = zs64[b].T @ norms[a]
+                stats[f"h/{a},{b}"] = zs64[a].T @ norms[b]
+        if self.debiased:
+            stats["P"] = torch.stack([norms[a] @ norms[b] for a, b in pairs])
+        return stats
+
+    def _combine(self, theirs: dict, their_samples: int) -> None:
+        pairs = _streaming_pairs(self._layout)
+        count = len(_positional_layers(self._layout))
+        deltas = [theirs[f"shift/{a}"] - self._stats[f"shift/{a}"] for a in range(count)]
+        moved = _shift(theirs, deltas, their_samples, pairs, self.debiased)
+        for key, _ in self._stat_shapes(self._layout):
+            if not key.startswith("shift/"):
+                self._stats[key] = self._stats[key] + moved[key]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if self._layout is not None:
+            self._check_budget(self._layout)
+
+    def merge(self, other):
+        if isinstance(other, StreamingCKA) and self._layout is None and other._layout is not None:
+            self._check_budget(other._layout)
+        return super().merge(other)
+
+    def _check_enough_samples(self) -> None:
+        reference.check_sample_count("xs", self._samples, self.debiased)
+
+    def _terms(self):
+        xs, ys = self._layout
+        lx = len(xs)
+        pairs = _streaming_pairs(self._layout)
+        count = len(_positional_layers(self._layout))
+        n = self._samples
+        centered = _shift(self._stats, [-self._stats[f"sum/{a}"] / n for a in range(count)], n, pairs, self.debiased)
+        h = {}
+        for p, (a, b) in enumerate(pairs):
+            m = centered[f"M/{a},{b}"]
+            value = m.square().sum()
+            if self.debiased:
+                trace_a = torch.diagonal(centered[f"M/{a},{a}"]).sum()
+                trace_b = torch.diagonal(centered[f"M/{b},{b}"]).sum()
+                value = value - n / (n - 2) * centered["P"][p] + trace_a * trace_b / ((n - 1) * (n - 2))
+            h[(a, b)] = value
+        self_h = torch.stack([h[(a, a)] for a in range(count)])
+        cols = range(lx) if ys is None else range(lx, lx + len(ys))
+        cross = torch.stack([torch.stack([h[(min(a, b), max(a, b))] for b in cols]) for a in range(lx)])
+        return cross, self_h, None
+
+
+# ---- MinibatchCKA ---------------------------------------------------------------------------------
+
+
+class MinibatchCKA(_LayerAccumulator):
+    """Minibatch CKA of Nguyen, Raghu & Kornblith (2021), any kernel.
+
+    ``MinibatchCKA(kernel="linear", debiased=True, *, sigma=None, threshold=1.0, median="full",
+    max_gram_bytes=None, device=None)``
+
+    Per batch of b samples, HSIC₁ of every pair of layers with the unbiased estimator of
+    Song et al. (b >= 4; ``debiased=False``: the biased tr(KHLH)/(b−1)², b >= 2, inflated
+    at small b), through the same kernels as :func:`repkern.cka_matrix` (each layer's Gram
+    once per batch; the linear kernel in feature space when that is cheaper). Then
+    CKA = Σ_b HSIC₁(K_b, L_b) / sqrt(Σ_b HSIC₁(K_b, K_b) · Σ_b HSIC₁(L_b, L_b)), each batch
+    weighted equally whatever its size (the published estimator; use equal batch sizes).
+    The RBF median bandwidth (sigma=None) is taken per batch and layer. It estimates the
+    CKA of the population, not of the concatenated data: it differs from ``cka_matrix``
+    over all samples (it converges to the debiased population value as batches grow).
+    Memory: O(b²) per layer and batch (or d² for the feature path); the state is O(L²).
+    """
+
+    def __init__(self, kernel: str = "linear", debiased: bool = True, *, sigma: Optional[float] = None,
+                 threshold: float = 1.0, median: str = "full", max_gram_bytes: Optional[int] = None, device=None):
+        super().__init__(kernel, debiased, device)
+        self.sigma = _checks.positive_number("sigma", sigma, allow_none=True)
+        self.threshold = _checks.positive_number("threshold", threshold)
+        self.median = _checks.choice("median", median, reference.MEDIANS)
+        cka_ops._budget(max_gram_bytes)  # validates it now
+        self.max_gram_bytes = max_gram_bytes
+        self._min_samples_per_batch = 4 if debiased else 2
+
+    def _config(self) -> dict:
+        return {"class": "MinibatchCKA", "kernel": self.kernel, "debiased": self.debiased, "sigma": self.sigma,
+                "threshold": self.threshold, "median": self.median}
+
+    def _signature(self) -> list[float]:
+        return [2.0, float(reference.GRAM_KERNELS.index(self.kernel)), float(self.debiased),
+                -1.0 if self.sigma is None else self.sigma, self.threshold, float(reference.MEDIANS.index(self.median))]
+
+    def _stat_shapes(self, layout: Layout) -> list[tuple[str, tuple]]:
+        xs, ys = layout
+        count = len(_positional_layers(layout))
+        return [("hsic", (len(xs), len(xs) if ys is None else len(ys))), ("self", (count,)), ("self_scale", (count,))]
+
+    def _batch_stats(self, layers: list[Tensor], layout: Layout) -> dict:
+        lx = len(layout[0])
+        xs, ys = layers[:lx], None if layout[1] is None else layers[lx:]
+        distinct, _, (x_idx, y_idx), pairs = cka_ops._matrix_layout(xs, ys)
+        n = xs[0].shape[0]
+        dims = [t.shape[1] for t in distinct]
+        plan = cka_ops._plan(n, dims, [(dims[a], dims[b]) for a, b in pairs], self.kernel, self.sigma, "auto",
+                             cka_ops._budget(self.max_gram_bytes), cka_ops._elem(xs[0].dtype))
+        prepared = [cka_ops._prepare(t[None], self.kernel) for t in distinct]
+        feats = [p for p, _ in prepared]
+        log2 = torch.cat([l2 for _, l2 in prepared])
+        if plan.method == "feature":
+            h, self_sq = cka_ops._feature_matrix_numerators(feats, pairs, n, self.debiased), None
+        else:
+            h, self_sq = cka_ops._gram_numerators(feats, self.kernel, self.sigma, self.median, self.threshold, pairs,
+                                                  plan, self.debiased)
+        pairs_t = torch.tensor(pairs, dtype=torch.int64, device=h.device)
+        # undo the linear paths' power-of-two scaling, then HSIC₁ = h / (n(n−3)) (or / (n−1)²)
+        factor = torch.exp2(2 * (log2[pairs_t[:, 0]] + log2[pairs_t[:, 1]])) / cka_ops._normalizer(n, self.debiased)
+        hsic = h * factor
+        index = {p: i for i, p in enumerate(pairs)}
+        col_idx = x_idx if ys is None else y_idx
+        lookup = torch.tensor([[index[(min(a, b), max(a, b))] for b in col_idx] for a in x_idx], device=h.device)
+        self_idx = torch.tensor([index[(a, a)] for a in list(x_idx) + ([] if ys is None else list(y_idx))],
+                                device=h.device)
+        scale = torch.zeros_like(hsic) if self_sq is None else self_sq * factor
+        return {"hsic": hsic[lookup], "self": hsic[self_idx], "self_scale": scale[self_idx]}
+
+    def _combine(self, theirs: dict, their_samples: int) -> None:
+        for key in ("hsic", "self", "self_scale"):
+            self._stats[key] = self._stats[key] + theirs[key]
+
+    def _terms(self):
+        scale = self._stats["self_scale"]
+        return self._stats["hsic"], self._stats["self"], scale if bool((scale > 0).any()) else None
