@@ -216,3 +216,71 @@ def test_result_plots(tmp_path):
         plot_sparsity_profiles({"a": a, "c": c}, tmp_path / "bad.png")
     with pytest.raises(ValueError, match="metrics: 'kurtosis'"):
         plot_sparsity_profiles({"a": a}, tmp_path / "bad.png", metrics=["kurtosis"])
+
+
+# ---- compare_models ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_compare_models_exact_equals_cka_matrix_on_hand_collected_activations(debiased):
+    a, b, batches = TinyEncoder(0), TinyEncoder(1), make_batches()
+    self_result = repkern.compare_models(a, None, batches, LAYERS, debiased=debiased, progress=False)
+    want = repkern.cka_matrix(by_hand(a, batches, "mean"), debiased=debiased)
+    torch.testing.assert_close(self_result.matrix, want, rtol=1e-5, atol=1e-6)
+    assert (self_result.layers_a, self_result.layers_b) == (NAMES, NAMES)
+    assert (self_result.samples, self_result.batches, self_result.estimator) == (15, 3, "exact")
+    assert self_result.debiased is debiased
+    cross = repkern.compare_models(a, b, batches, LAYERS, ["blocks.2", "blocks.0"], pool="all", debiased=debiased,
+                                   progress=False)
+    tokens_b = by_hand(b, batches, "all")
+    want = repkern.cka_matrix(by_hand(a, batches, "all"), [tokens_b[0], tokens_b[2]], debiased=debiased)
+    torch.testing.assert_close(cross.matrix, want, rtol=1e-5, atol=1e-6)  # layers in the model's order
+    assert cross.layers_b == ["blocks.0", "blocks.2"] and cross.samples == sum(int(x["attention_mask"].sum())
+                                                                                for x in batches)
+
+
+def test_compare_models_same_model_other_layers_runs_it_once():
+    a, batches = TinyEncoder(2), make_batches()
+    result = repkern.compare_models(a, a, batches, "blocks.0", LAYERS, progress=False)
+    assert a.forward_calls == 3
+    acts = by_hand(a, batches, "mean")
+    torch.testing.assert_close(result.matrix, repkern.cka_matrix(acts[:1], acts), rtol=1e-5, atol=1e-6)
+
+
+def test_compare_models_minibatch_is_the_per_batch_unbiased_hsic_ratio():
+    a, b, batches = TinyEncoder(0), TinyEncoder(3), make_batches(batch=6)
+    result = repkern.compare_models(a, b, batches, "blocks.1", "blocks.2", estimator="minibatch", progress=False)
+    assert result.debiased and result.estimator == "minibatch"  # the estimator's default
+    xy = xx = yy = 0.0
+    for batch in batches:
+        x, y = by_hand(a, [batch], "mean")[1].double(), by_hand(b, [batch], "mean")[2].double()
+        xy += repkern.reference.hsic(x, y, debiased=True)
+        xx += repkern.reference.hsic(x, x, debiased=True)
+        yy += repkern.reference.hsic(y, y, debiased=True)
+    torch.testing.assert_close(result.matrix.double(), (xy / (xx * yy).sqrt()).reshape(1, 1), rtol=1e-5, atol=1e-6)
+    rbf = repkern.compare_models(a, b, batches, "blocks.1", "blocks.2", kernel="rbf", estimator="minibatch",
+                                 progress=False)
+    assert rbf.kernel == "rbf" and torch.isfinite(rbf.matrix).all()
+
+
+def test_compare_models_errors():
+    a, b, batches = TinyEncoder(0), TinyEncoder(1), make_batches()
+    with pytest.raises(ValueError, match="kernel: the exact streaming estimator is linear only"):
+        repkern.compare_models(a, b, batches, LAYERS, kernel="rbf")
+    with pytest.raises(ValueError, match="estimator: expected one of"):
+        repkern.compare_models(a, b, batches, LAYERS, estimator="approximate")
+    with pytest.raises(TypeError, match="model_b: expected a torch.nn.Module"):
+        repkern.compare_models(a, "b", batches, LAYERS)
+    with pytest.raises(TypeError, match="debiased: expected a bool"):
+        repkern.compare_models(a, b, batches, LAYERS, debiased="yes")
+    with pytest.raises(ValueError, match="dataloader: yielded no batches"):
+        repkern.compare_models(a, b, [], LAYERS, progress=False)
+    assert a.forward_calls == b.forward_calls == 0
+
+    class Twice(nn.Module):
+        def forward(self, x):
+            return torch.cat([x, x])
+
+    rows_a, rows_b = nn.Sequential(nn.Linear(4, 3)), nn.Sequential(nn.Linear(4, 3), Twice())
+    with pytest.raises(ValueError, match="dataloader: batch 0 gave 5 rows in model_a and 10 in model_b"):
+        repkern.compare_models(rows_a, rows_b, [torch.randn(5, 4)], "0", "1", progress=False)
