@@ -4,9 +4,9 @@ Model: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) from the PyPI package ``gt-
 Text: sentences from the docstrings of Python's standard library (nothing to download; the set
 depends on the Python version, which the report records). Measured, not assumed:
 
-1. debiased linear CKA between the hidden states of the embeddings and the 6 layers (token level,
-   streaming exact estimator), and between the pretrained model and the same architecture
-   re-initialized with a fixed seed;
+1. debiased linear CKA between the hidden states of the embeddings and the 6 layers (sentence level:
+   the masked mean over tokens, the model's own sentence embedding; streaming exact estimator), and
+   between the pretrained model and the same architecture re-initialized with a fixed seed;
 2. per-layer hidden-state sparsity of in-distribution sentences against two out-of-distribution
    sets: the same sentences with their words shuffled, and uniformly random tokens;
 3. a TopK SAE trained with repkern's encoder on one layer's token activations: held-out
@@ -69,7 +69,7 @@ class Settings:
     sae_k: int
 
 
-FULL = Settings(sentences=1024, batch_size=64, max_tokens=64, sae_steps=300, sae_batch=512, sae_expansion=4, sae_k=16)
+FULL = Settings(sentences=1024, batch_size=128, max_tokens=64, sae_steps=300, sae_batch=512, sae_expansion=4, sae_k=16)
 QUICK = Settings(sentences=96, batch_size=32, max_tokens=32, sae_steps=40, sae_batch=256, sae_expansion=2, sae_k=8)
 
 
@@ -271,7 +271,9 @@ def _markdown(report: dict, cka_self, cka_cross, profiles: dict, comparison: dic
         "## Findings (measured in this run)\n",
         *[f"- {line}" for line in report["findings"]],
         "",
-        "## 1. Layer CKA (debiased linear, token level, streaming exact estimator)\n",
+        "## 1. Layer CKA (debiased linear, streaming exact estimator)\n",
+        f"One row per sentence: the masked mean of each layer's token states (the sentence embedding of "
+        f"this model is the mean-pooled last layer); n = {data['sentences']}.\n",
         "![CKA between the layers of the pretrained model](cka_pretrained.png)\n",
         _matrix_md(cka_self.matrix, cka_self.layers_a, cka_self.layers_b),
         "Pretrained (rows) vs the same architecture re-initialized with seed "
@@ -361,8 +363,8 @@ def run(out_dir: str, *, quick: bool = False, progress: bool = True, log=print) 
     stage("data")
 
     log("CKA between layers (pretrained), and pretrained vs re-initialized")
-    cka_self = repkern.compare_models(model, None, in_dist, LAYERS, debiased=True, pool="all", progress=progress)
-    cka_cross = repkern.compare_models(model, reinit, in_dist, LAYERS, LAYERS, debiased=True, pool="all",
+    cka_self = repkern.compare_models(model, None, in_dist, LAYERS, debiased=True, pool="mean", progress=progress)
+    cka_cross = repkern.compare_models(model, reinit, in_dist, LAYERS, LAYERS, debiased=True, pool="mean",
                                        progress=progress)
     stage("CKA")
     log("sparsity: in-distribution vs shuffled words vs random tokens")
