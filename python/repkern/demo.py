@@ -28,7 +28,6 @@ import platform
 import random
 import re
 import time
-from typing import Optional
 
 import torch
 
