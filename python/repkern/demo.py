@@ -68,7 +68,7 @@ class Settings:
     sae_k: int
 
 
-FULL = Settings(sentences=1024, batch_size=128, max_tokens=64, sae_steps=300, sae_batch=512, sae_expansion=4, sae_k=16)
+FULL = Settings(sentences=512, batch_size=128, max_tokens=64, sae_steps=300, sae_batch=512, sae_expansion=4, sae_k=16)
 QUICK = Settings(sentences=96, batch_size=32, max_tokens=32, sae_steps=40, sae_batch=256, sae_expansion=2, sae_k=8)
 
 
