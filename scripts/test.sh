@@ -4,14 +4,16 @@
 #     and local memory are errors) and reports registers/shared memory per kernel
 #     and the SASS load widths (no LDL/STL allowed);
 #  2. runs the emulator smoke tests against an AddressSanitizer+UBSan build of repkern._emu;
-#  3. runs the whole test suite.
+#  3. runs the whole test suite; the `demo` extra is installed and required, so the suite
+#     also runs `repkern demo --quick` on the real model (tests/test_cli.py).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 export REPKERN_CUDA_ARCHS="${REPKERN_CUDA_ARCHS:-80-real;90a-real}"
 export REPKERN_STRICT=ON
 # shellcheck disable=SC1091
-source scripts/setup.sh test
+source scripts/setup.sh test,demo
+export REPKERN_REQUIRE_DEMO=1
 python -m pip install -q "pybind11>=2.12" "cmake>=3.26" ninja nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
 
 echo "== CUDA build report"

@@ -5,7 +5,8 @@ Public API (see README): :func:`gram`; :func:`hsic`, :func:`cka`, :func:`cka_fro
 :class:`StreamingCKA`, :class:`MinibatchCKA`; :func:`cka_test` (:class:`CkaTestResult`); :func:`sparsity_stats`, :class:`SparsityAccumulator`;
 :func:`sae_encode`, :func:`sae_decode` (:class:`SparseCodes`, :class:`CsrCodes`), :class:`SAE`
 (with checkpoint loaders);
-:func:`build_info`; pure-PyTorch twins of
+:func:`capture`, :func:`compare_models`, :func:`profile_sparsity` (:class:`CkaResult`,
+:class:`SparsityProfile`, :func:`load_result`); :func:`build_info`; pure-PyTorch twins of
 every op in :mod:`repkern.reference`.
 """
 
@@ -15,6 +16,7 @@ from importlib import metadata as _metadata
 
 from repkern import reference  # noqa: F401
 from repkern._native import has_emulator as _has_emulator
+from repkern.capture import capture
 from repkern.codes import CsrCodes, SparseCodes
 from repkern.cka_test_result import CkaTestResult
 from repkern.ops.cka import CkaPlan, cka, cka_from_grams, cka_matrix, cka_plan, hsic
@@ -23,8 +25,10 @@ from repkern.ops.gram import gram
 from repkern.ops.sae import sae_decode, sae_encode
 from repkern.ops.sparsity import SparsityAccumulator, sparsity_stats
 from repkern.ops.streaming import MinibatchCKA, StreamingCKA
+from repkern.results import CkaResult, SparsityProfile, load_result
 from repkern.sae import SAE
 from repkern.sparsity_result import SparsityStats
+from repkern.workflows import compare_models, profile_sparsity
 
 try:
     __version__ = _metadata.version("repkern")
@@ -49,4 +53,5 @@ def build_info() -> dict:
 __all__ = ["gram", "hsic", "cka", "cka_from_grams", "cka_matrix", "cka_plan", "CkaPlan", "StreamingCKA",
            "MinibatchCKA", "cka_test", "CkaTestResult", "sparsity_stats",
            "SparsityAccumulator", "SparsityStats", "sae_encode", "sae_decode", "SAE", "SparseCodes", "CsrCodes",
+           "capture", "compare_models", "profile_sparsity", "CkaResult", "SparsityProfile", "load_result",
            "build_info", "reference", "__version__"]

@@ -105,6 +105,19 @@ class SparsityStats:
                 out[field.name] = value
         return out
 
+    @classmethod
+    def from_dict(cls, flat: dict) -> "SparsityStats":
+        """Inverse of :meth:`to_dict`; fields missing from ``flat`` are None (as uncomputed ones)."""
+        values = {}
+        for field in dataclasses.fields(cls):
+            if field.type == "dict":
+                prefix = field.name + "/"
+                values[field.name] = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+            else:
+                values[field.name] = flat.get(field.name)
+        values["top_p"] = tuple(values["top_p"])
+        return cls(**values)
+
     def __repr__(self) -> str:
         d = self.count.shape[0]
 

