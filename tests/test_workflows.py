@@ -122,6 +122,8 @@ def test_profile_sparsity_errors_before_running_the_model():
         repkern.profile_sparsity(model, make_batches(), LAYERS, eps=-1.0)
     with pytest.raises(ValueError, match="layers: 'decoder' matches no module"):
         repkern.profile_sparsity(model, make_batches(), "decoder")
+    with pytest.raises(TypeError, match="device: profile_sparsity accumulates on the model's device"):
+        repkern.profile_sparsity(model, make_batches(), LAYERS, device="cpu")
     assert model.forward_calls == 0
     with pytest.raises(ValueError, match="dataloader: yielded no batches"):
         repkern.profile_sparsity(model, [], LAYERS)

@@ -207,6 +207,8 @@ def profile_sparsity(
     """
     _check_model("model", model)
     _check_common(dataloader, progress)
+    if "device" in stats_options:
+        raise TypeError("device: profile_sparsity accumulates on the model's device; move the model instead")
     SparsityAccumulator(1, **stats_options)  # bad settings fail here, before any forward pass
     device = model_device(model)
     accumulators: dict[str, SparsityAccumulator] = {}
