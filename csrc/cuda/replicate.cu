@@ -18,6 +18,7 @@
 
 #include "common/launch.h"
 #include "common/math.h"
+#include "cuda/packed.cuh"
 #include "cuda/reduce.cuh"
 
 namespace repkern::cuda {
@@ -28,21 +29,6 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kBlocksPerSM = 4;
 constexpr int kUnroll = 2;  // vectors in flight per lane
 
-template <typename T>
-constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte load of A
-
-// Raw storage of V elements of U loaded at once (16 bytes for T-sized rows; the int32/float
-// companions of a double row are 8 bytes).
-template <typename U, int V>
-struct alignas(sizeof(U) * V) Pack {
-  U v[V];
-};
-
-template <typename U, int V>
-__device__ __forceinline__ Pack<U, V> load_pack(const U* p) {
-  return *reinterpret_cast<const Pack<U, V>*>(p);
-}
-
 template <ReplicateMode M, typename T, bool Vec>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
     replicate_rows_kernel(const T* __restrict__ a,             // [n, n]
@@ -51,7 +37,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
                           double* __restrict__ out,            // [R, n, C]
                           int64_t replicates, int64_t n) {
   constexpr int C = replicate_channels(M);
-  constexpr int V = Vec ? kVec<T> : 1;
+  constexpr int V = Vec ? kVec16<T> : 1;
   using Companion = std::conditional_t<M == ReplicateMode::Permute, int32_t, float>;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t items = n * replicates;
@@ -63,16 +49,16 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
     const T* b_row = b + (M == ReplicateMode::Permute ? int64_t(col[i]) : i) * n;
     double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
     for (int64_t j0 = int64_t(lane) * V; j0 < n; j0 += int64_t(32) * V * kUnroll) {
-      Pack<T, V> av[kUnroll] = {};
-      Pack<Companion, V> cv[kUnroll] = {};
-      [[maybe_unused]] Pack<T, V> bv[kUnroll] = {};  // Bootstrap: B's row i, read like A's
+      Packed<T, V> av[kUnroll] = {};
+      Packed<Companion, V> cv[kUnroll] = {};
+      [[maybe_unused]] Packed<T, V> bv[kUnroll] = {};  // Bootstrap: B's row i, read like A's
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {  // all loads first: kUnroll vectors in flight
         const int64_t j = j0 + int64_t(u) * 32 * V;
         if (j < n) {  // n % V == 0 when Vec: a vector is whole or absent
-          av[u] = load_pack<T, V>(a_row + j);
-          cv[u] = load_pack<Companion, V>(col + j);
-          if constexpr (M == ReplicateMode::Bootstrap) bv[u] = load_pack<T, V>(b_row + j);
+          av[u] = load_packed<V>(a_row + j);
+          cv[u] = load_packed<V>(col + j);
+          if constexpr (M == ReplicateMode::Bootstrap) bv[u] = load_packed<V>(b_row + j);
         }
       }
 #pragma unroll
@@ -103,7 +89,7 @@ template <ReplicateMode M, typename T>
 void launch(const T* a, const T* b, const int32_t* index, const float* weight, double* out, int64_t replicates,
             int64_t n, void* stream) {
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  const bool vec = n % kVec<T> == 0 && aligned(a) && aligned(b) && aligned(index) && aligned(weight);
+  const bool vec = n % kVec16<T> == 0 && aligned(a) && aligned(b) && aligned(index) && aligned(weight);
   const int64_t items = n * replicates;
   LaunchShape shape;
   shape.grid = dim3(unsigned(rk_min<int64_t>((items + kWarps - 1) / kWarps, int64_t(sm_count()) * kBlocksPerSM)));

@@ -14,6 +14,7 @@
 
 #include "common/launch.h"
 #include "common/sae_math.h"
+#include "cuda/packed.cuh"
 #include "cuda/reduce.cuh"
 
 namespace repkern::cuda {
@@ -22,24 +23,6 @@ namespace {
 constexpr int kWarps = 8;  // warps per block
 constexpr int kThreads = 32 * kWarps;
 constexpr int kBlocksPerSM = 8;  // grid size; __launch_bounds__(kThreads, 2) caps registers at 128 (ptxas spills without the minimum-blocks hint)
-
-template <typename T, int Vec>
-struct alignas(sizeof(T) * Vec) Packed {
-  T v[Vec];
-};
-
-template <int Vec, typename T>
-__device__ __forceinline__ Packed<T, Vec> load_packed(const T* p) {
-  return *reinterpret_cast<const Packed<T, Vec>*>(p);
-}
-
-template <int Vec, typename T>
-__device__ __forceinline__ void store_packed(T* p, const Packed<T, Vec>& v) {
-  *reinterpret_cast<Packed<T, Vec>*>(p) = v;
-}
-
-template <typename T>
-constexpr int kVec16 = int(16 / sizeof(T));
 
 bool is_aligned(const void* p, size_t bytes) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
