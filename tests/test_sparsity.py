@@ -99,6 +99,25 @@ def test_odd_shapes(backend, rows, d):
     _check(_data((rows, d), torch.float32, backend.device, seed=rows + d), top_p=TOP_P)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_blocks_tiles_and_steps(dtype, threads):
+    """The CPU kernel's blocking: 601 rows make several row blocks per thread and a remainder after the
+    four-row steps; d = 700 makes several column tiles with a partial last one. One tile holds a NaN and
+    an Inf (its pass is redone with masks) while the others take the all-finite path."""
+    a = _data((601, 700), torch.float64, torch.device("cpu"), seed=21)
+    a[300, 650], a[517, 690] = math.nan, -math.inf
+    a = a.to(dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for ordered in (False, True):
+            s = _check(a, ordered=ordered, top_p=TOP_P)
+            assert int(s.nan_total) == 1 and int(s.inf_total) == 1 and int(s.nonfinite.sum()) == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_long_rows_fall_back_to_sorted_input(backend, monkeypatch):
     """d above the shared-memory sort buffer of the CUDA kernel: float32 beyond 8192, float64 beyond 4096;
     the rows are sorted by torch in chunks (here one row per chunk)."""

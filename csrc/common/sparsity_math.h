@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/macros.h"
 #include "common/math.h"
@@ -86,9 +87,11 @@ template <typename A>
 RK_HD A inf_value() {
   return A(bit_cast_rk<double>(uint64_t(0x7ff0000000000000ull)));
 }
+// |v| by clearing the sign bit: one AND per vector, and -0 -> +0 (sort keys are sign-free).
 template <typename A>
 RK_HD A abs_value(A v) {
-  return v < A(0) ? -v : (v == A(0) ? A(0) : v);  // -0 -> +0: sort keys are sign-free
+  using Bits = std::conditional_t<sizeof(A) == 8, uint64_t, uint32_t>;
+  return bit_cast_rk<A>(bit_cast_rk<Bits>(v) & (~Bits(0) >> 1));
 }
 
 // Hoyer: (√n − l1/l2)/(√n − 1); NaN for an all-zero row or n <= 1.

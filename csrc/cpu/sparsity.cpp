@@ -1,14 +1,15 @@
 // CPU activation-sparsity statistics: one read of x from memory.
 //
 // Rows are split into one contiguous part per thread (per-part float64 feature states, merged in part
-// order at the end: the result depends only on the thread count). A part is walked in blocks of about
-// kBlockBytes (16 to 128 rows), each block in column tiles small enough that the tile's per-feature
-// accumulators stay in L1 and the tile itself in L2:
-//   pass A (from memory, rows prefetched a few ahead): per-feature count/sum/min/max/Σ|a|/fired/NaN of
-//           the tile and per-row partial n, L0, Σ|a|, Σa², in A; first without NaN/Inf masks, redone
-//           with masks if the tile has any;
-//   pass B (from cache): central sums Σδ², Σδ³, Σδ⁴ around the tile's column means, then a Pébay
-//           merge of the tile into the part's float64 state.
+// order at the end: the result depends only on the thread count). A part is walked in blocks of 16 to
+// 256 rows, each block in column tiles small enough that the tile's per-feature accumulators stay in L1
+// and the tile itself in L2 (with `ordered`, the block's whole rows):
+//   pass A (from memory, the next rows prefetched into L2): per-feature count/sum/min/max/Σ|a|/fired/NaN
+//           of the tile and per-row partial n, L0, Σ|a|, Σa², in A; first without NaN/Inf masks, four
+//           rows per step (the column accumulators are loaded and stored once per step), redone row by
+//           row with masks if the tile has any;
+//   pass B (from cache, four rows per step): central sums Σδ², Σδ³, Σδ⁴ around the tile's column means,
+//           then a Pébay merge of the tile into the part's float64 state.
 // With `ordered`, each row of the block is then revisited (from L2): sortable keys of |a|, an LSD radix
 // sort (8-bit digits; digit passes where every key agrees are skipped: 16-bit inputs sort in two
 // passes), then float64 row sums, Gini, entropies, the threshold count (binary search) and top-p
@@ -26,10 +27,11 @@
 namespace repkern::cpu {
 namespace {
 
-constexpr int64_t kMaxBlockRows = 128, kMinBlockRows = 16;
-constexpr int64_t kBlockBytes = 1 << 20;     // a block of rows stays in L2 for the ordered pass
-constexpr int64_t kTileAccBytes = 20 << 10;  // per-feature tile accumulators kept in L1
-constexpr int64_t kPrefetchRows = 4;
+constexpr int64_t kMaxBlockRows = 256, kMinBlockRows = 16;
+constexpr int64_t kOrderedBlockBytes = 1 << 20;  // whole rows of a block stay in L2 until the ordered pass
+constexpr int64_t kTileBytes = 512 << 10;        // a tile of x stays in L2 between passes A and B
+constexpr int64_t kTileAccBytes = 20 << 10;      // per-feature tile accumulators kept in L1
+constexpr int kStepRows = 4;                     // rows per step of the register-blocked passes
 constexpr int64_t kMinRowsPerPart = 64;
 
 template <typename A>
@@ -140,12 +142,12 @@ struct Stats {
       mn[j] = inf;
       mx[j] = -inf;
     }
-    for (int64_t r = 0; r < nr; ++r) {
+    int64_t r = 0;
+    if constexpr (!kChecked) {
+      for (; r + kStepRows <= nr; r += kStepRows) sums_step<kStepRows>(acc, row_acc, r0, r, nr, c0, w);
+    }
+    for (; r < nr; ++r) {
       const T* row = x + (r0 + r) * ld + c0;
-      // Row segments of a tile are short strided streams that the hardware prefetcher picks up late.
-      if (!kChecked && r + kPrefetchRows < nr) {
-        for (int64_t j = 0; j < w; j += 64 / int64_t(sizeof(T))) __builtin_prefetch(row + kPrefetchRows * ld + j);
-      }
       A n = 0, l0 = 0, l1 = 0, l2sq = 0;
 #pragma omp simd reduction(+ : n, l0, l1, l2sq)
       for (int64_t j = 0; j < w; ++j) {
@@ -179,6 +181,49 @@ struct Stats {
     }
   }
 
+  // kR rows of the all-finite pass A at once: the column accumulators are read and written once per kR
+  // rows instead of once per row (loads and stores, not arithmetic, bound the one-row form).
+  template <int kR>
+  void sums_step(A* const* acc, A* row_acc, int64_t r0, int64_t r, int64_t nr, int64_t c0, int64_t w) const {
+    A *sum = acc[kMean], *mn = acc[kMin], *mx = acc[kMax], *absum = acc[kAbsSum], *fired = acc[kFired];
+    const T* rp[kR];
+    for (int k = 0; k < kR; ++k) rp[k] = x + (r0 + r + k) * ld + c0;
+    // Row segments of a tile are short strided streams that the hardware prefetcher picks up late: the
+    // next step's rows are prefetched into L2 (into L1 they evict the accumulators; measured slower).
+    for (int64_t k = 0; k < kR && r + kR + k < nr; ++k) {
+      const T* ahead = rp[k] + kR * ld;
+      for (int64_t j = 0; j < w; j += 64 / int64_t(sizeof(T))) __builtin_prefetch(ahead + j, 0, 1);
+    }
+    static_assert(kR == 4, "four named row accumulators: gcc does not vectorize array reductions");
+    A l0_0 = 0, l0_1 = 0, l0_2 = 0, l0_3 = 0, l1_0 = 0, l1_1 = 0, l1_2 = 0, l1_3 = 0;
+    A l2_0 = 0, l2_1 = 0, l2_2 = 0, l2_3 = 0;
+    const T *p0 = rp[0], *p1 = rp[1], *p2 = rp[2], *p3 = rp[3];
+#pragma omp simd reduction(+ : l0_0, l0_1, l0_2, l0_3, l1_0, l1_1, l1_2, l1_3, l2_0, l2_1, l2_2, l2_3)
+    for (int64_t j = 0; j < w; ++j) {
+      const A v0 = to_acc(p0[j]), v1 = to_acc(p1[j]), v2 = to_acc(p2[j]), v3 = to_acc(p3[j]);
+      const A a0 = abs_value(v0), a1 = abs_value(v1), a2 = abs_value(v2), a3 = abs_value(v3);
+      const A f0 = a0 > eps ? A(1) : A(0), f1 = a1 > eps ? A(1) : A(0), f2 = a2 > eps ? A(1) : A(0),
+              f3 = a3 > eps ? A(1) : A(0);
+      sum[j] += (v0 + v1) + (v2 + v3);
+      absum[j] += (a0 + a1) + (a2 + a3);
+      fired[j] += (f0 + f1) + (f2 + f3);
+      const A lo01 = v0 < v1 ? v0 : v1, lo23 = v2 < v3 ? v2 : v3, lo = lo01 < lo23 ? lo01 : lo23;
+      const A hi01 = v0 > v1 ? v0 : v1, hi23 = v2 > v3 ? v2 : v3, hi = hi01 > hi23 ? hi01 : hi23;
+      mn[j] = lo < mn[j] ? lo : mn[j];
+      mx[j] = hi > mx[j] ? hi : mx[j];
+      l0_0 += f0, l0_1 += f1, l0_2 += f2, l0_3 += f3;
+      l1_0 += a0, l1_1 += a1, l1_2 += a2, l1_3 += a3;
+      l2_0 += a0 * a0, l2_1 += a1 * a1, l2_2 += a2 * a2, l2_3 += a3 * a3;
+    }
+    const A l0[4] = {l0_0, l0_1, l0_2, l0_3}, l1[4] = {l1_0, l1_1, l1_2, l1_3}, l2sq[4] = {l2_0, l2_1, l2_2, l2_3};
+    for (int k = 0; k < kR; ++k) {
+      row_acc[0 * kMaxBlockRows + r + k] = A(w);
+      row_acc[1 * kMaxBlockRows + r + k] = l0[k];
+      row_acc[2 * kMaxBlockRows + r + k] = l1[k];
+      row_acc[3 * kMaxBlockRows + r + k] = l2sq[k];
+    }
+  }
+
   // Pass B over the tile (from cache): central sums Σδ², Σδ³, Σδ⁴ around the tile's column means.
   template <bool kChecked>
   void tile_central(A* const* acc, int64_t r0, int64_t nr, int64_t c0, int64_t w) const {
@@ -188,17 +233,32 @@ struct Stats {
       mean[j] = count > A(0) ? mean[j] / count : A(0);  // kMean held the sum
       c2[j] = c3[j] = c4[j] = A(0);
     }
-    for (int64_t r = 0; r < nr; ++r) {
-      const T* row = x + (r0 + r) * ld + c0;
+    int64_t r = 0;
+    for (; r + kStepRows <= nr; r += kStepRows) central_step<kChecked, kStepRows>(acc, r0 + r, c0, w);
+    for (; r < nr; ++r) central_step<kChecked, 1>(acc, r0 + r, c0, w);
+  }
+
+  // kR rows of pass B: the central-sum accumulators are read and written once per kR rows.
+  template <bool kChecked, int kR>
+  void central_step(A* const* acc, int64_t row0, int64_t c0, int64_t w) const {
+    A *mean = acc[kMean], *c2 = acc[kM2], *c3 = acc[kM3], *c4 = acc[kM4];
+    const T* rp[kR];
+    for (int k = 0; k < kR; ++k) rp[k] = x + (row0 + k) * ld + c0;
 #pragma omp simd
-      for (int64_t j = 0; j < w; ++j) {
-        const A v = to_acc(row[j]);
+    for (int64_t j = 0; j < w; ++j) {
+      A s2 = c2[j], s3 = c3[j], s4 = c4[j];
+#pragma GCC unroll 8
+      for (int k = 0; k < kR; ++k) {
+        const A v = to_acc(rp[k][j]);
         const A dv = !kChecked || is_finite(v) ? v - mean[j] : A(0);
         const A d2 = dv * dv;
-        c2[j] += d2;
-        c3[j] += d2 * dv;
-        c4[j] += d2 * d2;
+        s2 += d2;
+        s3 += d2 * dv;
+        s4 += d2 * d2;
       }
+      c2[j] = s2;
+      c3[j] = s3;
+      c4[j] = s4;
     }
   }
 
@@ -309,7 +369,10 @@ void run(const T* x, int64_t rows, int64_t d, int64_t ld, double eps, const doub
   using A = acc_t<T>;
   const int64_t tile_cols =
       std::min<int64_t>(d, std::max<int64_t>(16, kTileAccBytes / int64_t(kFeatureFields * sizeof(A)) / 16 * 16));
-  const int64_t block_rows = std::clamp<int64_t>(kBlockBytes / (d * int64_t(sizeof(T))), kMinBlockRows, kMaxBlockRows);
+  // Longer blocks mean fewer float64 merges per element; they are bounded by what must stay in L2.
+  const int64_t block_bytes_per_row = (ordered ? d : tile_cols) * int64_t(sizeof(T));
+  const int64_t block_rows = std::clamp<int64_t>((ordered ? kOrderedBlockBytes : kTileBytes) / block_bytes_per_row,
+                                                 kMinBlockRows, kMaxBlockRows);
   const Stats<T> stats{x, rows, d, ld, A(eps), top_p, num_top_p, ordered, row_out, tile_cols, block_rows};
   const int64_t parts =
       std::clamp<int64_t>((rows + kMinRowsPerPart - 1) / kMinRowsPerPart, 1, std::max(1, num_threads));
