@@ -26,6 +26,7 @@ VECTORIZED_KERNELS = (
     r"features_kernel<.*, true>",  # sparsity one-read pass, 16-byte-load instantiations
     r"ordered_kernel<.*, \(Source\)1>",  # sparsity per-row sort kernel, Source::Vector
     r"replicate_rows_kernel<.*, true>",  # cka_test permutation/bootstrap rows, 16-byte-load instantiations
+    r"hsic_terms_kernel<.*, true>",  # fused HSIC terms over Gram blocks, 16-byte-load instantiations
 )
 
 

@@ -144,7 +144,7 @@ struct Stats {
     }
     int64_t r = 0;
     if constexpr (!kChecked) {
-      for (; r + kStepRows <= nr; r += kStepRows) sums_step<kStepRows>(acc, row_acc, r0, r, nr, c0, w);
+      for (; r + kStepRows <= nr; r += kStepRows) sums_step(acc, row_acc, r0, r, nr, c0, w);
     }
     for (; r < nr; ++r) {
       const T* row = x + (r0 + r) * ld + c0;
@@ -181,23 +181,20 @@ struct Stats {
     }
   }
 
-  // kR rows of the all-finite pass A at once: the column accumulators are read and written once per kR
-  // rows instead of once per row (loads and stores, not arithmetic, bound the one-row form).
-  template <int kR>
+  // Rows r .. r+3 of the all-finite pass A: the column accumulators are read and written once per four
+  // rows instead of once per row (loads and stores, not arithmetic, bound the one-row form); the row
+  // sums are named variables because gcc does not vectorize reductions into arrays.
   void sums_step(A* const* acc, A* row_acc, int64_t r0, int64_t r, int64_t nr, int64_t c0, int64_t w) const {
+    static_assert(kStepRows == 4, "four named row accumulators");
     A *sum = acc[kMean], *mn = acc[kMin], *mx = acc[kMax], *absum = acc[kAbsSum], *fired = acc[kFired];
-    const T* rp[kR];
-    for (int k = 0; k < kR; ++k) rp[k] = x + (r0 + r + k) * ld + c0;
+    const T *p0 = x + (r0 + r) * ld + c0, *p1 = p0 + ld, *p2 = p1 + ld, *p3 = p2 + ld;
     // Row segments of a tile are short strided streams that the hardware prefetcher picks up late: the
     // next step's rows are prefetched into L2 (into L1 they evict the accumulators; measured slower).
-    for (int64_t k = 0; k < kR && r + kR + k < nr; ++k) {
-      const T* ahead = rp[k] + kR * ld;
-      for (int64_t j = 0; j < w; j += 64 / int64_t(sizeof(T))) __builtin_prefetch(ahead + j, 0, 1);
+    for (int64_t k = kStepRows; k < 2 * kStepRows && r + k < nr; ++k) {
+      for (int64_t j = 0; j < w; j += 64 / int64_t(sizeof(T))) __builtin_prefetch(p0 + k * ld + j, 0, 1);
     }
-    static_assert(kR == 4, "four named row accumulators: gcc does not vectorize array reductions");
     A l0_0 = 0, l0_1 = 0, l0_2 = 0, l0_3 = 0, l1_0 = 0, l1_1 = 0, l1_2 = 0, l1_3 = 0;
     A l2_0 = 0, l2_1 = 0, l2_2 = 0, l2_3 = 0;
-    const T *p0 = rp[0], *p1 = rp[1], *p2 = rp[2], *p3 = rp[3];
 #pragma omp simd reduction(+ : l0_0, l0_1, l0_2, l0_3, l1_0, l1_1, l1_2, l1_3, l2_0, l2_1, l2_2, l2_3)
     for (int64_t j = 0; j < w; ++j) {
       const A v0 = to_acc(p0[j]), v1 = to_acc(p1[j]), v2 = to_acc(p2[j]), v3 = to_acc(p3[j]);
@@ -216,7 +213,7 @@ struct Stats {
       l2_0 += a0 * a0, l2_1 += a1 * a1, l2_2 += a2 * a2, l2_3 += a3 * a3;
     }
     const A l0[4] = {l0_0, l0_1, l0_2, l0_3}, l1[4] = {l1_0, l1_1, l1_2, l1_3}, l2sq[4] = {l2_0, l2_1, l2_2, l2_3};
-    for (int k = 0; k < kR; ++k) {
+    for (int k = 0; k < kStepRows; ++k) {
       row_acc[0 * kMaxBlockRows + r + k] = A(w);
       row_acc[1 * kMaxBlockRows + r + k] = l0[k];
       row_acc[2 * kMaxBlockRows + r + k] = l1[k];

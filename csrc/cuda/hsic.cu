@@ -20,10 +20,10 @@
 // RBF) per matrix, 2 per matrix for row/column sums, 2 (float64) per pair.
 #include "hsic.h"
 
-#include <cstring>
 #include <string>
 
 #include "common/launch.h"
+#include "cuda/packed.cuh"
 #include "cuda/reduce.cuh"
 #include "cuda/tile_pairs.cuh"
 
@@ -38,20 +38,7 @@ constexpr int kMaxPairs = 16;       // float64 pair partials per thread, in regi
 constexpr int kBlocksPerSM = 2;  // with 8 loads of 16 B in flight per thread: 64 KB in flight per SM
 
 template <typename A>
-constexpr int kVec = 16 / int(sizeof(A));  // elements per 16-byte load
-template <typename A>
-constexpr int kChunkRows = kThreads * kVec<A> / kCols;  // rows per work item: one load per thread and matrix
-
-template <typename A>
-struct Vec16;
-template <>
-struct Vec16<float> {
-  using type = float4;
-};
-template <>
-struct Vec16<double> {
-  using type = double2;
-};
+constexpr int kChunkRows = kThreads * kVec16<A> / kCols;  // rows per work item: one load per thread and matrix
 
 // What one launch computes. Indexed only with compile-time constants in the kernel
 // (dynamic indices go through shared-memory copies: no local memory).
@@ -73,7 +60,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
                       double* __restrict__ row_sums,  // [m, n]
                       double* __restrict__ diag,      // [m, n]
                       int64_t rows, int64_t cols, int64_t r0, int64_t c0, int64_t n, bool diagonal_block) {
-  constexpr int V = kVec<A>, CR = kChunkRows<A>, kLanesPerRow = kCols / V;
+  constexpr int V = kVec16<A>, CR = kChunkRows<A>, kLanesPerRow = kCols / V;
   constexpr int kChunks = kCols / CR;               // work items per sub-tile
   constexpr int kPerThread = CR * kCols / kThreads;  // entries per thread in the pair products
   __shared__ A tile[kMaxMats][CR][kCols + 1];        // +1: row and column reads without bank conflicts
@@ -120,8 +107,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
         A in[V] = {};
         if constexpr (Vec) {  // cols % V == 0: a row's last chunk is whole 16-byte loads
           if (r < tr && c < tc) {
-            const typename Vec16<A>::type v = *reinterpret_cast<const typename Vec16<A>::type*>(g);
-            memcpy(in, &v, sizeof(v));
+            const Packed<A, V> packed = load_packed<V>(g);
+#pragma unroll
+            for (int v = 0; v < V; ++v) in[v] = packed.v[v];
           }
         } else {
 #pragma unroll
@@ -248,7 +236,7 @@ template <GramKind K, typename A>
 void launch(const LaunchGroup& group, int64_t m, const void* aux, const void* scale, double* cross,
             double* row_sums, double* diag, int64_t rows, int64_t cols, int64_t r0, int64_t c0, int64_t n,
             bool diagonal_block, void* stream) {
-  bool vec = cols % kVec<A> == 0;
+  bool vec = cols % kVec16<A> == 0;
   for (int s = 0; s < group.num_mats; ++s) vec = vec && reinterpret_cast<uintptr_t>(group.blocks[s]) % 16 == 0;
   const int64_t tiles_r = (rows + kCols - 1) / kCols, tiles_c = (cols + kCols - 1) / kCols;
   const int64_t items = (diagonal_block ? tiles_r * (tiles_r / 2 + 1) : tiles_r * tiles_c) * (kCols / kChunkRows<A>);
