@@ -1,11 +1,14 @@
-// CPU replicate row sums: rows split over threads, walked in blocks of rows that stay in L2;
-// for each replicate, each row of the block takes one vectorizable pass (Permute: a gather
-// from row π(i) of B). Blocking keeps a replicate's permutation or weights in cache across the
-// rows of a block instead of reading them again for every row. Each (replicate, row) sum is
-// written, not accumulated, so the result does not depend on the thread count.
+// CPU replicate row sums. Each (replicate, row) sum is written, not accumulated across
+// threads, so the result does not depend on the thread count.
+//   Permute: replicates split over threads, each replicate whole on one thread. A and B are
+//            symmetric, so P_ij = A_ij B_π(i)π(j) = P_ji: row i gathers only its products with
+//            j > i and adds each to row j's sum as well (half the gathers of full rows).
+//   Bootstrap: rows split over threads, walked in blocks that stay in L2 while every replicate
+//            passes over them (a replicate's weights stay in cache across the block's rows).
 #include "replicate.h"
 
 #include <algorithm>
+#include <vector>
 
 #include "common/parallel.h"
 
@@ -14,40 +17,55 @@ namespace {
 
 constexpr int64_t kBlockBytes = 256 << 10;
 
-template <ReplicateMode M, typename T>
-void run(const T* a, const T* b, const int32_t* index, const float* weight, double* out, int64_t replicates,
-         int64_t n, int num_threads) {
+template <typename T>
+void run_permute(const T* a, const T* b, const int32_t* index, double* out, int64_t replicates, int64_t n,
+                 int num_threads) {
+  parallel_for(replicates, num_threads, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<double> lower(static_cast<size_t>(n));  // lower[j] = Σ_{i<j} P_ij, complete when row j is reached
+    double* low = lower.data();
+    for (int64_t r = r0; r < r1; ++r) {
+      const int32_t* perm = index + r * n;
+      std::fill(lower.begin(), lower.end(), 0.0);
+      for (int64_t i = 0; i < n; ++i) {
+        const T* a_row = a + i * n;
+        const T* b_row = b + int64_t(perm[i]) * n;
+        // The gather reads row π(i) in random order: the hardware prefetcher cannot follow it, so
+        // the next row is fetched (from L3) while this one is summed.
+        if (i + 1 < n) {
+          const T* next = b + int64_t(perm[i + 1]) * n;
+          for (int64_t j = 0; j < n; j += 64 / int64_t(sizeof(T))) __builtin_prefetch(next + j, 0, 1);
+        }
+        double s = double(a_row[i]) * double(b_row[perm[i]]);
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = i + 1; j < n; ++j) {
+          const double p = double(a_row[j]) * double(b_row[perm[j]]);
+          s += p;
+          low[j] += p;
+        }
+        out[r * n + i] = s + low[i];
+      }
+    }
+  });
+}
+
+template <typename T>
+void run_bootstrap(const T* a, const T* b, const float* weight, double* out, int64_t replicates, int64_t n,
+                   int num_threads) {
+  constexpr ReplicateMode M = ReplicateMode::Bootstrap;
   constexpr int C = replicate_channels(M);
-  // Rows of A (and of B for Bootstrap) per block: about kBlockBytes.
-  const int64_t block_rows =
-      std::max<int64_t>(1, kBlockBytes / (n * int64_t(sizeof(T)) * (M == ReplicateMode::Bootstrap ? 2 : 1)));
+  const int64_t block_rows = std::max<int64_t>(1, kBlockBytes / (2 * n * int64_t(sizeof(T))));  // of A and B
   parallel_for(n, num_threads, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t ib = i0; ib < i1; ib += block_rows) {
       for (int64_t r = 0; r < replicates; ++r) {
+        const float* w = weight + r * n;
         for (int64_t i = ib; i < std::min(i1, ib + block_rows); ++i) {
-        const T* a_row = a + i * n;
-        double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
-        if constexpr (M == ReplicateMode::Permute) {
-          const int32_t* perm = index + r * n;
-          const T* b_row = b + int64_t(perm[i]) * n;
-          // The gather reads row π(i) in random order: the hardware prefetcher cannot follow it, so
-          // the next row is fetched (from L3) while this one is summed.
-          if (i + 1 < i1) {
-            const T* next = b + int64_t(perm[i + 1]) * n;
-            for (int64_t j = 0; j < n; j += 64 / int64_t(sizeof(T))) __builtin_prefetch(next + j);
-          }
-#pragma omp simd reduction(+ : s0)
-          for (int64_t j = 0; j < n; ++j)
-            replicate_add<M>(s0, s1, s2, s3, s4, double(a_row[j]), double(b_row[perm[j]]), 1.0);
-        } else {
-          const float* w = weight + r * n;
-          const T* b_row = b + i * n;
+          const T *a_row = a + i * n, *b_row = b + i * n;
+          double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
 #pragma omp simd reduction(+ : s0, s1, s2, s3, s4)
           for (int64_t j = 0; j < n; ++j)
             replicate_add<M>(s0, s1, s2, s3, s4, double(a_row[j]), double(b_row[j]), double(w[j]));
-        }
-        const double s[5] = {s0, s1, s2, s3, s4};
-        for (int c = 0; c < C; ++c) out[(r * n + i) * C + c] = s[c];
+          const double s[C] = {s0, s1, s2, s3, s4};
+          for (int c = 0; c < C; ++c) out[(r * n + i) * C + c] = s[c];
         }
       }
     }
@@ -60,7 +78,12 @@ void replicate_rows(ReplicateMode mode, DType dtype, const void* a, const void* 
                     const float* weight, double* out, int64_t replicates, int64_t n, int num_threads) {
   if (replicates == 0 || n == 0) return;
   dispatch_replicate(mode, dtype, [&]<ReplicateMode M, typename T>() {
-    run<M, T>(static_cast<const T*>(a), static_cast<const T*>(b), index, weight, out, replicates, n, num_threads);
+    const T *a_t = static_cast<const T*>(a), *b_t = static_cast<const T*>(b);
+    if constexpr (M == ReplicateMode::Permute) {
+      run_permute<T>(a_t, b_t, index, out, replicates, n, num_threads);
+    } else {
+      run_bootstrap<T>(a_t, b_t, weight, out, replicates, n, num_threads);
+    }
   });
 }
 
