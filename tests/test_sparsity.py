@@ -84,6 +84,22 @@ def test_scalar_load_paths(backend, dtype):
     _check(wide[:, :37])  # rows 48 apart: 16-byte loads, 37 = not a whole number of vectors
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nearly_all_zero_rows(backend, dtype):
+    """SAE-code-like rows: 99% zeros (the CPU kernel sorts only the nonzero entries), with -0.0, a NaN and
+    an Inf in some rows, fewer nonzeros than top-p entries (p = 0.5, 1), a row with one nonzero and an
+    all-zero row."""
+    a = _data((40, 300), torch.float64, backend.device, seed=23, zeros=0.99)
+    a[3, :150] = -0.0
+    a[5, 7], a[6, 8] = math.nan, math.inf
+    a[7] = 0.0
+    a[8] = 0.0
+    a[8, 299] = 2.5
+    s = _check(a.to(dtype), top_p=(0.01, 0.5, 1.0))
+    assert torch.isnan(s.gini[7]) and abs(float(s.gini[8]) - 299 / 300) < 1e-6
+    assert (s.top_p_l1[:, 2][~torch.isnan(s.top_p_l1[:, 2])] == 1).all()
+
+
 def test_expanded_and_batched_inputs(backend):
     row = _data((1, 24), torch.float32, backend.device, seed=16)
     expanded = row.expand(3, 70, 24)  # stride-0 rows: the same row 210 times

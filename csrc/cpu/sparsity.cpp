@@ -10,9 +10,9 @@
 //           row with masks if the tile has any;
 //   pass B (from cache, four rows per step): central sums Σδ², Σδ³, Σδ⁴ around the tile's column means,
 //           then a Pébay merge of the tile into the part's float64 state.
-// With `ordered`, each row of the block is then revisited (from L2): sortable keys of |a|, an LSD radix
-// sort (8-bit digits; digit passes where every key agrees are skipped: 16-bit inputs sort in two
-// passes), then float64 row sums, Gini, entropies, the threshold count (binary search) and top-p
+// With `ordered`, each row of the block is then revisited (from L2): sortable keys of |a|, the zeros set
+// aside (they sort first and add nothing), an LSD radix sort of the rest (8-bit digits; digit passes
+// where every key agrees are skipped: 16-bit inputs sort in two passes), then float64 row sums, Gini, entropies, the threshold count (binary search) and top-p
 // masses from the sorted values.
 #include "sparsity.h"
 
@@ -295,28 +295,37 @@ struct Stats {
       const bool fin = is_finite(v);
       keys[j] = sort_key(abs_value(fin ? v : A(0)), fin);
     }
-    radix_sort(keys, s.keys_tmp.data(), d);
-    const int64_t count = int64_t(n);
+    // Zeros (most entries after a ReLU, nearly all of an SAE code) sort first and add nothing to any sum:
+    // only the other keys are sorted, and the `zeros` entries count as a prefix of the sorted row.
+    int64_t sorted = 0;
+    for (int64_t j = 0; j < d; ++j) {
+      const K key = keys[j];
+      keys[sorted] = key;
+      sorted += key != 0;
+    }
+    if (sorted > 1) radix_sort(keys, s.keys_tmp.data(), sorted);
+    const int64_t count = int64_t(n), zeros = d - sorted;
+    const int64_t nonzero = count - zeros;  // finite nonzero values, ascending in keys[0, nonzero)
     auto value = [keys](int64_t i) { return bit_cast_rk<A>(keys[i]); };
     double l1 = 0, l2sq = 0, gini_sum = 0;
 #pragma omp simd reduction(+ : l1, l2sq, gini_sum)
-    for (int64_t i = 0; i < count; ++i) {
+    for (int64_t i = 0; i < nonzero; ++i) {
       const double a = double(value(i));
       l1 += a;
       l2sq += a * a;
-      gini_sum += gini_weight(i, n) * a;
+      gini_sum += gini_weight(zeros + i, n) * a;
     }
     double sum_a_log_a = 0, sum_a2_log_a = 0;
 #pragma omp simd reduction(+ : sum_a_log_a, sum_a2_log_a)
-    for (int64_t i = 0; i < count; ++i) {
+    for (int64_t i = 0; i < nonzero; ++i) {
       const A a = value(i);
       const A a_log_a = a * log_poly(a);  // float products then float64 sums: this form vectorizes
       sum_a_log_a += double(a_log_a);
       sum_a2_log_a += double(a_log_a) * double(a);
     }
-    // #{|a| > threshold}: the sorted values above the first one that exceeds it.
+    // #{|a| > threshold}: the sorted values above the first one that exceeds it (threshold >= 0: never a zero).
     const double threshold = abs_threshold(n, l1, l2sq);
-    int64_t lo = 0, hi = count;
+    int64_t lo = 0, hi = nonzero;
     while (lo < hi) {
       const int64_t mid = (lo + hi) / 2;
       if (double(value(mid)) > threshold) {
@@ -326,12 +335,12 @@ struct Stats {
       }
     }
     write_sort_free_row(row_out, rows, row_index, double(d), n, l0, l1, l2sq);
-    write_ordered_row(row_out, rows, row_index, n, l1, l2sq, double(count - lo), sum_a_log_a, sum_a2_log_a,
+    write_ordered_row(row_out, rows, row_index, n, l1, l2sq, double(nonzero - lo), sum_a_log_a, sum_a2_log_a,
                       gini_sum);
     for (int p = 0; p < num_top_p; ++p) {
       const int64_t k = std::min(top_k_count(top_p[p], n), count);
       double s1 = 0, s2 = 0;
-      for (int64_t i = count - k; i < count; ++i) {
+      for (int64_t i = std::max<int64_t>(0, count - k - zeros); i < nonzero; ++i) {
         const double a = double(value(i));
         s1 += a;
         s2 += a * a;
