@@ -668,6 +668,32 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("eps"), py::arg("top_p"), py::arg("ordered"), py::arg("feature_state"),
       py::arg("row_out"), py::arg("num_threads"));
+  m.def(
+      "sparsity_row_summaries_cpu",
+      [](const ViewArg& rows_out_arg, const ViewArg& divisor_arg, const ViewArg& sums_arg, const ViewArg& defined_arg,
+         const ViewArg& hist_arg, int num_threads) {
+        TensorView rows_out = view(rows_out_arg, "row_out");
+        if (rows_out.sizes.size() != 2 || (rows_out.dtype != DType::Float32 && rows_out.dtype != DType::Float64))
+          throw std::invalid_argument("row_out: expected a float32 or float64 [channels, rows] tensor");
+        const int64_t channels = rows_out.sizes[0], rows = rows_out.sizes[1];
+        rows_out.expect(rows_out.dtype, {channels, rows});
+        TensorView hist = view(hist_arg, "hist");
+        if (hist.sizes.size() != 2 || hist.sizes[1] < 1) throw std::invalid_argument("hist: expected [channels, bins]");
+        const int64_t bins = hist.sizes[1];
+        hist.expect(DType::Int64, {channels, bins});
+        TensorView divisor = view(divisor_arg, "hist_divisor");
+        divisor.expect(DType::Float64, {channels});
+        TensorView sums = view(sums_arg, "sums");
+        sums.expect(DType::Float64, {channels});
+        TensorView defined = view(defined_arg, "defined");
+        defined.expect(DType::Int64, {channels});
+        py::gil_scoped_release release;
+        repkern::cpu::sparsity_row_summaries(rows_out.dtype, rows_out.data, channels, rows, divisor.as<double>(), bins,
+                                             sums.as<double>(), defined.as<int64_t>(), hist.as<int64_t>(),
+                                             num_threads);
+      },
+      py::arg("row_out"), py::arg("hist_divisor"), py::arg("sums"), py::arg("defined"), py::arg("hist"),
+      py::arg("num_threads"));
 #if defined(REPKERN_WITH_CUDA)
   def_cuda_launchers(m);
 #endif

@@ -23,6 +23,20 @@ void sparsity_stats(DType dtype,
                     double* feature_state,  // [kFeatureFields, d]
                     void* row_out,          // [row_channels(num_top_p, ordered), rows] A
                     int num_threads);
+
+// Per-row summaries of the row channels (what the accumulator keeps of each batch): per channel the
+// float64 sum and count of its non-NaN values and, where hist_divisor[c] > 0, the histogram on [0, 1] of
+// value / hist_divisor[c] (clamped; torch.histc's binning). python/repkern/sparsity_result.py
+// row_summary_parts is the same in torch.
+void sparsity_row_summaries(DType dtype,                // of row_out: float32 or float64
+                            const void* row_out,        // [channels, rows]
+                            int64_t channels, int64_t rows,
+                            const double* hist_divisor, // [channels]; 0 = no histogram
+                            int64_t bins,
+                            double* sums,               // [channels]
+                            int64_t* defined,           // [channels]
+                            int64_t* hist,              // [channels, bins]
+                            int num_threads);
 }  // namespace cpu
 
 namespace cuda {

@@ -329,6 +329,9 @@ def test_opcheck():
     for args in [(x, 0.0, [0.1, 0.5], True), (x, 0.2, [], False), (x.float(), 0.0, [0.05], True),
                  (x.bfloat16(), 0.0, [0.25], True)]:
         torch.library.opcheck(torch.ops.repkern.sparsity_stats.default, args)
+    out = torch.ops.repkern.sparsity_stats(x.float(), 0.0, [0.05], True)[1]
+    divisor = torch.tensor([9.0] + [0.0] * 3 + [1.0] * (out.shape[0] - 4), dtype=torch.float64)
+    torch.library.opcheck(torch.ops.repkern.sparsity_row_summaries.default, (out, divisor, 7))
 
 
 def test_torch_compile_fullgraph():
@@ -458,6 +461,33 @@ def _distributed_worker(rank: int, world: int) -> None:
 
 def test_all_reduce_over_two_gloo_processes_equals_single_process():
     run_gloo_processes(_distributed_worker)
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_row_summaries_match_the_torch_form(ordered, dtype):
+    """The CPU path summarizes the row channels natively; sparsity_result.row_summary_parts is the torch
+    definition: NaN rows, values a hair outside [0, 1], exact bin edges, l0 counts as fractions of d."""
+    from repkern import sparsity_result as sr
+    from repkern.ops import sparsity as ops
+
+    top_p, d, bins, rows = (0.1, 0.5, 1.0), 37, 20, 300
+    channels = ops.row_channels(len(top_p), ordered)
+    g = torch.Generator().manual_seed(24)
+    out = torch.rand((channels, rows), generator=g, dtype=torch.float64) * 1.1 - 0.05
+    out[:, :21] = torch.arange(21, dtype=torch.float64) / 20  # bin edges, 1.0 included
+    out[:, 30:40] = math.nan
+    out[0] = torch.randint(0, d + 1, (rows,), generator=g).double()  # l0: counts
+    out[0, 0], out[0, 1] = 0, d
+    out = out.to(dtype)
+    native = ops._native_row_summaries(out, top_p, ordered, d, bins)
+    torch_form = sr.row_summary_parts(ops._row_dict(out, top_p, ordered), d, bins)
+    for got, want in zip(native, torch_form):
+        assert list(got) == list(want)
+        for name in want:
+            assert got[name].shape == want[name].shape and got[name].dtype == want[name].dtype, name
+            torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=0, msg=name)
+    assert int(native[2]["hoyer"].sum()) == int(native[1]["hoyer"]) == rows - 10
 
 
 def test_row_channels_layout_matches_native():

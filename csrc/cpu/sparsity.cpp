@@ -397,7 +397,46 @@ void run(const T* x, int64_t rows, int64_t d, int64_t ld, double eps, const doub
   std::memcpy(feature_state, total.f.data(), total.f.size() * sizeof(double));
 }
 
+// Sum and count of the non-NaN values of one channel and, for divisor > 0, the histogram of value / divisor
+// clamped to [0, 1] (NaN dropped) in `bins` bins: torch.histc's binning, as sparsity_result.histogram.
+template <typename A>
+void summarize_channel(const A* values, int64_t rows, double divisor, int64_t bins, double* sum, int64_t* defined,
+                       int64_t* hist) {
+  double total = 0;
+  int64_t count = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const double v = double(values[i]);
+    if (v != v) continue;
+    total += v;
+    ++count;
+    if (divisor > 0) {
+      const double share = std::clamp(v / divisor, 0.0, 1.0);
+      ++hist[std::min(int64_t(share * double(bins)), bins - 1)];
+    }
+  }
+  *sum = total;
+  *defined = count;
+}
+
 }  // namespace
+
+void sparsity_row_summaries(DType dtype, const void* row_out, int64_t channels, int64_t rows,
+                            const double* hist_divisor, int64_t bins, double* sums, int64_t* defined, int64_t* hist,
+                            int num_threads) {
+  std::fill_n(hist, channels * bins, int64_t(0));
+  parallel_for(channels, num_threads, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      auto summarize = [&](const auto* values) {
+        summarize_channel(values + c * rows, rows, hist_divisor[c], bins, sums + c, defined + c, hist + c * bins);
+      };
+      if (dtype == DType::Float64) {
+        summarize(static_cast<const double*>(row_out));
+      } else {
+        summarize(static_cast<const float*>(row_out));
+      }
+    }
+  });
+}
 
 void sparsity_stats(DType dtype, const void* x, int64_t rows, int64_t d, int64_t ld, double eps,
                     const double* top_p, int num_top_p, bool ordered, double* feature_state, void* row_out,

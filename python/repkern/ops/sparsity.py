@@ -4,6 +4,9 @@ Custom op (fake impl registered; no autograd: counts, thresholds and sorts have 
 the public functions detach their input):
   repkern::sparsity_stats(x (N, d), eps, top_p (P floats), ordered)
       -> (feature state (10, d) float64, row channels (C, N) in the accumulation dtype)
+  repkern::sparsity_row_summaries(row channels (C, N), histogram divisors (C,), bins)   [CPU]
+      -> (per channel: sum of the non-NaN values, their count, histogram on [0, 1]): what a batch adds to
+      the per-row summaries; sparsity_result.row_summary_parts is the torch form (CUDA, reference).
 The feature state holds, per feature, count / fired / NaN counts, mean and central moment sums M2..M4,
 min, max, Σ|a| (csrc/common/sparsity_math.h): partial states merge exactly (Chan/Pébay, float64), which
 is what the accumulator does across batches and processes.
@@ -122,6 +125,51 @@ def merge_feature_states(a: Tensor, b: Tensor) -> Tensor:
                         torch.maximum(maxa, maxb), absa + absb])
 
 
+def _channel_names(top_p: tuple, ordered: bool) -> list:
+    """Name of each row channel (row of the (C, N) output); the top-p ones repeat once per p."""
+    names = list(SORT_FREE_CHANNELS)
+    if ordered:
+        names += list(ORDERED_CHANNELS) + ["top_p_l1"] * len(top_p) + ["top_p_l2"] * len(top_p)
+    return names
+
+
+@torch.library.custom_op("repkern::sparsity_row_summaries", mutates_args=())
+def _row_summaries_op(out: Tensor, histogram_divisor: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Row channels (C, N) on the CPU -> per channel (sum of the non-NaN values (C,) float64, their count
+    (C,) int64, histogram (C, bins) int64 of value / divisor on [0, 1] where divisor > 0)."""
+    channels = out.shape[0]
+    sums = torch.empty(channels, dtype=torch.float64)
+    defined = torch.empty(channels, dtype=torch.int64)
+    hist = torch.empty((channels, bins), dtype=torch.int64)
+    _native.call("sparsity_row_summaries", out.device, out, histogram_divisor, sums, defined, hist)
+    return sums, defined, hist
+
+
+@_row_summaries_op.register_fake
+def _(out, histogram_divisor, bins):
+    channels = out.shape[0]
+    return (out.new_empty(channels, dtype=torch.float64), out.new_empty(channels, dtype=torch.int64),
+            out.new_empty((channels, bins), dtype=torch.int64))
+
+
+def _native_row_summaries(out: Tensor, top_p: tuple, ordered: bool, d: int, bins: int) -> tuple[dict, dict, dict]:
+    """sr.row_summary_parts of the row channels (C, N), in one native pass over them (CPU): the torch form
+    costs ~20 small torch calls, about as long as the kernel itself on a batch of a few hundred rows."""
+    names = _channel_names(top_p, ordered)
+    divisor = [float(d) if n == "l0" else 1.0 if n in sr.ROW_HISTOGRAM_STATS else 0.0 for n in names]
+    sums, defined, hist = torch.ops.repkern.sparsity_row_summaries(
+        out, torch.tensor(divisor, dtype=torch.float64), bins)
+
+    def channels_of(name: str):
+        first = names.index("l0" if name == "l0_fraction" else name)
+        return slice(first, first + len(top_p)) if name.startswith("top_p") else first
+
+    stats = [n for n in sr.ROW_STATS if n in names]
+    histogram_stats = [n for n in sr.ROW_HISTOGRAM_STATS if ("l0" if n == "l0_fraction" else n) in names]
+    return ({n: sums[channels_of(n)] for n in stats}, {n: defined[channels_of(n)] for n in stats},
+            {n: hist[channels_of(n)] for n in histogram_stats})
+
+
 def _row_dict(out: Tensor, top_p: tuple, ordered: bool) -> dict:
     """Row channels (C, N) -> {name: (N,) or (N, P)}; counts as int64."""
     rows = {name: out[i] for i, name in enumerate(SORT_FREE_CHANNELS)}
@@ -137,14 +185,19 @@ def _row_dict(out: Tensor, top_p: tuple, ordered: bool) -> dict:
     return rows
 
 
-def _run(a: Tensor, eps: float, top_p: tuple, ordered: bool) -> tuple[Tensor, dict]:
-    """a (..., d) -> (feature state, per-row dict of (N,) / (N, P) tensors), honouring REPKERN_BACKEND."""
+def _run(a: Tensor, eps: float, top_p: tuple, ordered: bool, row_bins: int) -> tuple[Tensor, dict, tuple]:
+    """a (..., d) -> (feature state, per-row dict of (N,) / (N, P) tensors, row summary parts), honouring
+    REPKERN_BACKEND."""
     d = a.shape[-1]
     x = a.detach().reshape(-1, d)
     if _native.use_reference():
-        return reference.sparsity_feature_state(x, eps), reference.sparsity_rows(x, eps, top_p, ordered)
+        per_row = reference.sparsity_rows(x, eps, top_p, ordered)
+        return reference.sparsity_feature_state(x, eps), per_row, sr.row_summary_parts(per_row, d, row_bins)
     state, out = torch.ops.repkern.sparsity_stats(x, eps, list(top_p), ordered)
-    return state, _row_dict(out, top_p, ordered)
+    per_row = _row_dict(out, top_p, ordered)
+    if _native.backend_for(out.device) == "cpu":
+        return state, per_row, _native_row_summaries(out, top_p, ordered, d, row_bins)
+    return state, per_row, sr.row_summary_parts(per_row, d, row_bins)
 
 
 # ---- public API ---------------------------------------------------------------------------------
@@ -192,8 +245,7 @@ def sparsity_stats(
         return reference.sparsity_stats(a, eps=eps, top_p=top_p, dense_threshold=dense_threshold,
                                         density_bins=density_bins, row_bins=row_bins, ordered=ordered)
     d = a.shape[-1]
-    state, per_row = _run(a, eps, top_p, ordered)
-    sums, defined, hists = sr.row_summary_parts(per_row, d, row_bins)
+    state, per_row, (sums, defined, hists) = _run(a, eps, top_p, ordered, row_bins)
     lead = a.shape[:-1]
     shaped = {k: v.reshape(*lead, *v.shape[1:]) for k, v in per_row.items()}
     return sr.build_stats(state, a.numel() // d, shaped, sums, defined, hists, stat_dtype=_native.stat_dtype(a.dtype),
@@ -294,8 +346,7 @@ class SparsityAccumulator:
         rows = a.numel() // self.d
         if rows == 0:
             return self
-        state, per_row = _run(a, self.eps, self.top_p, self.ordered)
-        sums, defined, hists = sr.row_summary_parts(per_row, self.d, self.row_bins)
+        state, per_row, (sums, defined, hists) = _run(a, self.eps, self.top_p, self.ordered, self.row_bins)
         self._add(state, rows, sums, defined, hists, _native.stat_dtype(a.dtype), [per_row] if self.keep_rows else [])
         return self
 
