@@ -12,8 +12,8 @@
 //           then a Pébay merge of the tile into the part's float64 state.
 // With `ordered`, each row of the block is then revisited (from L2): sortable keys of |a|, the zeros set
 // aside (they sort first and add nothing), an LSD radix sort of the rest (8-bit digits; digit passes
-// where every key agrees are skipped: 16-bit inputs sort in two passes), then float64 row sums, Gini, entropies, the threshold count (binary search) and top-p
-// masses from the sorted values.
+// where every key agrees are skipped: 16-bit inputs sort in two passes), then float64 row sums, Gini,
+// entropies, the threshold count (binary search) and top-p masses from the sorted values.
 #include "sparsity.h"
 
 #include <algorithm>

@@ -133,6 +133,12 @@ def _channel_names(top_p: tuple, ordered: bool) -> list:
     return names
 
 
+def _channels_of(names: list, name: str, num_top_p: int):
+    """Index (or slice, for top_p_*) of statistic `name` among the row channels `names`."""
+    first = names.index(name)
+    return slice(first, first + num_top_p) if name.startswith("top_p") else first
+
+
 @torch.library.custom_op("repkern::sparsity_row_summaries", mutates_args=())
 def _row_summaries_op(out: Tensor, histogram_divisor: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
     """Row channels (C, N) on the CPU -> per channel (sum of the non-NaN values (C,) float64, their count
@@ -159,29 +165,22 @@ def _native_row_summaries(out: Tensor, top_p: tuple, ordered: bool, d: int, bins
     divisor = [float(d) if n == "l0" else 1.0 if n in sr.ROW_HISTOGRAM_STATS else 0.0 for n in names]
     sums, defined, hist = torch.ops.repkern.sparsity_row_summaries(
         out, torch.tensor(divisor, dtype=torch.float64), bins)
-
-    def channels_of(name: str):
-        first = names.index("l0" if name == "l0_fraction" else name)
-        return slice(first, first + len(top_p)) if name.startswith("top_p") else first
-
-    stats = [n for n in sr.ROW_STATS if n in names]
-    histogram_stats = [n for n in sr.ROW_HISTOGRAM_STATS if ("l0" if n == "l0_fraction" else n) in names]
-    return ({n: sums[channels_of(n)] for n in stats}, {n: defined[channels_of(n)] for n in stats},
-            {n: hist[channels_of(n)] for n in histogram_stats})
+    stat = {n: _channels_of(names, n, len(top_p)) for n in sr.ROW_STATS if n in names}
+    histogram = {n: stat["l0" if n == "l0_fraction" else n] for n in sr.ROW_HISTOGRAM_STATS
+                 if ("l0" if n == "l0_fraction" else n) in stat}
+    return ({n: sums[c] for n, c in stat.items()}, {n: defined[c] for n, c in stat.items()},
+            {n: hist[c] for n, c in histogram.items()})
 
 
 def _row_dict(out: Tensor, top_p: tuple, ordered: bool) -> dict:
     """Row channels (C, N) -> {name: (N,) or (N, P)}; counts as int64."""
-    rows = {name: out[i] for i, name in enumerate(SORT_FREE_CHANNELS)}
+    names = _channel_names(top_p, ordered)
+    rows = {name: out[_channels_of(names, name, len(top_p))] for name in dict.fromkeys(names)}
     rows["l0"] = rows["l0"].to(torch.int64)
     rows["nonfinite"] = rows["nonfinite"].to(torch.int64)
-    if ordered:
-        base = len(SORT_FREE_CHANNELS)
-        rows.update({name: out[base + i] for i, name in enumerate(ORDERED_CHANNELS)})
-        base += len(ORDERED_CHANNELS)
-        p = len(top_p)
-        rows["top_p_l1"] = out[base : base + p].T
-        rows["top_p_l2"] = out[base + p : base + 2 * p].T
+    for name in ("top_p_l1", "top_p_l2"):
+        if name in rows:
+            rows[name] = rows[name].T
     return rows
 
 
