@@ -669,6 +669,19 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("eps"), py::arg("top_p"), py::arg("ordered"), py::arg("feature_state"),
       py::arg("row_out"), py::arg("num_threads"));
   m.def(
+      "sparsity_merge_states_cpu",
+      [](const ViewArg& state_arg, const ViewArg& other_arg, int /*num_threads*/) {
+        TensorView state = view(state_arg, "state");
+        if (state.sizes.size() != 2) throw std::invalid_argument("state: expected [kFeatureFields, d]");
+        const int64_t d = state.sizes[1];
+        state.expect(DType::Float64, {repkern::kFeatureFields, d});
+        TensorView other = view(other_arg, "other");
+        other.expect(DType::Float64, {repkern::kFeatureFields, d});
+        py::gil_scoped_release release;
+        repkern::cpu::sparsity_merge_states(state.as<double>(), other.as<const double>(), d);
+      },
+      py::arg("state"), py::arg("other"), py::arg("num_threads"));
+  m.def(
       "sparsity_row_summaries_cpu",
       [](const ViewArg& rows_out_arg, const ViewArg& divisor_arg, const ViewArg& sums_arg, const ViewArg& defined_arg,
          const ViewArg& hist_arg, int num_threads) {

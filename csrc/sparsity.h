@@ -24,6 +24,11 @@ void sparsity_stats(DType dtype,
                     void* row_out,          // [row_channels(num_top_p, ordered), rows] A
                     int num_threads);
 
+// state ∪= other: two per-feature states (a batch's into an accumulator's), merge_moments per feature.
+void sparsity_merge_states(double* state,        // [kFeatureFields, d]
+                           const double* other,  // [kFeatureFields, d]
+                           int64_t d);
+
 // Per-row summaries of the row channels (what the accumulator keeps of each batch): per channel the
 // float64 sum and count of its non-NaN values and, where hist_divisor[c] > 0, the histogram on [0, 1] of
 // value / hist_divisor[c] (clamped; torch.histc's binning). python/repkern/sparsity_result.py

@@ -490,6 +490,25 @@ def test_native_row_summaries_match_the_torch_form(ordered, dtype):
     assert int(native[2]["hoyer"].sum()) == int(native[1]["hoyer"]) == rows - 10
 
 
+def test_native_state_merge_matches_the_torch_form():
+    """The accumulator merges feature states natively on the CPU; merge_feature_states_torch is the same
+    formulas in torch: batches with different means and counts, NaN/Inf columns, empty sides."""
+    from repkern.ops import sparsity as ops
+
+    a = _data((70, 12), torch.float64, "cpu", seed=25)
+    b = _data((9, 12), torch.float64, "cpu", seed=26) * 3 + 2
+    a[:, 3] = math.nan
+    b[:4, 5] = math.inf
+    states = [torch.ops.repkern.sparsity_stats(t, 0.0, [], False)[0] for t in (a, b)]
+    empty = ops.empty_feature_state(12)
+    for left, right in [states, states[::-1], (empty, states[0]), (states[1], empty), (empty, empty)]:
+        got, want = ops.merge_feature_states(left, right), ops.merge_feature_states_torch(left, right)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+    merged = ops.merge_feature_states(*states)
+    whole = torch.ops.repkern.sparsity_stats(torch.cat([a, b]), 0.0, [], False)[0]
+    torch.testing.assert_close(merged, whole, rtol=1e-10, atol=1e-10, equal_nan=True)
+
+
 def test_row_channels_layout_matches_native():
     """The Python view of the native row outputs (names and order) is the one the kernels write."""
     a = _data((5, 7), torch.float64, "cpu", seed=50)

@@ -84,11 +84,9 @@ struct PartState {
   const double* field(int k) const { return f.data() + k * d; }
 };
 
-// dst[j] ∪= src[j] for columns [c0, c0 + w); src fields are pointers to w-long arrays (tile or part).
+// dst[j] ∪= src[j] for j in [0, w); each side is one pointer per field to a w-long array.
 template <typename S>
-void merge_columns(PartState& dst, int64_t c0, int64_t w, const S* const* src) {
-  double* f[kFeatureFields];
-  for (int k = 0; k < kFeatureFields; ++k) f[k] = dst.field(k) + c0;
+void merge_columns(double* const* f, int64_t w, const S* const* src) {
 #pragma omp simd
   for (int64_t j = 0; j < w; ++j) {
     const Moments<double> a{f[kCount][j], f[kMean][j], f[kM2][j], f[kM3][j], f[kM4][j]};
@@ -102,6 +100,14 @@ void merge_columns(PartState& dst, int64_t c0, int64_t w, const S* const* src) {
     f[kMin][j] = std::min(f[kMin][j], double(src[kMin][j]));
     f[kMax][j] = std::max(f[kMax][j], double(src[kMax][j]));
   }
+}
+
+// Columns [c0, c0 + w) of a part's state ∪= src (a tile's or another part's fields).
+template <typename S>
+void merge_columns(PartState& dst, int64_t c0, int64_t w, const S* const* src) {
+  double* f[kFeatureFields];
+  for (int k = 0; k < kFeatureFields; ++k) f[k] = dst.field(k) + c0;
+  merge_columns(f, w, src);
 }
 
 template <typename T>
@@ -419,6 +425,13 @@ void summarize_channel(const A* values, int64_t rows, double divisor, int64_t bi
 }
 
 }  // namespace
+
+void sparsity_merge_states(double* state, const double* other, int64_t d) {
+  double* dst[kFeatureFields];
+  const double* src[kFeatureFields];
+  for (int k = 0; k < kFeatureFields; ++k) dst[k] = state + k * d, src[k] = other + k * d;
+  merge_columns(dst, d, src);
+}
 
 void sparsity_row_summaries(DType dtype, const void* row_out, int64_t channels, int64_t rows,
                             const double* hist_divisor, int64_t bins, double* sums, int64_t* defined, int64_t* hist,

@@ -105,7 +105,17 @@ def empty_feature_state(d: int, device=None) -> Tensor:
 
 
 def merge_feature_states(a: Tensor, b: Tensor) -> Tensor:
-    """Union of two feature states (10, d): Chan/Pébay moment merge in float64, the same formulas as
+    """Union of two feature states (10, d): natively on the CPU (merge_moments of
+    csrc/common/sparsity_math.h; 0.08 vs 0.29 ms at d = 4096, on every accumulator update), else in torch."""
+    if not _native.use_reference() and _native.backend_for(a.device) == "cpu":
+        merged = a.clone()
+        _native.call("sparsity_merge_states", a.device, merged, b.contiguous())
+        return merged
+    return merge_feature_states_torch(a, b)
+
+
+def merge_feature_states_torch(a: Tensor, b: Tensor) -> Tensor:
+    """merge_feature_states in torch: Chan/Pébay moment merge in float64, the same formulas as
     merge_moments in csrc/common/sparsity_math.h; counts and Σ|a| add, min/max combine."""
     na, nfa, nna, ma, m2a, m3a, m4a, mina, maxa, absa = a.unbind(0)
     nb, nfb, nnb, mb, m2b, m3b, m4b, minb, maxb, absb = b.unbind(0)
