@@ -395,11 +395,7 @@ void run(const T* x, int64_t rows, int64_t d, int64_t ld, double eps, const doub
     for (int64_t p = p0; p < p1; ++p) stats.run_part(states[size_t(p)], rows * p / parts, rows * (p + 1) / parts);
   });
   PartState& total = states[0];
-  for (int64_t p = 1; p < parts; ++p) {
-    const double* src[kFeatureFields];
-    for (int k = 0; k < kFeatureFields; ++k) src[k] = states[size_t(p)].field(k);
-    merge_columns<double>(total, 0, d, src);
-  }
+  for (int64_t p = 1; p < parts; ++p) sparsity_merge_states(total.f.data(), states[size_t(p)].f.data(), d);
   std::memcpy(feature_state, total.f.data(), total.f.size() * sizeof(double));
 }
 
