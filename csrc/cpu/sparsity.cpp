@@ -4,10 +4,11 @@
 // order at the end: the result depends only on the thread count). A part is walked in blocks of 16 to
 // 256 rows, each block in column tiles small enough that the tile's per-feature accumulators stay in L1
 // and the tile itself in L2 (with `ordered`, the block's whole rows):
-//   pass A (from memory, the next rows prefetched into L2): per-feature count/sum/min/max/Σ|a|/fired/NaN
-//           of the tile and per-row partial n, L0, Σ|a|, Σa², in A; first without NaN/Inf masks, four
-//           rows per step (the column accumulators are loaded and stored once per step), redone row by
-//           row with masks if the tile has any;
+//   pass A (from memory, rows 16 ahead prefetched from inside the arithmetic): per-feature
+//           count/sum/min/max/Σ|a|/fired/NaN of the tile and per-row partial n, L0, Σ|a|, Σa², in A;
+//           first without NaN/Inf masks, four rows per step in 64-byte SIMD vectors (the column
+//           accumulators are loaded and stored once per step), redone row by row with masks if the tile
+//           has any;
 //   pass B (from cache, four rows per step): central sums Σδ², Σδ³, Σδ⁴ around the tile's column means,
 //           then a Pébay merge of the tile into the part's float64 state.
 // With `ordered`, each row of the block is then revisited (from L2): sortable keys of |a|, the zeros set
@@ -19,7 +20,13 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "common/dispatch.h"
 #include "common/parallel.h"
@@ -32,6 +39,7 @@ constexpr int64_t kOrderedBlockBytes = 1 << 20;  // whole rows of a block stay i
 constexpr int64_t kTileBytes = 512 << 10;        // a tile of x stays in L2 between passes A and B
 constexpr int64_t kTileAccBytes = 20 << 10;      // per-feature tile accumulators kept in L1
 constexpr int kStepRows = 4;                     // rows per step of the register-blocked passes
+constexpr int64_t kPrefetchRows = 16;            // look-ahead of pass A's in-loop prefetches
 constexpr int64_t kMinRowsPerPart = 64;
 
 template <typename A>
@@ -110,6 +118,58 @@ void merge_columns(PartState& dst, int64_t c0, int64_t w, const S* const* src) {
   merge_columns(f, w, src);
 }
 
+// 64-byte SIMD vectors of A (gcc/clang vector extensions: one AVX-512 register with -march=native on
+// such CPUs, two or four narrower ones elsewhere); loads and stores need no alignment.
+template <typename A>
+struct Simd {
+  static constexpr int kLanes = 64 / int(sizeof(A));
+  typedef A Vec __attribute__((vector_size(64)));
+  using Bits = decltype(Vec{} < Vec{});  // the signed integer vector of the same lanes
+
+  static Vec load(const A* p) {
+    Vec v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  template <typename T>
+  static Vec load_converted(const T* p) {
+    if constexpr (std::is_same_v<T, A>) {
+      return load(p);
+    } else if constexpr (std::is_same_v<T, BFloat16>) {  // the float's upper half
+      typedef uint16_t Narrow __attribute__((vector_size(32)));  // A is float: 16 lanes
+      typedef uint32_t Wide __attribute__((vector_size(64)));
+      Narrow bits;
+      std::memcpy(&bits, p, sizeof bits);
+      return Vec(__builtin_convertvector(bits, Wide) << 16);
+#if defined(__AVX512F__)
+    } else if constexpr (std::is_same_v<T, Half>) {  // one instruction (gcc converts _Float16 vectors by lane)
+      return Vec(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#endif
+    } else {
+      Vec v;
+      for (int q = 0; q < kLanes; ++q) v[q] = to_acc(p[q]);
+      return v;
+    }
+  }
+  static void store(A* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+  static Vec abs(Vec v) { return Vec(Bits(v) & (Bits{} + (~KeyOf<A>(0) >> 1))); }
+  static Vec min(Vec a, Vec b) { return a < b ? a : b; }
+  static Vec max(Vec a, Vec b) { return a > b ? a : b; }
+  // Σ of the lanes: pairwise, by rotating half, a quarter, ... of the vector onto itself.
+  template <int kShift = kLanes / 2>
+  static A sum(Vec v) {
+    if constexpr (kShift == 0) {
+      return v[0];
+    } else {
+      return sum<kShift / 2>(v + rotate<kShift>(v, std::make_integer_sequence<int, kLanes>{}));
+    }
+  }
+  template <int kShift, int... kLane>
+  static Vec rotate(Vec v, std::integer_sequence<int, kLane...>) {
+    return __builtin_shufflevector(v, v, ((kLane + kShift) % kLanes)...);
+  }
+};
+
 template <typename T>
 struct Stats {
   using A = acc_t<T>;
@@ -148,82 +208,106 @@ struct Stats {
       mn[j] = inf;
       mx[j] = -inf;
     }
+    std::fill_n(row_acc, 4 * kMaxBlockRows, A(0));
     int64_t r = 0;
     if constexpr (!kChecked) {
-      for (; r + kStepRows <= nr; r += kStepRows) sums_step(acc, row_acc, r0, r, nr, c0, w);
-    }
-    for (; r < nr; ++r) {
-      const T* row = x + (r0 + r) * ld + c0;
-      A n = 0, l0 = 0, l1 = 0, l2sq = 0;
-#pragma omp simd reduction(+ : n, l0, l1, l2sq)
-      for (int64_t j = 0; j < w; ++j) {
-        const A v = to_acc(row[j]);
-        const bool fin = !kChecked || is_finite(v);
-        const A vf = fin ? v : A(0);
-        const A av = abs_value(vf);
-        const A fire = av > eps ? A(1) : A(0);
-        const A lo = fin ? v : inf, hi = fin ? v : -inf;
-        sum[j] += vf;
-        mn[j] = lo < mn[j] ? lo : mn[j];
-        mx[j] = hi > mx[j] ? hi : mx[j];
-        absum[j] += av;
-        fired[j] += fire;
-        if constexpr (kChecked) {
-          cnt[j] += fin ? A(1) : A(0);
-          nan[j] += v != v ? A(1) : A(0);
-          n += fin ? A(1) : A(0);
-        }
-        l0 += fire;
-        l1 += av;
-        l2sq += av * av;
+      const int64_t w_vec = w / Simd<A>::kLanes * Simd<A>::kLanes;
+      for (; r + kStepRows <= nr; r += kStepRows) {
+        sums_step(acc, row_acc, r0, r, nr, c0, w);
+        for (int k = 0; k < kStepRows; ++k) row_sums<false>(acc, row_acc, r0, r + k, c0, w_vec, w);
       }
-      row_acc[0 * kMaxBlockRows + r] = kChecked ? n : A(w);
-      row_acc[1 * kMaxBlockRows + r] = l0;
-      row_acc[2 * kMaxBlockRows + r] = l1;
-      row_acc[3 * kMaxBlockRows + r] = l2sq;
     }
+    for (; r < nr; ++r) row_sums<kChecked>(acc, row_acc, r0, r, c0, 0, w);
     if constexpr (!kChecked) {
       for (int64_t j = 0; j < w; ++j) cnt[j] = A(nr);
     }
   }
 
-  // Rows r .. r+3 of the all-finite pass A: the column accumulators are read and written once per four
-  // rows instead of once per row (loads and stores, not arithmetic, bound the one-row form); the row
-  // sums are named variables because gcc does not vectorize reductions into arrays.
-  void sums_step(A* const* acc, A* row_acc, int64_t r0, int64_t r, int64_t nr, int64_t c0, int64_t w) const {
-    static_assert(kStepRows == 4, "four named row accumulators");
-    A *sum = acc[kMean], *mn = acc[kMin], *mx = acc[kMax], *absum = acc[kAbsSum], *fired = acc[kFired];
-    const T *p0 = x + (r0 + r) * ld + c0, *p1 = p0 + ld, *p2 = p1 + ld, *p3 = p2 + ld;
-    // Row segments of a tile are short strided streams that the hardware prefetcher picks up late: the
-    // next step's rows are prefetched into L2 (into L1 they evict the accumulators; measured slower).
-    for (int64_t k = kStepRows; k < 2 * kStepRows && r + k < nr; ++k) {
-      for (int64_t j = 0; j < w; j += 64 / int64_t(sizeof(T))) __builtin_prefetch(p0 + k * ld + j, 0, 1);
-    }
-    A l0_0 = 0, l0_1 = 0, l0_2 = 0, l0_3 = 0, l1_0 = 0, l1_1 = 0, l1_2 = 0, l1_3 = 0;
-    A l2_0 = 0, l2_1 = 0, l2_2 = 0, l2_3 = 0;
-#pragma omp simd reduction(+ : l0_0, l0_1, l0_2, l0_3, l1_0, l1_1, l1_2, l1_3, l2_0, l2_1, l2_2, l2_3)
-    for (int64_t j = 0; j < w; ++j) {
-      const A v0 = to_acc(p0[j]), v1 = to_acc(p1[j]), v2 = to_acc(p2[j]), v3 = to_acc(p3[j]);
-      const A a0 = abs_value(v0), a1 = abs_value(v1), a2 = abs_value(v2), a3 = abs_value(v3);
-      const A f0 = a0 > eps ? A(1) : A(0), f1 = a1 > eps ? A(1) : A(0), f2 = a2 > eps ? A(1) : A(0),
-              f3 = a3 > eps ? A(1) : A(0);
-      sum[j] += (v0 + v1) + (v2 + v3);
-      absum[j] += (a0 + a1) + (a2 + a3);
-      fired[j] += (f0 + f1) + (f2 + f3);
-      const A lo01 = v0 < v1 ? v0 : v1, lo23 = v2 < v3 ? v2 : v3, lo = lo01 < lo23 ? lo01 : lo23;
-      const A hi01 = v0 > v1 ? v0 : v1, hi23 = v2 > v3 ? v2 : v3, hi = hi01 > hi23 ? hi01 : hi23;
+  // Columns [j0, w) of row r of pass A, added to the tile's column and row accumulators.
+  template <bool kChecked>
+  void row_sums(A* const* acc, A* row_acc, int64_t r0, int64_t r, int64_t c0, int64_t j0, int64_t w) const {
+    A *cnt = acc[kCount], *sum = acc[kMean], *mn = acc[kMin], *mx = acc[kMax], *absum = acc[kAbsSum],
+      *fired = acc[kFired], *nan = acc[kNan];
+    const A inf = inf_value<A>();
+    const T* row = x + (r0 + r) * ld + c0;
+    A n = 0, l0 = 0, l1 = 0, l2sq = 0;
+#pragma omp simd reduction(+ : n, l0, l1, l2sq)
+    for (int64_t j = j0; j < w; ++j) {
+      const A v = to_acc(row[j]);
+      const bool fin = !kChecked || is_finite(v);
+      const A vf = fin ? v : A(0);
+      const A av = abs_value(vf);
+      const A fire = av > eps ? A(1) : A(0);
+      const A lo = fin ? v : inf, hi = fin ? v : -inf;
+      sum[j] += vf;
       mn[j] = lo < mn[j] ? lo : mn[j];
       mx[j] = hi > mx[j] ? hi : mx[j];
-      l0_0 += f0, l0_1 += f1, l0_2 += f2, l0_3 += f3;
-      l1_0 += a0, l1_1 += a1, l1_2 += a2, l1_3 += a3;
-      l2_0 += a0 * a0, l2_1 += a1 * a1, l2_2 += a2 * a2, l2_3 += a3 * a3;
+      absum[j] += av;
+      fired[j] += fire;
+      if constexpr (kChecked) {
+        cnt[j] += fin ? A(1) : A(0);
+        nan[j] += v != v ? A(1) : A(0);
+        n += fin ? A(1) : A(0);
+      }
+      l0 += fire;
+      l1 += av;
+      l2sq += av * av;
     }
-    const A l0[4] = {l0_0, l0_1, l0_2, l0_3}, l1[4] = {l1_0, l1_1, l1_2, l1_3}, l2sq[4] = {l2_0, l2_1, l2_2, l2_3};
+    row_acc[0 * kMaxBlockRows + r] += kChecked ? n : A(w - j0);
+    row_acc[1 * kMaxBlockRows + r] += l0;
+    row_acc[2 * kMaxBlockRows + r] += l1;
+    row_acc[3 * kMaxBlockRows + r] += l2sq;
+  }
+
+  // Rows r .. r+3 of the all-finite pass A over the tile's whole vectors of columns (row_sums does the
+  // rest), in 64-byte SIMD vectors: the column accumulators are read and written once per four rows
+  // instead of once per row (loads and stores, not arithmetic, bound the one-row form). Each vector step also prefetches the same columns kPrefetchRows rows ahead (past the
+  // tile's last row: the next tile's first rows): spread through the arithmetic, the prefetches keep
+  // the memory stream going while it runs (a burst of a whole row step's prefetches stalled the core
+  // until they landed, and gcc does not vectorize a loop that contains prefetches).
+  void sums_step(A* const* acc, A* row_acc, int64_t r0, int64_t r, int64_t nr, int64_t c0, int64_t w) const {
+    using V = Simd<A>;
+    using Vec = typename V::Vec;
+    static_assert(kStepRows == 4, "four rows per step");
+    A *sum = acc[kMean], *mn = acc[kMin], *mx = acc[kMax], *absum = acc[kAbsSum], *fired = acc[kFired];
+    const T* row[kStepRows];
+    uintptr_t ahead[kStepRows];  // integer addresses: they may lie past the tensor (prefetches never fault)
     for (int k = 0; k < kStepRows; ++k) {
-      row_acc[0 * kMaxBlockRows + r + k] = A(w);
-      row_acc[1 * kMaxBlockRows + r + k] = l0[k];
-      row_acc[2 * kMaxBlockRows + r + k] = l1[k];
-      row_acc[3 * kMaxBlockRows + r + k] = l2sq[k];
+      row[k] = x + (r0 + r + k) * ld + c0;
+      const int64_t a = r + k + kPrefetchRows;
+      const int64_t element = a < nr        ? (r0 + a) * ld + c0
+                              : c0 + w < d  ? (r0 + a - nr) * ld + c0 + w  // the next tile
+                                            : (r0 + a) * ld;               // the next block
+      ahead[k] = reinterpret_cast<uintptr_t>(x) + uintptr_t(element) * sizeof(T);
+    }
+    const Vec eps_v = Vec{} + eps, one = Vec{} + A(1);
+    Vec l0[kStepRows] = {}, l1[kStepRows] = {}, l2sq[kStepRows] = {};
+    const int64_t w_vec = w / V::kLanes * V::kLanes;
+    for (int64_t j = 0; j < w_vec; j += V::kLanes) {
+      Vec v[kStepRows], a[kStepRows], fire_count = V::load(fired + j);
+      for (int k = 0; k < kStepRows; ++k) {
+        __builtin_prefetch(reinterpret_cast<const void*>(ahead[k] + uintptr_t(j) * sizeof(T)), 0, 3);
+        v[k] = V::load_converted(row[k] + j);
+        a[k] = V::abs(v[k]);
+        const auto fires = a[k] > eps_v;
+        l0[k] = fires ? l0[k] + one : l0[k];
+        fire_count = fires ? fire_count + one : fire_count;
+        l1[k] += a[k];
+        l2sq[k] += a[k] * a[k];
+      }
+      V::store(fired + j, fire_count);
+      V::store(sum + j, V::load(sum + j) + ((v[0] + v[1]) + (v[2] + v[3])));
+      V::store(absum + j, V::load(absum + j) + ((a[0] + a[1]) + (a[2] + a[3])));
+      const Vec lo = V::min(V::min(v[0], v[1]), V::min(v[2], v[3]));
+      const Vec hi = V::max(V::max(v[0], v[1]), V::max(v[2], v[3]));
+      V::store(mn + j, V::min(lo, V::load(mn + j)));
+      V::store(mx + j, V::max(hi, V::load(mx + j)));
+    }
+    for (int k = 0; k < kStepRows; ++k) {
+      row_acc[0 * kMaxBlockRows + r + k] += A(w_vec);
+      row_acc[1 * kMaxBlockRows + r + k] += V::sum(l0[k]);
+      row_acc[2 * kMaxBlockRows + r + k] += V::sum(l1[k]);
+      row_acc[3 * kMaxBlockRows + r + k] += V::sum(l2sq[k]);
     }
   }
 
