@@ -186,11 +186,14 @@ struct Stats {
 
   // Scratch of one part (one thread).
   struct Scratch {
-    std::vector<A> tile;  // [kFeatureFields, tile_cols]: tile accumulators (kMean holds the tile mean)
+    std::vector<A> tile_storage;  // tile accumulators [kFeatureFields, tile_cols] (kMean holds the tile mean)
+    A* tile;                      // ... from a 64-byte boundary: vector loads/stores of them never split
     std::vector<A> row_n, row_l0, row_l1, row_l2sq;  // per row of the block, summed over the tiles
     std::vector<K> keys, keys_tmp;
     Scratch(int64_t tile_cols, int64_t d, bool ordered)
-        : tile(size_t(kFeatureFields * tile_cols)), row_n(kMaxBlockRows), row_l0(kMaxBlockRows),
+        : tile_storage(size_t(kFeatureFields * tile_cols) + 64 / sizeof(A)),
+          tile(reinterpret_cast<A*>((reinterpret_cast<uintptr_t>(tile_storage.data()) + 63) & ~uintptr_t(63))),
+          row_n(kMaxBlockRows), row_l0(kMaxBlockRows),
           row_l1(kMaxBlockRows), row_l2sq(kMaxBlockRows), keys(ordered ? size_t(d) : 0),
           keys_tmp(ordered ? size_t(d) : 0) {}
   };
@@ -351,7 +354,7 @@ struct Stats {
 
   void tile_pass(PartState& state, Scratch& s, int64_t r0, int64_t nr, int64_t c0, int64_t w) const {
     A* acc[kFeatureFields];
-    for (int k = 0; k < kFeatureFields; ++k) acc[k] = s.tile.data() + k * tile_cols;
+    for (int k = 0; k < kFeatureFields; ++k) acc[k] = s.tile + k * tile_cols;
     A row_acc[4 * kMaxBlockRows];
     // All-finite fast path first; a NaN or Inf anywhere makes some column's Σ|a| non-finite (as does an
     // overflow of Σ|a|), and the tile is redone with masks.
