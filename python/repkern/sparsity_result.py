@@ -159,13 +159,10 @@ def density_edges(bins: int, device=None) -> Tensor:
     return torch.linspace(DENSITY_LOG10_FLOOR, 0.0, bins + 1, dtype=torch.float64, device=device)
 
 
-def density_histogram(fire_count: Tensor, count: Tensor, bins: int) -> Tensor:
-    """SAELens-style histogram (int64, bins) of log10(frequency + 1e-10) on [−10, 0], frequency =
-    fire_count / count in float64; features with count 0 are left out."""
-    has_values = count > 0
-    frequency = fire_count.double() / count.double().clamp_min(1)
-    values = torch.log10(frequency + 1e-10).clamp_max(0.0)  # frequency 1 lands in the last bin
-    values = torch.where(has_values, values, torch.full_like(values, math.nan))  # ignored
+def density_histogram(frequency: Tensor, bins: int) -> Tensor:
+    """SAELens-style histogram (int64, bins) of log10(frequency + 1e-10) on [−10, 0]; frequency (float64) is
+    NaN for features with no finite value, which are left out."""
+    values = torch.log10(frequency + 1e-10).clamp_max(0.0)  # frequency 1 lands in the last bin; NaN stays NaN
     return histogram(values, bins, DENSITY_LOG10_FLOOR, 0.0)
 
 
@@ -200,27 +197,28 @@ def row_summary_parts(rows: dict, d: int, bins: int) -> tuple[dict, dict, dict]:
 
 
 def row_means(sums: dict, defined: dict) -> dict:
-    return {k: sums[k] / defined[k].double() for k in sums}
+    return {k: sums[k] / defined[k] for k in sums}  # float64 / int64: true division in float64
 
 
 def build_stats(state: Tensor, rows: int, per_row: Optional[dict], sums: dict, defined: dict, hists: dict, *,
                 stat_dtype: torch.dtype, top_p: tuple, eps: float, dense_threshold: float, density_bins: int,
                 row_bins: int) -> SparsityStats:
-    """The result from a feature state (10, d), the per-row tensors (or None) and the row summary parts."""
-    count_f, fired_f, nan_f, mean, m2, _m3, m4, fmin, fmax, abs_sum = state.unbind(0)
-    count, fire_count, nan_count = count_f.to(torch.int64), fired_f.to(torch.int64), nan_f.to(torch.int64)
-    empty = count == 0
-    nan = torch.full_like(mean, math.nan)
+    """The result from a feature state (10, d), the per-row tensors (or None) and the row summary parts.
+    Few, batched torch calls: this runs after every kernel call, where each small op costs microseconds."""
+    count_f, fired_f, _nan_f, mean, m2, _m3, m4, fmin, fmax, abs_sum = state.unbind(0)
+    count, fire_count, nan_count = state[:3].to(torch.int64).unbind(0)
+    frequency = fired_f / count_f  # NaN for a feature with no finite value
     constant = fmin == fmax  # all finite values equal: exactly no spread
-    var = torch.where(constant, torch.zeros_like(m2), m2 / count_f)
-    kurtosis = torch.where(constant | (m2 == 0), nan, count_f * m4 / (m2 * m2) - 3)
-    frequency = fired_f / count_f
+    var = (m2 / count_f).masked_fill(constant, 0.0)
+    kurtosis = (count_f * m4 / (m2 * m2) - 3).masked_fill(constant | (m2 == 0), math.nan)
+    floating = torch.stack([frequency, mean, var, kurtosis, fmin, fmax, abs_sum / count_f])
+    floating = floating.masked_fill(count_f == 0, math.nan).to(stat_dtype)
+    frequency_s, mean_s, var_s, kurtosis_s, min_s, max_s, mean_abs_s = floating.unbind(0)
     inf_count = rows - count - nan_count
     dead = fire_count == 0
     dense = frequency > dense_threshold
-
-    def stat(t):
-        return torch.where(empty, nan, t).to(stat_dtype)
+    n_dead, n_dense = torch.stack([dead, dense]).sum(1).unbind(0)
+    nan_total, inf_total = torch.stack([nan_count, inf_count]).sum(1).unbind(0)
 
     per_row = per_row or {}
     return SparsityStats(
@@ -228,13 +226,13 @@ def build_stats(state: Tensor, rows: int, per_row: Optional[dict], sums: dict, d
         nonfinite=per_row.get("nonfinite"), gini=per_row.get("gini"), thresholded_l0=per_row.get("thresholded_l0"),
         effective_rank_l1=per_row.get("effective_rank_l1"), effective_rank_l2=per_row.get("effective_rank_l2"),
         top_p_l1=per_row.get("top_p_l1"), top_p_l2=per_row.get("top_p_l2"),
-        count=count, fire_count=fire_count, frequency=frequency.to(stat_dtype),
-        mean=stat(mean), var=stat(var), kurtosis=stat(kurtosis), min=stat(fmin), max=stat(fmax),
-        mean_abs=stat(abs_sum / count_f), nan_count=nan_count, inf_count=inf_count,
-        dead=dead, dense=dense, n_dead=dead.sum(), n_dense=dense.sum(),
-        density_histogram=density_histogram(fire_count, count, density_bins),
+        count=count, fire_count=fire_count, frequency=frequency_s,
+        mean=mean_s, var=var_s, kurtosis=kurtosis_s, min=min_s, max=max_s,
+        mean_abs=mean_abs_s, nan_count=nan_count, inf_count=inf_count,
+        dead=dead, dense=dense, n_dead=n_dead, n_dense=n_dense,
+        density_histogram=density_histogram(frequency, density_bins),
         density_edges=density_edges(density_bins, state.device),
-        nan_total=nan_count.sum(), inf_total=inf_count.sum(), rows=rows,
+        nan_total=nan_total, inf_total=inf_total, rows=rows,
         row_mean=row_means(sums, defined), row_defined=defined, row_histogram=hists,
         row_edges=row_edges(row_bins, state.device),
         top_p=top_p, eps=eps, dense_threshold=dense_threshold,
