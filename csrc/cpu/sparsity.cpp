@@ -264,10 +264,11 @@ struct Stats {
 
   // Rows r .. r+3 of the all-finite pass A over the tile's whole vectors of columns (row_sums does the
   // rest), in 64-byte SIMD vectors: the column accumulators are read and written once per four rows
-  // instead of once per row (loads and stores, not arithmetic, bound the one-row form). Each vector step also prefetches the same columns kPrefetchRows rows ahead (past the
-  // tile's last row: the next tile's first rows): spread through the arithmetic, the prefetches keep
-  // the memory stream going while it runs (a burst of a whole row step's prefetches stalled the core
-  // until they landed, and gcc does not vectorize a loop that contains prefetches).
+  // instead of once per row (loads and stores, not arithmetic, bound the one-row form). Each vector step
+  // also prefetches the same columns kPrefetchRows rows ahead (past the tile's last row: the next tile's
+  // first rows): spread through the arithmetic, the prefetches keep the memory stream going while it
+  // runs (a burst of a whole row step's prefetches stalled the core until they landed, and gcc does not
+  // vectorize a loop that contains prefetches).
   void sums_step(A* const* acc, A* row_acc, int64_t r0, int64_t r, int64_t nr, int64_t c0, int64_t w) const {
     using V = Simd<A>;
     using Vec = typename V::Vec;
@@ -277,10 +278,10 @@ struct Stats {
     uintptr_t ahead[kStepRows];  // integer addresses: they may lie past the tensor (prefetches never fault)
     for (int k = 0; k < kStepRows; ++k) {
       row[k] = x + (r0 + r + k) * ld + c0;
-      const int64_t a = r + k + kPrefetchRows;
-      const int64_t element = a < nr        ? (r0 + a) * ld + c0
-                              : c0 + w < d  ? (r0 + a - nr) * ld + c0 + w  // the next tile
-                                            : (r0 + a) * ld;               // the next block
+      const int64_t later = r + k + kPrefetchRows;
+      const int64_t element = later < nr    ? (r0 + later) * ld + c0
+                              : c0 + w < d  ? (r0 + later - nr) * ld + c0 + w  // the next tile
+                                            : (r0 + later) * ld;               // the next block
       ahead[k] = reinterpret_cast<uintptr_t>(x) + uintptr_t(element) * sizeof(T);
     }
     const Vec eps_v = Vec{} + eps, one = Vec{} + A(1);
@@ -509,7 +510,9 @@ void summarize_channel(const A* values, int64_t rows, double divisor, int64_t bi
 
 }  // namespace
 
-void sparsity_merge_states(double* state, const double* other, int64_t d) { merge_columns(state, d, other, d, d); }
+void sparsity_merge_states(double* state, const double* other, int64_t d) {
+  merge_columns(state, d, other, d, d);
+}
 
 void sparsity_row_summaries(DType dtype, const void* row_out, int64_t channels, int64_t rows,
                             const double* hist_divisor, int64_t bins, double* sums, int64_t* defined, int64_t* hist,
