@@ -188,6 +188,33 @@ def test_hand_checkable_rows(backend):
     assert int(s.row_defined["hoyer"]) == 2 and int(s.row_defined["l1"]) == 3
 
 
+def test_row_histograms_bin_the_row_values(backend):
+    """Row histograms by explicit bin counts: l0_fraction bins L0/d, hoyer its own values (NaN rows left
+    out); the same from an accumulator fed two batches."""
+    d, bins = 10, 5
+    l0 = [0, 1, 3, 5, 9, 10]
+    a = torch.zeros(len(l0), d)
+    for i, k in enumerate(l0):
+        a[i, :k] = torch.arange(1, k + 1, dtype=torch.float32)
+    a = a.to(backend.device)
+
+    def counts(values):
+        out = [0] * bins
+        for v in values:
+            if not math.isnan(v):
+                out[min(int(min(max(v, 0.0), 1.0) * bins), bins - 1)] += 1
+        return out
+
+    s = repkern.sparsity_stats(a, row_bins=bins)
+    acc = repkern.SparsityAccumulator(d, row_bins=bins)
+    acc.update(a[:2])
+    acc.update(a[2:])
+    for result in (s, acc.compute()):
+        assert result.row_histogram["l0_fraction"].tolist() == counts([k / d for k in l0]) == [2, 1, 1, 0, 2]
+        assert result.row_histogram["hoyer"].tolist() == counts(s.hoyer.tolist())
+        assert int(result.row_histogram["hoyer"].sum()) == len(l0) - 1  # the all-zero row has no Hoyer
+
+
 def test_d_equal_one(backend):
     a = torch.tensor([[3.0], [0.0], [-1.0]], device=backend.device)
     s = repkern.sparsity_stats(a)

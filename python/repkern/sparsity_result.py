@@ -170,6 +170,11 @@ def row_edges(bins: int, device=None) -> Tensor:
     return torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float64, device=device)
 
 
+def row_histogram_source(name: str) -> tuple[str, bool]:
+    """The per-row statistic that row histogram `name` bins, and whether it is divided by d first."""
+    return ("l0", True) if name == "l0_fraction" else (name, False)
+
+
 def row_summary_parts(rows: dict, d: int, bins: int) -> tuple[dict, dict, dict]:
     """(sum, defined count, histogram) per row statistic of one batch; `rows` maps names of ROW_STATS to
     per-row tensors (N,) or (N, P) (None when not computed). Sums in float64 over defined (non-NaN) rows;
@@ -184,10 +189,11 @@ def row_summary_parts(rows: dict, d: int, bins: int) -> tuple[dict, dict, dict]:
         sums[name] = torch.where(ok, v, torch.zeros_like(v)).sum(0)
         defined[name] = ok.sum(0)
     for name in ROW_HISTOGRAM_STATS:
-        value = rows.get("l0") if name == "l0_fraction" else rows.get(name)
+        source, over_d = row_histogram_source(name)
+        value = rows.get(source)
         if value is None:
             continue
-        v = value.double() / d if name == "l0_fraction" else value.double()
+        v = value.double() / d if over_d else value.double()
         v = v.clamp(0.0, 1.0)  # rounding can put a share of 1 or a Hoyer of 0 a hair outside; NaN stays NaN
         if v.dim() == 2:
             hists[name] = torch.stack([histogram(v[:, i], bins, 0.0, 1.0) for i in range(v.shape[1])])

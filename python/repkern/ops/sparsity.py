@@ -172,12 +172,13 @@ def _native_row_summaries(out: Tensor, top_p: tuple, ordered: bool, d: int, bins
     """sr.row_summary_parts of the row channels (C, N), in one native pass over them (CPU): the torch form
     costs ~20 small torch calls, about as long as the kernel itself on a batch of a few hundred rows."""
     names = _channel_names(top_p, ordered)
-    divisor = [float(d) if n == "l0" else 1.0 if n in sr.ROW_HISTOGRAM_STATS else 0.0 for n in names]
+    sources = {h: sr.row_histogram_source(h) for h in sr.ROW_HISTOGRAM_STATS}
+    over_d = dict(sources.values())  # channel -> divided by d
+    divisor = [(float(d) if over_d[n] else 1.0) if n in over_d else 0.0 for n in names]
     sums, defined, hist = torch.ops.repkern.sparsity_row_summaries(
         out, torch.tensor(divisor, dtype=torch.float64), bins)
     stat = {n: _channels_of(names, n, len(top_p)) for n in sr.ROW_STATS if n in names}
-    histogram = {n: stat["l0" if n == "l0_fraction" else n] for n in sr.ROW_HISTOGRAM_STATS
-                 if ("l0" if n == "l0_fraction" else n) in stat}
+    histogram = {h: stat[source] for h, (source, _) in sources.items() if source in stat}
     return ({n: sums[c] for n, c in stat.items()}, {n: defined[c] for n, c in stat.items()},
             {n: hist[c] for n, c in histogram.items()})
 
