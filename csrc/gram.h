@@ -10,6 +10,7 @@
 
 #include "common/dtype.h"
 #include "common/gram_math.h"
+#include "cpu/isa.h"
 
 namespace repkern {
 
@@ -24,8 +25,9 @@ namespace repkern {
       int64_t batch, int64_t n
 
 namespace cpu {
-void gram_epilogue(REPKERN_GRAM_EPILOGUE_ARGS, int num_threads);
-}
+REPKERN_CPU_ISA_NAMESPACES(void gram_epilogue(REPKERN_GRAM_EPILOGUE_ARGS, int num_threads);)
+REPKERN_CPU_DISPATCH(gram_epilogue)
+}  // namespace cpu
 namespace cuda {
 void gram_epilogue(REPKERN_GRAM_EPILOGUE_ARGS, void* stream);  // stream: cudaStream_t
 }

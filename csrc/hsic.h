@@ -14,6 +14,7 @@
 
 #include "common/dtype.h"
 #include "common/hsic_math.h"
+#include "cpu/isa.h"
 
 namespace repkern {
 
@@ -30,8 +31,9 @@ namespace repkern {
       int64_t rows, int64_t cols, int64_t r0, int64_t c0, int64_t n, bool diagonal_block
 
 namespace cpu {
-void hsic_terms(REPKERN_HSIC_TERMS_ARGS, int num_threads);
-}
+REPKERN_CPU_ISA_NAMESPACES(void hsic_terms(REPKERN_HSIC_TERMS_ARGS, int num_threads);)
+REPKERN_CPU_DISPATCH(hsic_terms)
+}  // namespace cpu
 namespace cuda {
 void hsic_terms(REPKERN_HSIC_TERMS_ARGS, void* stream);  // stream: cudaStream_t
 }

@@ -9,6 +9,7 @@
 
 #include "common/dtype.h"
 #include "common/replicate_math.h"
+#include "cpu/isa.h"
 
 namespace repkern {
 
@@ -21,8 +22,9 @@ namespace repkern {
       int64_t replicates, int64_t n
 
 namespace cpu {
-void replicate_rows(REPKERN_REPLICATE_ROWS_ARGS, int num_threads);
-}
+REPKERN_CPU_ISA_NAMESPACES(void replicate_rows(REPKERN_REPLICATE_ROWS_ARGS, int num_threads);)
+REPKERN_CPU_DISPATCH(replicate_rows)
+}  // namespace cpu
 namespace cuda {
 void replicate_rows(REPKERN_REPLICATE_ROWS_ARGS, void* stream);  // stream: cudaStream_t
 }

@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "cpu/isa.h"
 
 namespace repkern {
 
@@ -66,11 +67,16 @@ namespace repkern {
       int64_t nnz, int64_t D
 
 namespace cpu {
-void sae_activate(REPKERN_SAE_ACTIVATE_ARGS, int num_threads);
-void sae_sparsify(REPKERN_SAE_SPARSIFY_ARGS, int num_threads);
-void sae_topk_merge(REPKERN_SAE_TOPK_ARGS, int num_threads);
-void sae_spmm(REPKERN_SAE_SPMM_ARGS, int num_threads);
-void sae_sddmm(REPKERN_SAE_SDDMM_ARGS, int num_threads);
+REPKERN_CPU_ISA_NAMESPACES(void sae_activate(REPKERN_SAE_ACTIVATE_ARGS, int num_threads);
+                           void sae_sparsify(REPKERN_SAE_SPARSIFY_ARGS, int num_threads);
+                           void sae_topk_merge(REPKERN_SAE_TOPK_ARGS, int num_threads);
+                           void sae_spmm(REPKERN_SAE_SPMM_ARGS, int num_threads);
+                           void sae_sddmm(REPKERN_SAE_SDDMM_ARGS, int num_threads);)
+REPKERN_CPU_DISPATCH(sae_activate)
+REPKERN_CPU_DISPATCH(sae_sparsify)
+REPKERN_CPU_DISPATCH(sae_topk_merge)
+REPKERN_CPU_DISPATCH(sae_spmm)
+REPKERN_CPU_DISPATCH(sae_sddmm)
 }  // namespace cpu
 namespace cuda {
 void sae_activate(REPKERN_SAE_ACTIVATE_ARGS, void* stream);

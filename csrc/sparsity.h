@@ -1,5 +1,5 @@
 // Activation-sparsity launchers: CPU (cpu/sparsity.cpp) and CUDA (cuda/sparsity.cu, also compiled
-// into the emulator). Math and layouts: common/sparsity_math.h; definitions: DESIGN.md §4.
+// into the emulator). Math and layouts: common/sparsity_math.h.
 //
 // Input x: [rows, d] in `dtype`, unit column stride, rows `ld` elements apart (any float dtype).
 // A = float64 for float64 input, float32 otherwise (the row outputs' and the CUDA partials' type).
@@ -9,10 +9,12 @@
 
 #include "common/dtype.h"
 #include "common/sparsity_math.h"
+#include "cpu/isa.h"
 
 namespace repkern {
 
 namespace cpu {
+REPKERN_CPU_ISA_NAMESPACES(
 // Everything in one call: per-feature state and every row output, one read of x (the rows of a
 // block are revisited in cache for the central moments and the ordered statistics).
 void sparsity_stats(DType dtype,
@@ -42,6 +44,10 @@ void sparsity_row_summaries(DType dtype,                // of row_out: float32 o
                             int64_t* defined,           // [channels]
                             int64_t* hist,              // [channels, bins]
                             int num_threads);
+)
+REPKERN_CPU_DISPATCH(sparsity_stats)
+REPKERN_CPU_DISPATCH(sparsity_merge_states)
+REPKERN_CPU_DISPATCH(sparsity_row_summaries)
 }  // namespace cpu
 
 namespace cuda {

@@ -1,8 +1,11 @@
 """Shared fixtures: every op test runs on each available backend.
 
-Backends: ``cpu`` (C++ kernels), ``emu-forward`` / ``emu-reverse`` (the CUDA
-kernels on CPU tensors through repkern._emu under two thread schedules), and
-``cuda`` when a GPU and a CUDA build are present.
+Backends: ``cpu`` (C++ kernels at the best instruction-set level this CPU runs,
+or the one REPKERN_CPU_ISA forces), ``cpu-<level>`` for each lower compiled level
+this CPU also runs (an AVX-512 host tests the AVX2 and baseline copies too),
+``emu-forward`` / ``emu-reverse`` (the CUDA kernels on CPU tensors through
+repkern._emu under two thread schedules), and ``cuda`` when a GPU and a CUDA
+build are present.
 """
 
 from __future__ import annotations
@@ -27,8 +30,13 @@ class Backend:
         return self.name.startswith("emu")
 
 
+def lower_cpu_isas() -> list:
+    """Compiled CPU levels this host runs, below the best one (which the plain ``cpu`` backend uses)."""
+    return repkern.build_info()["cpu_isas_supported"][:-1]
+
+
 def _backend_names():
-    names = ["cpu"] + [f"emu-{s}" for s in EMU_SCHEDULES]
+    names = ["cpu"] + [f"cpu-{isa}" for isa in lower_cpu_isas()] + [f"emu-{s}" for s in EMU_SCHEDULES]
     if torch.cuda.is_available() and repkern.build_info()["cuda"]:
         names.append("cuda")
     return names
@@ -38,6 +46,8 @@ def _backend_names():
 def backend(request, monkeypatch) -> Backend:
     name = request.param
     monkeypatch.delenv("REPKERN_BACKEND", raising=False)
+    if name.startswith("cpu-"):
+        monkeypatch.setenv("REPKERN_CPU_ISA", name.split("-", 1)[1])
     if name.startswith("emu"):
         monkeypatch.setenv("REPKERN_BACKEND", "emu")
         monkeypatch.setenv("REPKERN_EMU_SCHEDULE", name.split("-", 1)[1])

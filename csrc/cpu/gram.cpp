@@ -12,7 +12,7 @@
 
 #include "common/parallel.h"
 
-namespace repkern::cpu {
+namespace repkern::cpu::REPKERN_ISA_NS {
 namespace {
 
 constexpr int64_t kTile = 64;
@@ -168,4 +168,4 @@ void gram_epilogue(GramKind kind, GramPass pass, DType acc_dtype, DType out_dtyp
   });
 }
 
-}  // namespace repkern::cpu
+}  // namespace repkern::cpu::REPKERN_ISA_NS

@@ -12,7 +12,7 @@
 
 #include "common/parallel.h"
 
-namespace repkern::cpu {
+namespace repkern::cpu::REPKERN_ISA_NS {
 namespace {
 
 constexpr int64_t kTile = 64;
@@ -118,4 +118,4 @@ void hsic_terms(GramKind kind, DType acc_dtype, const std::vector<const void*>& 
   });
 }
 
-}  // namespace repkern::cpu
+}  // namespace repkern::cpu::REPKERN_ISA_NS

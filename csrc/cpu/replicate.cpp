@@ -12,7 +12,7 @@
 
 #include "common/parallel.h"
 
-namespace repkern::cpu {
+namespace repkern::cpu::REPKERN_ISA_NS {
 namespace {
 
 constexpr int64_t kBlockBytes = 256 << 10;
@@ -87,4 +87,4 @@ void replicate_rows(ReplicateMode mode, DType dtype, const void* a, const void* 
   });
 }
 
-}  // namespace repkern::cpu
+}  // namespace repkern::cpu::REPKERN_ISA_NS

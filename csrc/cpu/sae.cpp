@@ -11,7 +11,7 @@
 #include "common/parallel.h"
 #include "common/sae_math.h"
 
-namespace repkern::cpu {
+namespace repkern::cpu::REPKERN_ISA_NS {
 namespace {
 
 constexpr int64_t kMinRowsPerTask = 16;
@@ -247,4 +247,4 @@ void sae_sddmm(DType dtype, const int64_t* rows_of, const int64_t* cols_of, cons
   });
 }
 
-}  // namespace repkern::cpu
+}  // namespace repkern::cpu::REPKERN_ISA_NS

@@ -6,7 +6,7 @@
 // and the tile itself in L2 (with `ordered`, the block's whole rows):
 //   pass A (from memory, rows 16 ahead prefetched from inside the arithmetic): per-feature
 //           count/sum/min/max/Σ|a|/fired/NaN of the tile and per-row partial n, L0, Σ|a|, Σa², in A;
-//           first without NaN/Inf masks, four rows per step in 64-byte SIMD vectors (the column
+//           first without NaN/Inf masks, four rows per step in SIMD vectors (the column
 //           accumulators are loaded and stored once per step), redone row by row with masks if the tile
 //           has any;
 //   pass B (from cache, four rows per step): central sums Σδ², Σδ³, Σδ⁴ around the tile's column means,
@@ -25,13 +25,13 @@
 #include <vector>
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
+#include <immintrin.h>  // the f16 -> f32 vector conversion
 #endif
 
 #include "common/dispatch.h"
 #include "common/parallel.h"
 
-namespace repkern::cpu {
+namespace repkern::cpu::REPKERN_ISA_NS {
 namespace {
 
 constexpr int64_t kMaxBlockRows = 256, kMinBlockRows = 16;
@@ -116,12 +116,20 @@ void merge_columns(double* __restrict dst, int64_t dst_stride, const S* __restri
   }
 }
 
-// 64-byte SIMD vectors of A (gcc/clang vector extensions: one AVX-512 register with -march=native on
-// such CPUs, two or four narrower ones elsewhere); loads and stores need no alignment.
+// SIMD vectors of A as wide as this ISA level's registers (gcc/clang vector extensions: one register per
+// vector, so no vector is passed in memory between the helpers); loads and stores need no alignment.
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+
 template <typename A>
 struct Simd {
-  static constexpr int kLanes = 64 / int(sizeof(A));
-  typedef A Vec __attribute__((vector_size(64)));
+  static constexpr int kLanes = kVecBytes / int(sizeof(A));
+  typedef A Vec __attribute__((vector_size(kVecBytes)));
   using Bits = decltype(Vec{} < Vec{});  // the signed integer vector of the same lanes
 
   static Vec load(const A* p) {
@@ -134,8 +142,8 @@ struct Simd {
     if constexpr (std::is_same_v<T, A>) {
       return load(p);
     } else if constexpr (std::is_same_v<T, BFloat16>) {  // the float's upper half
-      typedef uint16_t Narrow __attribute__((vector_size(32)));  // A is float: 16 lanes
-      typedef uint32_t Wide __attribute__((vector_size(64)));
+      typedef uint16_t Narrow __attribute__((vector_size(kVecBytes / 2)));  // A is float
+      typedef uint32_t Wide __attribute__((vector_size(kVecBytes)));
       Narrow bits;
       std::memcpy(&bits, p, sizeof bits);
       return Vec(__builtin_convertvector(bits, Wide) << 16);
@@ -263,7 +271,7 @@ struct Stats {
   }
 
   // Rows r .. r+3 of the all-finite pass A over the tile's whole vectors of columns (row_sums does the
-  // rest), in 64-byte SIMD vectors: the column accumulators are read and written once per four rows
+  // rest), in SIMD vectors: the column accumulators are read and written once per four rows
   // instead of once per row (loads and stores, not arithmetic, bound the one-row form). Each vector step
   // also prefetches the same columns kPrefetchRows rows ahead (past the tile's last row: the next tile's
   // first rows): spread through the arithmetic, the prefetches keep the memory stream going while it
@@ -543,4 +551,4 @@ void sparsity_stats(DType dtype, const void* x, int64_t rows, int64_t d, int64_t
   });
 }
 
-}  // namespace repkern::cpu
+}  // namespace repkern::cpu::REPKERN_ISA_NS
