@@ -17,6 +17,7 @@
 #include "common/gram_math.h"
 #include "common/sae_math.h"
 #include "common/tensor_view.h"
+#include "cpu/isa.h"
 
 #include "gram.h"
 #include "sae.h"
@@ -25,6 +26,9 @@
 #include "sparsity.h"
 #if defined(REPKERN_MODULE_EMU)
 #include "emu/selftest.h"
+#endif
+#if defined(REPKERN_WITH_CUDA)
+#include "cuda_runtime_info.h"
 #endif
 
 namespace py = pybind11;
@@ -618,6 +622,8 @@ void def_emu_selftests(py::module_& m) {
 #if defined(REPKERN_MODULE_EMU)
 PYBIND11_MODULE(_emu, m) {
   m.doc() = "repkern CUDA kernels compiled against the CPU emulator of the CUDA execution model";
+  // REPKERN_EMU_SCHEDULE as the next launch will read it; ValueError naming the variable if it is garbage.
+  m.def("check_schedule", &repkern::emu_selftest::check_schedule);
   def_cuda_launchers(m);
   def_emu_selftests(m);
 }
@@ -630,15 +636,29 @@ PYBIND11_MODULE(_C, m) {
     info["cuda"] = true;
     info["cuda_archs"] = REPKERN_CUDA_ARCHS_STR;
     info["cuda_compiler"] = REPKERN_CUDA_COMPILER_VERSION;
+    info["cuda_runtime_version"] = repkern::cuda::runtime_version();
+    info["cuda_driver_version"] = repkern::cuda::driver_version();
 #else
     info["cuda"] = false;
     info["cuda_archs"] = "";
     info["cuda_compiler"] = "";
+    info["cuda_runtime_version"] = 0;
+    info["cuda_driver_version"] = 0;
 #endif
+    info["cuda_skipped"] = REPKERN_CUDA_SKIPPED;  // why a build that could have had CUDA kernels has none
+    info["git_sha"] = REPKERN_GIT_SHA;
     info["cxx_compiler"] = REPKERN_CXX_COMPILER;
-    info["cpu_arch"] = REPKERN_CPU_ARCH;
+    info["cpu_build_arch"] = repkern::cpu::cpu_build_arch();
+    std::vector<std::string> compiled, supported;
+    for (repkern::cpu::Isa isa : repkern::cpu::compiled_isas()) compiled.push_back(repkern::cpu::isa_name(isa));
+    for (repkern::cpu::Isa isa : repkern::cpu::supported_isas()) supported.push_back(repkern::cpu::isa_name(isa));
+    info["cpu_isas_compiled"] = compiled;
+    info["cpu_isas_supported"] = supported;  // by this CPU
     return info;
   });
+  // The level the CPU kernels run at now (REPKERN_CPU_ISA or the best supported); ValueError naming the
+  // variable when it asks for a level that is unknown, not compiled or not supported.
+  m.def("cpu_isa", [] { return std::string(repkern::cpu::isa_name(repkern::cpu::selected_isa())); });
   def_gram_epilogue<int>(m, "gram_epilogue_cpu", "num_threads", [](const GramArgs& a, int num_threads) {
     repkern::cpu::gram_epilogue(a.kind, a.pass, a.inner.dtype, a.out.dtype, a.inner.data, a.aux, a.out.data, a.scale,
                                 a.row_sums, a.totals, a.batch, a.n, num_threads);

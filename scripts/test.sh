@@ -1,27 +1,50 @@
 #!/usr/bin/env bash
 # The test command: sets everything up on a fresh machine, then
-#  1. builds repkern with the CUDA kernels for sm_80 and sm_90a (warnings, spills
-#     and local memory are errors) and reports registers/shared memory per kernel
-#     and the SASS load widths (no LDL/STL allowed);
-#  2. runs the emulator smoke tests against an AddressSanitizer+UBSan build of repkern._emu;
-#  3. runs the whole test suite; the `demo` extra is installed and required, so the suite
-#     also runs `repkern demo --quick` on the real model (tests/test_cli.py).
+#  1. builds repkern strict (warnings are errors) with the CPU kernels at every instruction-set level and
+#     the CUDA kernels: for the visible GPU when there is one (the `cuda` test backend then runs on it),
+#     else for sm_80 and sm_90a as a compile check (spills and local memory are errors too); reports
+#     registers/shared memory per kernel and the SASS load widths (no LDL/STL allowed);
+#  2. cross-compiles the CPU kernels and bindings for aarch64 (strict) where aarch64-linux-gnu-g++ exists;
+#  3. runs the emulator smoke tests against an AddressSanitizer+UBSan build of repkern._emu;
+#  4. runs the whole test suite: every CPU kernel test once per instruction-set level this CPU runs, the
+#     CUDA kernels through the emulator, the copies on emulated CPUs without AVX-512/AVX (qemu-user, where
+#     installed); the `demo` extra is installed and required, so the suite also runs
+#     `repkern demo --quick` on the real model (tests/test_cli.py).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-export REPKERN_CUDA_ARCHS="${REPKERN_CUDA_ARCHS:-80-real;90a-real}"
+if [ -z "${REPKERN_CUDA_ARCHS:-}" ] && ! nvidia-smi -L > /dev/null 2>&1; then
+  export REPKERN_CUDA_ARCHS="80-real;90a-real"  # no GPU: compile for two architectures as a check
+fi
 export REPKERN_STRICT=ON
+export REPKERN_EMU=ON
 # shellcheck disable=SC1091
 source scripts/setup.sh test,demo
 export REPKERN_REQUIRE_DEMO=1
 python -m pip install -q "pybind11>=2.12" "cmake>=3.26" ninja nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
+PYBIND11_DIR=$(python -c 'import pybind11; print(pybind11.get_cmake_dir())')
+
+python -m repkern info
 
 echo "== CUDA build report"
 python scripts/check_cuda_build.py --log build/pip-install.log
 
+echo "== aarch64 cross-build of the CPU kernels and bindings (strict)"
+if command -v aarch64-linux-gnu-g++ > /dev/null; then
+  cmake -S . -B build/aarch64 -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_SYSTEM_NAME=Linux \
+    -DCMAKE_SYSTEM_PROCESSOR=aarch64 -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++ -DREPKERN_CUDA=OFF -DREPKERN_EMU=OFF \
+    -DPython_EXECUTABLE="$(command -v python)" \
+    -DPython_INCLUDE_DIR="$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+    -Dpybind11_DIR="$PYBIND11_DIR" > build/aarch64-configure.log 2>&1 || { tail -n 40 build/aarch64-configure.log; exit 1; }
+  cmake --build build/aarch64 > build/aarch64-build.log 2>&1 || { tail -n 40 build/aarch64-build.log; exit 1; }
+  echo "ok: $(file -b build/aarch64/_C*.so | cut -d, -f1-2)"
+else
+  echo "skipped: no aarch64-linux-gnu-g++ (Debian: apt-get install g++-aarch64-linux-gnu)"
+fi
+
 echo "== emulator under AddressSanitizer + UBSan (smoke subset)"
-cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DREPKERN_CUDA=OFF -DREPKERN_EMU_SANITIZE=ON \
-  -Dpybind11_DIR="$(python -c 'import pybind11; print(pybind11.get_cmake_dir())')" > build/asan-configure.log
+cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DREPKERN_CUDA=OFF -DREPKERN_EMU=ON \
+  -DREPKERN_EMU_SANITIZE=ON -Dpybind11_DIR="$PYBIND11_DIR" > build/asan-configure.log
 cmake --build build/asan --target _emu > build/asan-build.log 2>&1 || { tail -n 40 build/asan-build.log; exit 1; }
 ASAN_OPTIONS=detect_leaks=0 \
   LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \

@@ -23,8 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_info(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert f"repkern {repkern.__version__} (torch {torch.__version__})" in out
-    assert "CUDA kernels:" in out and "emulator:" in out and "devices:      cpu" in out
+    assert f"repkern {repkern.__version__} (commit {repkern.build_info()['git_sha']}; torch {torch.__version__})" in out
+    assert "CUDA kernels:" in out and "emulator:" in out and "CPU kernels:  running at " in out
 
 
 def test_demo_without_its_extra_says_how_to_install(capsys, monkeypatch):

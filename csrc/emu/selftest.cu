@@ -138,4 +138,12 @@ void planted_bug(Bug bug, float* scratch) {
   }
 }
 
+void check_schedule() {
+  try {
+    ::repkern_emu::detail::schedule_from_env();
+  } catch (const ::repkern_emu::EmuError& e) {
+    throw std::invalid_argument(e.what());
+  }
+}
+
 }  // namespace repkern::emu_selftest

@@ -34,4 +34,7 @@ enum class Bug : int {
 };
 void planted_bug(Bug bug, float* scratch /* [64] */);
 
+// REPKERN_EMU_SCHEDULE as the next launch reads it: std::invalid_argument naming the variable if unusable.
+void check_schedule();
+
 }  // namespace repkern::emu_selftest

@@ -36,6 +36,24 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a sour
     __version__ = "0.0.0+unknown"
 
 
+def _warn_if_built_without_cuda() -> None:
+    """A GPU is here but the build skipped CUDA (pip hides the build's own warning unless run with -v)."""
+    from repkern import _native
+
+    reason = _native._C.build_info()["cuda_skipped"]
+    if reason:
+        import torch
+
+        if torch.cuda.is_available():
+            import warnings
+
+            warnings.warn(f"repkern was built without CUDA kernels ({reason}): CUDA tensors will raise. Reinstall "
+                          "with nvcc on PATH and REPKERN_CUDA=ON.", RuntimeWarning, stacklevel=2)
+
+
+_warn_if_built_without_cuda()
+
+
 def build_info() -> dict:
     """How this installation was built and what it can run on."""
     import torch

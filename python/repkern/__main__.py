@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 
-def _info(_args) -> int:
-    import repkern
+def _info(args) -> int:
+    """Build, CPU level, GPUs and whether the build runs on them; exit 2 if a setting is unusable."""
+    from repkern import _info
 
-    info = repkern.build_info()
-    print(f"repkern {info['version']} (torch {info['torch']})")
-    if info["cuda"]:
-        print(f"  CUDA kernels: compiled with nvcc {info['cuda_compiler']} for {info['cuda_archs']}")
+    info = _info.collect()
+    if args.json:
+        print(json.dumps(info, indent=2))
     else:
-        print("  CUDA kernels: not compiled (no nvcc at build time)")
-    print(f"  CPU kernels:  {info['cxx_compiler']}, -march={info['cpu_arch'] or 'default'}")
-    print(f"  emulator:     {'repkern._emu present' if info['emulator'] else 'absent'}")
-    devices = info["cuda_devices"]
-    print(f"  devices:      cpu ({os.cpu_count()} cores)" + "".join(f", cuda:{i} {d}" for i, d in enumerate(devices)))
-    return 0
+        print(_info.format_text(info))
+    return 2 if info["errors"] else 0
 
 
 def _demo(args) -> int:
@@ -60,7 +57,9 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="repkern", description="Fast kernels for representation analysis")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="build configuration and visible devices").set_defaults(fn=_info)
+    info = sub.add_parser("info", help="build configuration, CPU level, GPUs and whether this build runs on them")
+    info.add_argument("--json", action="store_true", help="print the same as JSON")
+    info.set_defaults(fn=_info)
     demo = sub.add_parser("demo", help="CKA, sparsity and an SAE on a real pretrained model (needs the demo extra)")
     demo.add_argument("--quick", action="store_true", help="a much smaller run (CI)")
     demo.add_argument("--out", default="repkern-demo", help="output folder (default: ./repkern-demo)")

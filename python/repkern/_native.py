@@ -89,9 +89,10 @@ def backend_for(device: torch.device) -> str:
     setting = backend_setting()
     if device.type == "cuda":
         if not _C.build_info()["cuda"]:
+            reason = _C.build_info()["cuda_skipped"] or "no nvcc at build time"
             raise RuntimeError(
-                "repkern was built without CUDA kernels (no nvcc at build time); rebuild with nvcc on PATH "
-                "(REPKERN_CUDA=ON) or set REPKERN_BACKEND=reference"
+                f"repkern was built without CUDA kernels ({reason}); reinstall with nvcc on PATH (or "
+                "CUDACXX=/path/to/nvcc) and REPKERN_CUDA=ON, or set REPKERN_BACKEND=reference"
             )
         return "cuda"
     if device.type == "cpu":
@@ -126,5 +127,5 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of scalar/statistic results (DESIGN.md §5)."""
+    """dtype of scalar/statistic results: float64 for float64 inputs, float32 otherwise."""
     return acc_dtype(dtype)
