@@ -52,6 +52,14 @@ def _bench(args) -> int:
     return 0
 
 
+def _selftest(args) -> int:
+    """Every op on the device against repkern.reference (see repkern.selftest): 0 all passed, 1 a check
+    failed, 2 the device cannot run here."""
+    from repkern import selftest
+
+    return selftest.main(args.device, quick=args.quick, as_json=args.json)
+
+
 def main(argv=None) -> int:
     from repkern.bench import SUITES
 
@@ -71,6 +79,13 @@ def main(argv=None) -> int:
     bench_parser.add_argument("--csv", default="bench_results/bench.csv",
                               help="CSV output path; the plot goes next to it (.png)")
     bench_parser.set_defaults(fn=_bench)
+    selftest_parser = sub.add_parser("selftest", help="every op on this device against the pure-PyTorch reference")
+    selftest_parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
+                                 help="cpu, cuda (exit status 2 without a GPU and a CUDA build), or all (default: "
+                                      "cpu, plus cuda when present)")
+    selftest_parser.add_argument("--quick", action="store_true", help="smallest shapes, fewer variants and dtypes")
+    selftest_parser.add_argument("--json", action="store_true", help="print the table as JSON")
+    selftest_parser.set_defaults(fn=_selftest)
     args = parser.parse_args(argv)
     return args.fn(args)
 
