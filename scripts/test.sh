@@ -9,7 +9,9 @@
 #  4. runs the whole test suite: every CPU kernel test once per instruction-set level this CPU runs, the
 #     CUDA kernels through the emulator, the copies on emulated CPUs without AVX-512/AVX (qemu-user, where
 #     installed); the `demo` extra is installed and required, so the suite also runs
-#     `repkern demo --quick` on the real model (tests/test_cli.py).
+#     `repkern demo --quick` on the real model (tests/test_cli.py);
+#  5. runs `repkern selftest` (every public op against the reference) on the CPU kernels, on the emulated
+#     CUDA kernels, and (--quick) on emulated CPUs without AVX-512 and without AVX where qemu-user exists.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -53,3 +55,21 @@ ASAN_OPTIONS=detect_leaks=0 \
 
 echo "== test suite"
 python -m pytest -q tests "$@"
+
+echo "== repkern selftest: CPU kernels, then the CUDA kernels on the emulator"
+python -m repkern selftest --device cpu
+REPKERN_BACKEND=emu python -m repkern selftest --device cpu --quick
+
+echo "== repkern selftest --quick on emulated CPUs: AMD Zen 3 (AVX2, no AVX-512), Intel Nehalem (SSE4.2, no AVX)"
+if command -v qemu-x86_64 > /dev/null && [ "$(uname -m)" = x86_64 ]; then
+  for model in EPYC-Milan Nehalem; do
+    log="build/selftest-qemu-$model.log"
+    if ! qemu-x86_64 -cpu "$model" "$(command -v python)" -m repkern selftest --device cpu --quick > "$log" 2>&1; then
+      grep -v "TCG doesn't support" "$log" | tail -n 60
+      exit 1
+    fi
+    echo "qemu -cpu $model: backend $(grep -v "TCG doesn't" "$log" | awk 'NR == 4 {print $5}'); $(tail -n 1 "$log")"
+  done
+else
+  echo "skipped: no qemu-x86_64 (Debian: apt-get install qemu-user)"
+fi

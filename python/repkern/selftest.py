@@ -333,16 +333,19 @@ def _cuda_problem() -> str:
         problems.append(f"no CUDA GPU is visible to torch (torch.cuda.is_available() is False; torch "
                         f"{torch.__version__}, CUDA runtime {torch.version.cuda or 'none: a CPU-only build'})")
     if not _native._C.build_info()["cuda"]:
-        problems.append("repkern was built without CUDA kernels (no nvcc at build time; rebuild with nvcc on PATH "
-                        "and REPKERN_CUDA=ON)")
+        reason = _native._C.build_info()["cuda_skipped"] or "no nvcc at build time"
+        problems.append(f"repkern was built without CUDA kernels ({reason}; reinstall with nvcc on PATH and "
+                        "REPKERN_CUDA=ON)")
     return "; ".join(problems)
 
 
 def backend_name(device) -> str:
-    """Which implementation runs for tensors on `device`: 'cpu', 'emu', 'cuda' or 'reference'."""
+    """Which implementation runs for tensors on `device`: 'cpu-<level>' (the CPU kernels' instruction-set
+    level), 'emu', 'cuda' or 'reference'."""
     if _native.use_reference():
         return "reference"
-    return _native.backend_for(torch.device(device))
+    backend = _native.backend_for(torch.device(device))
+    return f"cpu-{_native._C.cpu_isa()}" if backend == "cpu" else backend
 
 
 def _seed(case: Case) -> int:
