@@ -14,22 +14,25 @@
 
 namespace repkern {
 
-#define REPKERN_GRAM_EPILOGUE_ARGS                                                                       \
-  GramKind kind, GramPass pass, DType acc_dtype, DType out_dtype,                                       \
-      const void* inner,     /* [B, n, n] acc_dtype, x_i·x_j; upper tiles read                     */ \
-      const void* aux,       /* [B, n] acc_dtype, per-row factor (gram_math.h) or null             */ \
-      void* out,             /* [B, n, n] out_dtype (Write, WriteCentered); may be inner          */  \
-      const void* scale,     /* [B] acc_dtype, −1/(2σ²) (Rbf, RbfFromSqDist) or null              */  \
-      double* row_sums,      /* [B, n] Σ_j K_ij: RowSums fills it (pass zeros), WriteCentered reads */ \
-      const double* totals,  /* [B] Σ_ij K_ij (WriteCentered) or null                             */  \
-      int64_t batch, int64_t n
+struct GramEpilogueParams {
+  GramKind kind;
+  GramPass pass;
+  DType acc_dtype;  // of inner, aux and scale: float32 or float64 (float64 only with float64 out)
+  DType out_dtype;
+  const void* inner;     // [batch, n, n] acc_dtype, x_i·x_j; upper tiles read
+  const void* aux;       // [batch, n] acc_dtype, per-row factor (gram_math.h) or null
+  void* out;             // [batch, n, n] out_dtype (Write, WriteCentered); may be inner
+  const void* scale;     // [batch] acc_dtype, −1/(2σ²) (Rbf, RbfFromSqDist) or null
+  double* row_sums;      // [batch, n] Σ_j K_ij: RowSums fills it (pass zeros), WriteCentered reads
+  const double* totals;  // [batch] Σ_ij K_ij (WriteCentered) or null
+  int64_t batch, n;
+};
 
 namespace cpu {
-REPKERN_CPU_ISA_NAMESPACES(void gram_epilogue(REPKERN_GRAM_EPILOGUE_ARGS, int num_threads);)
-REPKERN_CPU_DISPATCH(gram_epilogue)
-}  // namespace cpu
+REPKERN_CPU_KERNEL(gram_epilogue, GramEpilogueParams)
+}
 namespace cuda {
-void gram_epilogue(REPKERN_GRAM_EPILOGUE_ARGS, void* stream);  // stream: cudaStream_t
+void gram_epilogue(const GramEpilogueParams& p, void* stream);  // stream: cudaStream_t
 }
 
 }  // namespace repkern

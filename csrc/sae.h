@@ -20,70 +20,78 @@
 
 namespace repkern {
 
-#define REPKERN_SAE_ACTIVATE_ARGS                                                          \
-  DType acc_dtype, DType out_dtype,                                                       \
-      const void* pre,              /* [rows, cols] acc, row stride ld_pre              */ \
-      int64_t ld_pre, const void* bias, /* [cols] acc                                   */ \
-      const float* theta,           /* [cols] or null (ReLU)                            */ \
-      void* out,                    /* [rows, cols] out_dtype, row stride ld_out; may be pre */ \
-      int64_t ld_out, int64_t* fire_counts, /* [cols] += rows with a nonzero code, or null */ \
-      int64_t rows, int64_t cols
+// A: the accumulation dtype, float32 (or float64 for float64 data).
+struct SaeActivateParams {
+  DType acc_dtype, out_dtype;
+  const void* pre;  // [rows, cols] acc, rows ld_pre apart
+  int64_t ld_pre;
+  const void* bias;    // [cols] acc
+  const float* theta;  // [cols] or null (ReLU)
+  void* out;           // [rows, cols] out_dtype, rows ld_out apart; may be pre
+  int64_t ld_out;
+  int64_t* fire_counts;  // [cols] += rows with a nonzero code, or null
+  int64_t rows, cols;
+};
 
-#define REPKERN_SAE_SPARSIFY_ARGS                                                              \
-  DType acc_dtype, const void* pre, /* [rows, cols] acc, contiguous                         */ \
-      const void* bias,             /* [cols] acc                                           */ \
-      const float* theta,           /* [cols] or null (ReLU)                                */ \
-      int64_t* counts,              /* [rows] nonzeros per row (count pass), or null        */ \
-      const int64_t* offsets,       /* [rows] first output position per row (write pass)    */ \
-      int64_t* out_cols,            /* [nnz] column (col0 + j) of each nonzero (write pass) */ \
-      void* out_vals,               /* [nnz] acc, its value (write pass)                    */ \
-      int64_t rows, int64_t cols, int64_t col0
+struct SaeSparsifyParams {
+  DType acc_dtype;
+  const void* pre;         // [rows, cols] acc, contiguous
+  const void* bias;        // [cols] acc
+  const float* theta;      // [cols] or null (ReLU)
+  int64_t* counts;         // [rows] nonzeros per row (count pass), or null (write pass)
+  const int64_t* offsets;  // [rows] first output position per row (write pass)
+  int64_t* out_cols;       // [nnz] column (col0 + j) of each nonzero (write pass)
+  void* out_vals;          // [nnz] acc, its value (write pass)
+  int64_t rows, cols, col0;
+};
 
-#define REPKERN_SAE_TOPK_ARGS                                                                     \
-  DType acc_dtype, const void* pre, /* [rows, cols] acc, contiguous                            */ \
-      const void* bias,             /* [cols] acc                                              */ \
-      void* top_vals,               /* [rows, k] acc, running top-k sorted by rank (in/out)    */ \
-      int64_t* top_cols,            /* [rows, k] their columns (in/out)                        */ \
-      int64_t rows, int64_t cols, int64_t col0, int k,                                         \
-      bool first,      /* the state holds nothing yet (cols >= k)                              */ \
-      bool relu_first  /* rank relu(h) (sparsify order) instead of h                           */
+struct SaeTopkMergeParams {
+  DType acc_dtype;
+  const void* pre;    // [rows, cols] acc, contiguous
+  const void* bias;   // [cols] acc
+  void* top_vals;     // [rows, k] acc, running top-k sorted by rank (in/out)
+  int64_t* top_cols;  // [rows, k] their columns (in/out)
+  int64_t rows, cols, col0;
+  int k;
+  bool first;       // the state holds nothing yet (cols >= k)
+  bool relu_first;  // rank relu(h) (sparsify order) instead of h
+};
 
-#define REPKERN_SAE_SPMM_ARGS                                                                   \
-  DType dtype, const int64_t* crow, /* [rows + 1] CSR row pointers                           */ \
-      const int64_t* cols,          /* [nnz] column = row of `dense`                          */ \
-      const void* vals,             /* [nnz] dtype                                            */ \
-      const void* dense,            /* [K, D] dtype, or null (row sums only)                  */ \
-      const void* bias,             /* [D] dtype or null                                      */ \
-      void* out,                    /* [rows, D] dtype (with dense)                           */ \
-      void* row_sums,               /* [rows] acc: Σ vals of each row, or null                */ \
-      int64_t rows, int64_t D
+struct SaeSpmmParams {
+  DType dtype;
+  const int64_t* crow;  // [rows + 1] CSR row pointers
+  const int64_t* cols;  // [nnz] column = row of `dense`
+  const void* vals;     // [nnz] dtype
+  const void* dense;    // [K, D] dtype, or null (row sums only)
+  const void* bias;     // [D] dtype or null
+  void* out;            // [rows, D] dtype (with dense)
+  void* row_sums;       // [rows] acc: Σ vals of each row, or null
+  int64_t rows, D;
+};
 
-#define REPKERN_SAE_SDDMM_ARGS                                                  \
-  DType dtype, const int64_t* rows_of, /* [nnz] row of `a`                   */ \
-      const int64_t* cols_of,          /* [nnz] row of `b`                   */ \
-      const void* a,                   /* [R, D] dtype                       */ \
-      const void* b,                   /* [K, D] dtype                       */ \
-      void* out,                       /* [nnz] acc                          */ \
-      int64_t nnz, int64_t D
+struct SaeSddmmParams {
+  DType dtype;
+  const int64_t* rows_of;  // [nnz] row of `a`
+  const int64_t* cols_of;  // [nnz] row of `b`
+  const void* a;           // [R, D] dtype
+  const void* b;           // [K, D] dtype
+  void* out;               // [nnz] acc
+  int64_t nnz, D;
+};
 
 namespace cpu {
-REPKERN_CPU_ISA_NAMESPACES(void sae_activate(REPKERN_SAE_ACTIVATE_ARGS, int num_threads);
-                           void sae_sparsify(REPKERN_SAE_SPARSIFY_ARGS, int num_threads);
-                           void sae_topk_merge(REPKERN_SAE_TOPK_ARGS, int num_threads);
-                           void sae_spmm(REPKERN_SAE_SPMM_ARGS, int num_threads);
-                           void sae_sddmm(REPKERN_SAE_SDDMM_ARGS, int num_threads);)
-REPKERN_CPU_DISPATCH(sae_activate)
-REPKERN_CPU_DISPATCH(sae_sparsify)
-REPKERN_CPU_DISPATCH(sae_topk_merge)
-REPKERN_CPU_DISPATCH(sae_spmm)
-REPKERN_CPU_DISPATCH(sae_sddmm)
+REPKERN_CPU_KERNEL(sae_activate, SaeActivateParams)
+REPKERN_CPU_KERNEL(sae_sparsify, SaeSparsifyParams)
+REPKERN_CPU_KERNEL(sae_topk_merge, SaeTopkMergeParams)
+REPKERN_CPU_KERNEL(sae_spmm, SaeSpmmParams)
+REPKERN_CPU_KERNEL(sae_sddmm, SaeSddmmParams)
 }  // namespace cpu
 namespace cuda {
-void sae_activate(REPKERN_SAE_ACTIVATE_ARGS, void* stream);
-void sae_sparsify(REPKERN_SAE_SPARSIFY_ARGS, void* stream);
-void sae_topk_merge(REPKERN_SAE_TOPK_ARGS, void* stream);
-void sae_spmm(REPKERN_SAE_SPMM_ARGS, void* stream);
-void sae_sddmm(REPKERN_SAE_SDDMM_ARGS, void* stream);
+void sae_activate(const SaeActivateParams& p, void* stream);  // stream: cudaStream_t
+void sae_sparsify(const SaeSparsifyParams& p, void* stream);
+void sae_topk_merge(const SaeTopkMergeParams& p, void* stream);
+void sae_spmm(const SaeSpmmParams& p, void* stream);
+void sae_sddmm(const SaeSddmmParams& p, void* stream);
 }  // namespace cuda
 
 }  // namespace repkern

@@ -13,41 +13,73 @@
 
 namespace repkern {
 
-namespace cpu {
-REPKERN_CPU_ISA_NAMESPACES(
-// Everything in one call: per-feature state and every row output, one read of x (the rows of a
-// block are revisited in cache for the central moments and the ordered statistics).
-void sparsity_stats(DType dtype,
-                    const void* x,          // [rows, d] dtype, rows ld apart
-                    int64_t rows, int64_t d, int64_t ld, double eps,
-                    const double* top_p,    // [num_top_p] fractions in (0, 1]
-                    int num_top_p, bool ordered,
-                    double* feature_state,  // [kFeatureFields, d]
-                    void* row_out,          // [row_channels(num_top_p, ordered), rows] A
-                    int num_threads);
+// Everything in one call on the CPU: per-feature state and every row output, one read of x (the rows of
+// a block are revisited in cache for the central moments and the ordered statistics).
+struct SparsityStatsParams {
+  DType dtype;
+  const void* x;  // [rows, d] dtype, rows ld apart
+  int64_t rows, d, ld;
+  double eps;
+  const double* top_p;  // [num_top_p] fractions in (0, 1]
+  int num_top_p;
+  bool ordered;
+  double* feature_state;  // [kFeatureFields, d]
+  void* row_out;          // [row_channels(num_top_p, ordered), rows] A
+};
 
 // state ∪= other: two per-feature states (a batch's into an accumulator's), merge_moments per feature.
-void sparsity_merge_states(double* state,        // [kFeatureFields, d]
-                           const double* other,  // [kFeatureFields, d]
-                           int64_t d);
+struct SparsityMergeStatesParams {
+  double* state;        // [kFeatureFields, d]
+  const double* other;  // [kFeatureFields, d]
+  int64_t d;
+};
 
 // Per-row summaries of the row channels (what the accumulator keeps of each batch): per channel the
 // float64 sum and count of its non-NaN values and, where hist_divisor[c] > 0, the histogram on [0, 1] of
-// value / hist_divisor[c] (clamped; torch.histc's binning). python/repkern/sparsity_result.py
-// row_summary_parts is the same in torch.
-void sparsity_row_summaries(DType dtype,                // of row_out: float32 or float64
-                            const void* row_out,        // [channels, rows]
-                            int64_t channels, int64_t rows,
-                            const double* hist_divisor, // [channels]; 0 = no histogram
-                            int64_t bins,
-                            double* sums,               // [channels]
-                            int64_t* defined,           // [channels]
-                            int64_t* hist,              // [channels, bins]
-                            int num_threads);
-)
-REPKERN_CPU_DISPATCH(sparsity_stats)
-REPKERN_CPU_DISPATCH(sparsity_merge_states)
-REPKERN_CPU_DISPATCH(sparsity_row_summaries)
+// value / hist_divisor[c] (clamped; torch.histc's binning). The results package's row_summary_parts is
+// the same in torch.
+struct SparsityRowSummariesParams {
+  DType dtype;          // of row_out: float32 or float64
+  const void* row_out;  // [channels, rows]
+  int64_t channels, rows;
+  const double* hist_divisor;  // [channels]; 0 = no histogram
+  int64_t bins;
+  double* sums;      // [channels]
+  int64_t* defined;  // [channels]
+  int64_t* hist;     // [channels, bins]
+};
+
+// CUDA, one read of x: per-feature state, row totals (threshold included) and the sort-free row channels.
+struct SparsityFeaturesParams {
+  DType dtype;
+  const void* x;  // [rows, d] dtype, rows ld apart
+  int64_t rows, d, ld;
+  double eps;
+  void* partials;         // [plan.splits, kFeatureFields, d] A, workspace
+  double* row_totals;     // [kRowTotals, rows], zero-filled by the caller
+  double* feature_state;  // [kFeatureFields, d]
+  void* row_out;          // [channels, rows] A; channels >= kRowSortFree
+  int64_t channels;
+};
+
+// CUDA, the ordered row channels (kRowGini..) of rows [row_begin, row_end): Gini, thresholded L0,
+// effective ranks, top-p masses. Reads x (or `sorted`) and the row totals of sparsity_features.
+struct SparsityOrderedParams {
+  DType dtype;
+  const void* x;       // [rows, d] dtype, rows ld apart
+  const void* sorted;  // [row_end − row_begin, d] A, or null (sort in shared memory)
+  int64_t rows, d, ld, row_begin, row_end;
+  const double* top_p;  // [num_top_p], device memory
+  int num_top_p;
+  const double* row_totals;  // [kRowTotals, rows]
+  double* sums;              // [ordered_sums(num_top_p), rows], workspace
+  void* row_out;             // [row_channels(num_top_p, true), rows] A
+};
+
+namespace cpu {
+REPKERN_CPU_KERNEL(sparsity_stats, SparsityStatsParams)
+REPKERN_CPU_KERNEL(sparsity_merge_states, SparsityMergeStatesParams)
+REPKERN_CPU_KERNEL(sparsity_row_summaries, SparsityRowSummariesParams)
 }  // namespace cpu
 
 namespace cuda {
@@ -56,33 +88,12 @@ struct SparsityPlan {
   int64_t strips = 0, splits = 0;
 };
 SparsityPlan sparsity_plan(DType dtype, int64_t rows, int64_t d);
-
-// One read of x: per-feature state, row totals (threshold included) and the sort-free row channels.
-void sparsity_features(DType dtype,
-                       const void* x,          // [rows, d] dtype, rows ld apart
-                       int64_t rows, int64_t d, int64_t ld, double eps,
-                       void* partials,         // [plan.splits, kFeatureFields, d] A, workspace
-                       double* row_totals,     // [kRowTotals, rows], zero-filled by the caller
-                       double* feature_state,  // [kFeatureFields, d]
-                       void* row_out,          // [channels, rows] A; channels >= kRowSortFree
-                       int64_t channels, void* stream);
-
 // Largest d whose rows the ordered kernel sorts in shared memory; beyond it the caller passes rows
 // already sorted (|a| ascending, non-finite as +inf, in A).
 int64_t sparsity_max_smem_sort(DType dtype);
 
-// Ordered row channels (kRowGini..) for rows [row_begin, row_end): Gini, thresholded L0, effective
-// ranks, top-p masses. Reads x (or `sorted`) and the row totals of sparsity_features.
-void sparsity_ordered(DType dtype,
-                      const void* x,              // [rows, d] dtype, rows ld apart
-                      const void* sorted,         // [row_end − row_begin, d] A, or null (sort in smem)
-                      int64_t rows, int64_t d, int64_t ld, int64_t row_begin, int64_t row_end,
-                      const double* top_p,        // [num_top_p], device memory
-                      int num_top_p,
-                      const double* row_totals,   // [kRowTotals, rows]
-                      double* sums,               // [ordered_sums(num_top_p), rows], workspace
-                      void* row_out,              // [row_channels(num_top_p, true), rows] A
-                      void* stream);
+void sparsity_features(const SparsityFeaturesParams& p, void* stream);  // stream: cudaStream_t
+void sparsity_ordered(const SparsityOrderedParams& p, void* stream);
 }  // namespace cuda
 
 }  // namespace repkern

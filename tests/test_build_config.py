@@ -161,9 +161,9 @@ def test_info_rejects_garbage_settings(variable, value):
 # ---- a build that skipped CUDA although a GPU was there ----------------------------------------------------
 
 def _skipped_build(monkeypatch):
-    build = dict(repkern._native._C.build_info(), cuda=False,
+    build = dict(repkern._C.build_info(), cuda=False,
                  cuda_skipped="an NVIDIA GPU was visible at build time but no nvcc was found")
-    monkeypatch.setattr(repkern._native._C, "build_info", lambda: build)
+    monkeypatch.setattr(repkern._C, "build_info", lambda: build)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import repkern
-from repkern import _native, reference
-from repkern.ops import hsic as hsic_ops
+from repkern import _common, reference
+from repkern.ops import cka as cka_ops
 from tests.conftest import assert_close_to_reference
 
 KERNELS = ("linear", "cosine", "rbf")
@@ -42,7 +42,7 @@ def _check(fn, ref_fn, x, y, **kwargs):
     ref_kwargs = {k: v for k, v in kwargs.items() if k not in ("method", "max_gram_bytes")}
     ref_low = ref_fn(x.cpu(), y.cpu(), **ref_kwargs)
     ref64 = ref_fn(x.cpu().double(), y.cpu().double(), **ref_kwargs)
-    assert fast.dtype == _native.stat_dtype(x.dtype)
+    assert fast.dtype == _common.stat_dtype(x.dtype)
     assert_close_to_reference(fast.cpu(), ref_low, ref64)
     return fast
 
@@ -128,7 +128,7 @@ def test_terms_kernel_on_blocks(backend, dtype):
         cross = torch.zeros(len(pairs), dtype=torch.float64, device=backend.device)
         row_sums = torch.zeros(m, n, dtype=torch.float64, device=backend.device)
         diag = torch.zeros(m, n, dtype=torch.float64, device=backend.device)
-        hsic_ops._native_terms(hsic_ops.GramKind.LINEAR, blocks, None, None, pairs_t, cross, row_sums, diag, r0,
+        cka_ops._native_terms(cka_ops.GramKind.LINEAR, blocks, None, None, pairs_t, cross, row_sums, diag, r0,
                                c0, diagonal)
         return cross.cpu(), row_sums.cpu(), diag.cpu()
 
@@ -157,8 +157,8 @@ def test_terms_kernel_rejects_bad_arguments():
     sums, cross = torch.zeros(1, 4, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
     pairs = torch.tensor([[0, 0]])
 
-    def call(blocks=(t,), pairs=pairs, sums=sums, r0=0, c0=0, diagonal=True, kind=hsic_ops.GramKind.LINEAR):
-        hsic_ops._native_terms(kind, list(blocks), None, None, pairs, cross, sums, sums.clone(), r0, c0, diagonal)
+    def call(blocks=(t,), pairs=pairs, sums=sums, r0=0, c0=0, diagonal=True, kind=cka_ops.GramKind.LINEAR):
+        cka_ops._native_terms(kind, list(blocks), None, None, pairs, cross, sums, sums.clone(), r0, c0, diagonal)
 
     with pytest.raises(ValueError, match="pairs: matrix index out of range"):
         call(pairs=torch.tensor([[0, 1]]))
@@ -167,7 +167,7 @@ def test_terms_kernel_rejects_bad_arguments():
     with pytest.raises(ValueError, match="diagonal_block"):
         call(blocks=(t[:3].contiguous(),))
     with pytest.raises(ValueError, match="aux: required"):
-        call(kind=hsic_ops.GramKind.COSINE)
+        call(kind=cka_ops.GramKind.COSINE)
     with pytest.raises(ValueError, match="blocks: must be float32 or float64"):
         call(blocks=(t.half(),))
 
@@ -236,7 +236,7 @@ def test_tiled_rbf_median_exact_while_it_fits_else_seeded_sample(backend):
     assert exact.median == "exact" and exact.median_sample_rows is None
     _check(repkern.cka, reference.cka, x, y, kernel="rbf", method="tiled", max_gram_bytes=distances)
     sampled = repkern.cka_plan(x, y, "rbf", method="tiled", max_gram_bytes=distances - 1)
-    assert sampled.median == "sampled" and sampled.median_seed == hsic_ops.MEDIAN_SEED
+    assert sampled.median == "sampled" and sampled.median_seed == cka_ops.MEDIAN_SEED
     assert sampled.median_sample_rows == math.isqrt((distances - 1) // (6 * 8)) < 150
     first = repkern.cka(x, y, "rbf", method="tiled", max_gram_bytes=distances - 1)
     again = repkern.cka(x, y, "rbf", method="tiled", max_gram_bytes=distances - 1)
@@ -250,12 +250,12 @@ def test_sampled_median_is_the_median_of_the_sampled_pairs(median):
     the matching quantile of the sampled rows' distances."""
     x = _data((41, 3), torch.float64, "cpu", seed=5)
     d = reference.squared_distances(x)
-    med, positions = hsic_ops._median_sampled(x, median == "offdiag", 41)
+    med, positions = cka_ops._median_sampled(x, median == "offdiag", 41)
     torch.testing.assert_close(med, reference.median_squared_distance(d, median))
     flat = d.reshape(-1)[positions]
     torch.testing.assert_close(flat.mean(), med)
-    med20, _ = hsic_ops._median_sampled(x, median == "offdiag", 20)
-    rows = torch.randperm(41, generator=torch.Generator().manual_seed(hsic_ops.MEDIAN_SEED))[:20]
+    med20, _ = cka_ops._median_sampled(x, median == "offdiag", 20)
+    rows = torch.randperm(41, generator=torch.Generator().manual_seed(cka_ops.MEDIAN_SEED))[:20]
     sub = d[rows][:, rows]
     pairs = sub[torch.ones(20, 20, dtype=torch.bool).triu(1)]
     assert pairs.min() <= med20 <= pairs.max()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import repkern
-from repkern import _native, reference
+from repkern import _common, reference
 from repkern.ops import cka_test as cka_test_ops
 from tests.conftest import assert_close_to_reference
 
@@ -36,11 +36,11 @@ def test_matches_a_loop_recomputing_cka_with_the_reference(backend, dtype, kerne
     ref64 = reference.cka_test(x, y, **kwargs)
     for field in ("cka", "null", "bootstrap", "ci_low", "ci_high"):
         value = getattr(got, field)
-        assert value.dtype == _native.stat_dtype(dtype), field
+        assert value.dtype == _common.stat_dtype(dtype), field
         assert_close_to_reference(value.cpu(), getattr(ref_low, field), getattr(ref64, field))
     assert got.p_value.item() == pytest.approx(ref64.p_value.item(), rel=1e-7)
     # the null really is CKA against permuted rows: check two by hand with the public op
-    perms, _ = reference.replicate_indices(n, 6, 5, 11)
+    perms, _ = _common.replicate_indices(n, 6, 5, 11)
     for i in (0, 5):
         by_hand = repkern.cka(x, y[perms[i]], kernel, debiased=debiased)
         torch.testing.assert_close(got.null[i].double().cpu(), by_hand, rtol=1e-4 if dtype == torch.float32 else 1e-10,
@@ -113,7 +113,7 @@ def test_deterministic_per_seed(backend):
         assert torch.equal(getattr(first, field), getattr(again, field)), field
     assert not torch.equal(first.null, other.null)
     # the plan is drawn on the CPU: the same on every device
-    p1, b1 = reference.replicate_indices(30, 20, 20, 5)
+    p1, b1 = _common.replicate_indices(30, 20, 20, 5)
     assert torch.equal(torch.sort(p1, 1).values, torch.arange(30).expand(20, 30)) and b1.max() < 30
 
 

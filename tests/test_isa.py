@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import repkern
-from repkern import _native
-from repkern.ops.sparsity import FEATURE_FIELDS, row_channels
+from repkern import _C
+from repkern._constants import SPARSITY_FEATURE_FIELDS, sparsity_row_channels
 
 INFO = repkern.build_info()
 COMPILED = INFO["cpu_isas_compiled"]
@@ -29,15 +29,15 @@ X86_LEVELS = COMPILED == ["baseline", "avx2", "avx512"]
 def test_default_is_the_best_supported_level(monkeypatch):
     monkeypatch.delenv("REPKERN_CPU_ISA", raising=False)
     assert SUPPORTED and set(SUPPORTED) <= set(COMPILED)
-    assert _native._C.cpu_isa() == SUPPORTED[-1]
+    assert _C.cpu_isa() == SUPPORTED[-1]
     monkeypatch.setenv("REPKERN_CPU_ISA", "")
-    assert _native._C.cpu_isa() == SUPPORTED[-1]
+    assert _C.cpu_isa() == SUPPORTED[-1]
 
 
 @pytest.mark.parametrize("level", SUPPORTED)
 def test_forcing_a_supported_level(monkeypatch, level):
     monkeypatch.setenv("REPKERN_CPU_ISA", level)
-    assert _native._C.cpu_isa() == level
+    assert _C.cpu_isa() == level
     x = torch.randn(33, 7, dtype=torch.float64)
     torch.testing.assert_close(repkern.gram(x), x @ x.T)
 
@@ -49,7 +49,7 @@ def test_forcing_a_supported_level(monkeypatch, level):
 def test_unknown_level_is_an_error_naming_the_variable(monkeypatch, value, message):
     monkeypatch.setenv("REPKERN_CPU_ISA", value)
     with pytest.raises(ValueError, match=message):
-        _native._C.cpu_isa()
+        _C.cpu_isa()
     with pytest.raises(ValueError, match="REPKERN_CPU_ISA"):  # the ops too: native code reads it per call
         repkern.gram(torch.randn(5, 3))
 
@@ -58,7 +58,7 @@ def test_a_level_this_build_lacks_is_an_error(monkeypatch):
     missing = [lv for lv in ("baseline", "avx2", "avx512", "native") if lv not in COMPILED]
     monkeypatch.setenv("REPKERN_CPU_ISA", missing[0])
     with pytest.raises(ValueError, match=f"REPKERN_CPU_ISA={missing[0]}: this build has the levels"):
-        _native._C.cpu_isa()
+        _C.cpu_isa()
 
 
 def test_levels_give_the_same_statistics(monkeypatch):
@@ -110,8 +110,8 @@ QEMU_CPUS = [("EPYC-Milan", "avx2"), ("Nehalem", "baseline")]
 
 def _run_script(env_extra, qemu_cpu=None):
     env = dict(os.environ, **env_extra)
-    cmd = [sys.executable, "-c", _QEMU_SCRIPT, _native._C.__file__, str(row_channels(2, True)),
-           str(len(FEATURE_FIELDS))]
+    cmd = [sys.executable, "-c", _QEMU_SCRIPT, _C.__file__, str(sparsity_row_channels(2, True)),
+           str(len(SPARSITY_FEATURE_FIELDS))]
     if qemu_cpu:
         cmd = [shutil.which("qemu-x86_64"), "-cpu", qemu_cpu] + cmd
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

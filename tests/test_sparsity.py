@@ -11,6 +11,7 @@ import torch
 
 import repkern
 from repkern import reference
+from repkern._constants import sparsity_row_channels
 from repkern.ops import sparsity as sparsity_ops
 from tests.conftest import assert_close_to_reference, run_gloo_processes
 
@@ -493,13 +494,13 @@ def test_all_reduce_over_two_gloo_processes_equals_single_process():
 @pytest.mark.parametrize("ordered", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_native_row_summaries_match_the_torch_form(ordered, dtype):
-    """The CPU path summarizes the row channels natively; sparsity_result.row_summary_parts is the torch
+    """The CPU path summarizes the row channels natively; results.sparsity.row_summary_parts is the torch
     definition: NaN rows, values a hair outside [0, 1], exact bin edges, l0 counts as fractions of d."""
-    from repkern import sparsity_result as sr
     from repkern.ops import sparsity as ops
+    from repkern.results import sparsity as sr
 
     top_p, d, bins, rows = (0.1, 0.5, 1.0), 37, 20, 300
-    channels = ops.row_channels(len(top_p), ordered)
+    channels = sparsity_row_channels(len(top_p), ordered)
     g = torch.Generator().manual_seed(24)
     out = torch.rand((channels, rows), generator=g, dtype=torch.float64) * 1.1 - 0.05
     out[:, :21] = torch.arange(21, dtype=torch.float64) / 20  # bin edges, 1.0 included
@@ -540,7 +541,7 @@ def test_row_channels_layout_matches_native():
     """The Python view of the native row outputs (names and order) is the one the kernels write."""
     a = _data((5, 7), torch.float64, "cpu", seed=50)
     _, out = torch.ops.repkern.sparsity_stats(a, 0.0, [0.2, 0.7], True)
-    assert out.shape == (sparsity_ops.row_channels(2, True), 5)
+    assert out.shape == (sparsity_row_channels(2, True), 5)
     ref = reference.sparsity_rows(a, 0.0, (0.2, 0.7), True)
     rows = sparsity_ops._row_dict(out, (0.2, 0.7), True)
     for name, value in ref.items():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import repkern
-from repkern import _native, reference
+from repkern import _common, reference
 from repkern.ops import streaming
 from tests.conftest import assert_close_to_reference, run_gloo_processes
 
@@ -48,7 +48,7 @@ def test_streaming_equals_one_shot_cka_matrix(dtype, debiased):
     xs64 = _model_layers(203, (7, 12, 5), seed=0, shift=40.0)
     ys64 = _model_layers(203, (9, 4), seed=10, shift=-25.0)
     xs, ys = [t.to(dtype) for t in xs64], [t.to(dtype) for t in ys64]
-    stat = _native.stat_dtype(dtype)
+    stat = _common.stat_dtype(dtype)
     expected = {}
     for ys_arg in (ys, None):
         ys64_arg = None if ys_arg is None else [t.double() for t in ys_arg]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import repkern
-from repkern.results import plot_sparsity_profiles
+from repkern.results.workflows import plot_sparsity_profiles
 
 VOCAB, D = 50, 8
 

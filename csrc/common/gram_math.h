@@ -83,26 +83,13 @@ void dispatch_gram(GramKind kind, GramPass pass, DType acc_dtype, DType out_dtyp
               if constexpr ((K == GramKind::Linear || K == GramKind::SqDist) && P != GramPass::Write) {
                 throw std::invalid_argument("gram_epilogue: this kind has only the Write pass");
               } else if constexpr (P == GramPass::RowSums) {  // writes no output: one instantiation per acc type
-                if (acc_dtype == DType::Float64) {
-                  f.template operator()<K, P, double, double>();
-                } else if (acc_dtype == DType::Float32) {
-                  f.template operator()<K, P, float, float>();
-                } else {
-                  throw std::invalid_argument("gram_epilogue: acc must be float32/64");
-                }
-              } else if (acc_dtype == DType::Float64) {
-                if (out_dtype != DType::Float64) throw std::invalid_argument("gram_epilogue: float64 acc needs float64 out");
-                f.template operator()<K, P, double, double>();
-              } else {
-                if (acc_dtype != DType::Float32) throw std::invalid_argument("gram_epilogue: acc must be float32/64");
-                switch_dtype(out_dtype, "gram_epilogue out", [&](auto out_t) {
-                  using Out = typename decltype(out_t)::type;
-                  if constexpr (std::is_same_v<Out, double>) {
-                    throw std::invalid_argument("gram_epilogue: float64 out needs float64 acc");
-                  } else {
-                    f.template operator()<K, P, float, Out>();
-                  }
+                switch_acc(acc_dtype, "gram_epilogue", [&](auto acc_t) {
+                  using A = typename decltype(acc_t)::type;
+                  f.template operator()<K, P, A, A>();
                 });
+              } else {
+                switch_acc_data(acc_dtype, out_dtype, "gram_epilogue",
+                                [&]<typename A, typename Out>() { f.template operator()<K, P, A, Out>(); });
               }
             });
       });

@@ -49,30 +49,4 @@ RK_HD bool sae_ranks_before(K ka, int32_t ia, K kb, int32_t ib) {
 constexpr int32_t kSaeEmptyIndex = 0x7fffffff;  // column of an empty slot (key 0)
 constexpr int kSaeMaxTopK = 256;                 // largest k of the native top-k merge
 
-// Host-side: f(TypeTag<A>{}) for the accumulation dtype (float32 or float64).
-template <typename F>
-void dispatch_sae_acc(DType acc, const char* what, F&& f) {
-  if (acc == DType::Float32) return f(TypeTag<float>{});
-  if (acc == DType::Float64) return f(TypeTag<double>{});
-  throw std::invalid_argument(std::string(what) + ": accumulation dtype must be float32 or float64");
-}
-
-// Host-side: f.template operator()<A, Out>() for float64/float64 or float32/{float32, float16, bfloat16}.
-template <typename F>
-void dispatch_sae_acc_out(DType acc, DType out, const char* what, F&& f) {
-  if (acc == DType::Float64) {
-    if (out != DType::Float64) throw std::invalid_argument(std::string(what) + ": float64 acc needs float64 out");
-    return f.template operator()<double, double>();
-  }
-  if (acc != DType::Float32) throw std::invalid_argument(std::string(what) + ": acc must be float32 or float64");
-  switch_dtype(out, what, [&](auto out_t) {
-    using Out = typename decltype(out_t)::type;
-    if constexpr (std::is_same_v<Out, double>) {
-      throw std::invalid_argument(std::string(what) + ": float64 out needs float64 acc");
-    } else {
-      f.template operator()<float, Out>();
-    }
-  });
-}
-
 }  // namespace repkern

@@ -39,8 +39,15 @@ enum RowTotal : int { kTotFinite, kTotL0, kTotL1, kTotL2Sq, kTotThreshold, kRowT
 // Σ|a| ln|a|, Σa² ln|a|, Gini sum, then Σ and Σ² of the top-p entries for each p.
 enum OrderedSum : int { kSumAbove, kSumALogA, kSumA2LogA, kSumGini, kSumTopP };
 
+// Names of the fields and row channels above, in order (exported to Python by the bindings).
+inline constexpr const char* kFeatureFieldNames[kFeatureFields] = {"count", "fired", "nan", "mean", "m2",
+                                                                   "m3",    "m4",    "min", "max",  "abs_sum"};
+inline constexpr const char* kRowChannelNames[kRowTopP] = {
+    "l0", "nonfinite", "l1", "l2", "hoyer", "gini", "thresholded_l0", "effective_rank_l1", "effective_rank_l2"};
+
 constexpr int kMaxTopP = 8;
-constexpr double kTopKTolerance = 1e-9;  // python/repkern/reference.py TOP_K_TOLERANCE
+// top p = the ceil(p·n − kTopKTolerance) largest |a|: a p·n that is an integer up to rounding (0.07·100) gives it.
+constexpr double kTopKTolerance = 1e-9;
 
 RK_HD constexpr int row_channels(int num_top_p, bool ordered) {
   return ordered ? int(kRowTopP) + 2 * num_top_p : int(kRowSortFree);

@@ -157,14 +157,11 @@ void run(const A* inner, const A* aux, Out* out, const A* scale, double* row_sum
 
 }  // namespace
 
-void gram_epilogue(GramKind kind, GramPass pass, DType acc_dtype, DType out_dtype, const void* inner, const void* aux,
-                   void* out,
-                   const void* scale, double* row_sums, const double* totals, int64_t batch, int64_t n,
-                   int num_threads) {
-  if (batch == 0 || n == 0) return;
-  dispatch_gram(kind, pass, acc_dtype, out_dtype, [&]<GramKind K, GramPass P, typename A, typename Out>() {
-    run<K, P, A, Out>(static_cast<const A*>(inner), static_cast<const A*>(aux), static_cast<Out*>(out), static_cast<const A*>(scale), row_sums,
-                      totals, batch, n, num_threads);
+void gram_epilogue(const GramEpilogueParams& p, int num_threads) {
+  if (p.batch == 0 || p.n == 0) return;
+  dispatch_gram(p.kind, p.pass, p.acc_dtype, p.out_dtype, [&]<GramKind K, GramPass P, typename A, typename Out>() {
+    run<K, P, A, Out>(static_cast<const A*>(p.inner), static_cast<const A*>(p.aux), static_cast<Out*>(p.out),
+                      static_cast<const A*>(p.scale), p.row_sums, p.totals, p.batch, p.n, num_threads);
   });
 }
 

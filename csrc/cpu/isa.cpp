@@ -24,8 +24,7 @@ bool cpu_runs(Isa isa) {
   __builtin_cpu_init();
   switch (isa) {
     case Isa::Baseline:
-      return __builtin_cpu_supports("sse4.2") && __builtin_cpu_supports("popcnt") &&
-             __builtin_cpu_supports("ssse3");
+      return __builtin_cpu_supports("sse4.2") && __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("ssse3");
     case Isa::Avx2:
       return cpu_runs(Isa::Baseline) && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
              __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
@@ -33,8 +32,7 @@ bool cpu_runs(Isa isa) {
       return cpu_runs(Isa::Avx2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
              __builtin_cpu_supports("avx512vl");
-    case Isa::Native:
-      return false;
+    case Isa::Native: return false;
   }
   return false;
 #else
@@ -100,11 +98,11 @@ int selected_isa_index() {
                                   " (build without REPKERN_CPU_ARCH for all x86-64 levels)");
     for (Isa s : supported)
       if (s == isa) return index;
-    throw std::invalid_argument("REPKERN_CPU_ISA=" + want + ": this CPU does not support it (supported: " +
-                                names_of(supported) + ")");
+    throw std::invalid_argument("REPKERN_CPU_ISA=" + want +
+                                ": this CPU does not support it (supported: " + names_of(supported) + ")");
   }
-  throw std::invalid_argument("REPKERN_CPU_ISA must be one of baseline, avx2, avx512, native (or unset), got '" +
-                              want + "'");
+  throw std::invalid_argument("REPKERN_CPU_ISA must be one of baseline, avx2, avx512, native (or unset), got '" + want +
+                              "'");
 }
 
 const char* cpu_build_arch() { return REPKERN_CPU_BUILD_ARCH; }

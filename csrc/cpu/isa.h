@@ -20,7 +20,6 @@
 #pragma once
 
 #include <string>
-#include <utility>
 #include <vector>
 
 namespace repkern::cpu {
@@ -77,9 +76,10 @@ F isa_copy(F first, More... more) {
 }
 }  // namespace repkern::cpu
 
-// repkern::cpu::name(args...): calls the copy of the selected level.
-#define REPKERN_CPU_DISPATCH(name)                                          \
-  template <typename... Args>                                               \
-  void name(Args&&... args) {                                               \
-    ::repkern::cpu::isa_copy(REPKERN_CPU_ISA_COPIES(name))(std::forward<Args>(args)...); \
+// Declares CPU kernel `name` (launcher signature: const Params&, thread count): one copy per compiled
+// level, and repkern::cpu::name, which runs the selected level's copy.
+#define REPKERN_CPU_KERNEL(name, Params)                                    \
+  REPKERN_CPU_ISA_NAMESPACES(void name(const Params& p, int num_threads);)  \
+  inline void name(const Params& p, int num_threads) {                      \
+    ::repkern::cpu::isa_copy(REPKERN_CPU_ISA_COPIES(name))(p, num_threads); \
   }

@@ -194,56 +194,49 @@ void sddmm(const int64_t* rows_of, const int64_t* cols_of, const T* a, const T* 
 
 }  // namespace
 
-void sae_activate(DType acc_dtype, DType out_dtype, const void* pre, int64_t ld_pre, const void* bias,
-                  const float* theta, void* out, int64_t ld_out, int64_t* fire_counts, int64_t rows, int64_t cols,
-                  int num_threads) {
-  if (rows == 0 || cols == 0) return;
-  dispatch_sae_acc_out(acc_dtype, out_dtype, "sae_activate", [&]<typename A, typename Out>() {
-    activate(static_cast<const A*>(pre), ld_pre, static_cast<const A*>(bias), theta, static_cast<Out*>(out), ld_out,
-             fire_counts, rows, cols, num_threads);
+void sae_activate(const SaeActivateParams& p, int num_threads) {
+  if (p.rows == 0 || p.cols == 0) return;
+  switch_acc_data(p.acc_dtype, p.out_dtype, "sae_activate", [&]<typename A, typename Out>() {
+    activate(static_cast<const A*>(p.pre), p.ld_pre, static_cast<const A*>(p.bias), p.theta, static_cast<Out*>(p.out),
+             p.ld_out, p.fire_counts, p.rows, p.cols, num_threads);
   });
 }
 
-void sae_sparsify(DType acc_dtype, const void* pre, const void* bias, const float* theta, int64_t* counts,
-                  const int64_t* offsets, int64_t* out_cols, void* out_vals, int64_t rows, int64_t cols, int64_t col0,
-                  int num_threads) {
-  if (rows == 0 || cols == 0) return;
-  dispatch_sae_acc(acc_dtype, "sae_sparsify", [&](auto tag) {
+void sae_sparsify(const SaeSparsifyParams& p, int num_threads) {
+  if (p.rows == 0 || p.cols == 0) return;
+  switch_acc(p.acc_dtype, "sae_sparsify", [&](auto tag) {
     using A = typename decltype(tag)::type;
-    sparsify(static_cast<const A*>(pre), static_cast<const A*>(bias), theta, counts, offsets, out_cols,
-             static_cast<A*>(out_vals), rows, cols, col0, num_threads);
+    sparsify(static_cast<const A*>(p.pre), static_cast<const A*>(p.bias), p.theta, p.counts, p.offsets, p.out_cols,
+             static_cast<A*>(p.out_vals), p.rows, p.cols, p.col0, num_threads);
   });
 }
 
-void sae_topk_merge(DType acc_dtype, const void* pre, const void* bias, void* top_vals, int64_t* top_cols,
-                    int64_t rows, int64_t cols, int64_t col0, int k, bool first, bool relu_first, int num_threads) {
-  if (rows == 0) return;
-  dispatch_sae_acc(acc_dtype, "sae_topk_merge", [&](auto tag) {
+void sae_topk_merge(const SaeTopkMergeParams& p, int num_threads) {
+  if (p.rows == 0) return;
+  switch_acc(p.acc_dtype, "sae_topk_merge", [&](auto tag) {
     using A = typename decltype(tag)::type;
     // A compile-time switch: a runtime one in the screening loop costs about 4x there.
-    auto run = relu_first ? topk_merge<A, true> : topk_merge<A, false>;
-    run(static_cast<const A*>(pre), static_cast<const A*>(bias), static_cast<A*>(top_vals), top_cols, rows, cols, col0,
-        k, first, num_threads);
+    auto run = p.relu_first ? topk_merge<A, true> : topk_merge<A, false>;
+    run(static_cast<const A*>(p.pre), static_cast<const A*>(p.bias), static_cast<A*>(p.top_vals), p.top_cols, p.rows,
+        p.cols, p.col0, p.k, p.first, num_threads);
   });
 }
 
-void sae_spmm(DType dtype, const int64_t* crow, const int64_t* cols, const void* vals, const void* dense,
-              const void* bias, void* out, void* row_sums, int64_t rows, int64_t D, int num_threads) {
-  if (rows == 0) return;
-  switch_dtype(dtype, "sae_spmm", [&](auto tag) {
+void sae_spmm(const SaeSpmmParams& p, int num_threads) {
+  if (p.rows == 0) return;
+  switch_dtype(p.dtype, "sae_spmm", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    spmm(crow, cols, static_cast<const T*>(vals), static_cast<const T*>(dense), static_cast<const T*>(bias),
-         static_cast<T*>(out), static_cast<acc_t<T>*>(row_sums), rows, D, num_threads);
+    spmm(p.crow, p.cols, static_cast<const T*>(p.vals), static_cast<const T*>(p.dense), static_cast<const T*>(p.bias),
+         static_cast<T*>(p.out), static_cast<acc_t<T>*>(p.row_sums), p.rows, p.D, num_threads);
   });
 }
 
-void sae_sddmm(DType dtype, const int64_t* rows_of, const int64_t* cols_of, const void* a, const void* b, void* out,
-               int64_t nnz, int64_t D, int num_threads) {
-  if (nnz == 0) return;
-  switch_dtype(dtype, "sae_sddmm", [&](auto tag) {
+void sae_sddmm(const SaeSddmmParams& p, int num_threads) {
+  if (p.nnz == 0) return;
+  switch_dtype(p.dtype, "sae_sddmm", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    sddmm(rows_of, cols_of, static_cast<const T*>(a), static_cast<const T*>(b), static_cast<acc_t<T>*>(out), nnz, D,
-          num_threads);
+    sddmm(p.rows_of, p.cols_of, static_cast<const T*>(p.a), static_cast<const T*>(p.b), static_cast<acc_t<T>*>(p.out),
+          p.nnz, p.D, num_threads);
   });
 }
 

@@ -491,7 +491,7 @@ void run(const T* x, int64_t rows, int64_t d, int64_t ld, double eps, const doub
     for (int64_t p = p0; p < p1; ++p) stats.run_part(states[size_t(p)], rows * p / parts, rows * (p + 1) / parts);
   });
   PartState& total = states[0];
-  for (int64_t p = 1; p < parts; ++p) sparsity_merge_states(total.f.data(), states[size_t(p)].f.data(), d);
+  for (int64_t p = 1; p < parts; ++p) merge_columns(total.f.data(), d, states[size_t(p)].f.data(), d, d);
   std::memcpy(feature_state, total.f.data(), total.f.size() * sizeof(double));
 }
 
@@ -518,36 +518,33 @@ void summarize_channel(const A* values, int64_t rows, double divisor, int64_t bi
 
 }  // namespace
 
-void sparsity_merge_states(double* state, const double* other, int64_t d) {
-  merge_columns(state, d, other, d, d);
+void sparsity_merge_states(const SparsityMergeStatesParams& p, int /*num_threads: one vectorized pass*/) {
+  merge_columns(p.state, p.d, p.other, p.d, p.d);
 }
 
-void sparsity_row_summaries(DType dtype, const void* row_out, int64_t channels, int64_t rows,
-                            const double* hist_divisor, int64_t bins, double* sums, int64_t* defined, int64_t* hist,
-                            int num_threads) {
-  std::fill_n(hist, channels * bins, int64_t(0));
-  parallel_for(channels, num_threads, 1, [&](int64_t c0, int64_t c1) {
+void sparsity_row_summaries(const SparsityRowSummariesParams& p, int num_threads) {
+  std::fill_n(p.hist, p.channels * p.bins, int64_t(0));
+  parallel_for(p.channels, num_threads, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       auto summarize = [&](const auto* values) {
-        summarize_channel(values + c * rows, rows, hist_divisor[c], bins, sums + c, defined + c, hist + c * bins);
+        summarize_channel(values + c * p.rows, p.rows, p.hist_divisor[c], p.bins, p.sums + c, p.defined + c,
+                          p.hist + c * p.bins);
       };
-      if (dtype == DType::Float64) {
-        summarize(static_cast<const double*>(row_out));
+      if (p.dtype == DType::Float64) {
+        summarize(static_cast<const double*>(p.row_out));
       } else {
-        summarize(static_cast<const float*>(row_out));
+        summarize(static_cast<const float*>(p.row_out));
       }
     }
   });
 }
 
-void sparsity_stats(DType dtype, const void* x, int64_t rows, int64_t d, int64_t ld, double eps,
-                    const double* top_p, int num_top_p, bool ordered, double* feature_state, void* row_out,
-                    int num_threads) {
-  if (d <= 0) return;
-  switch_dtype(dtype, "sparsity_stats x", [&](auto tag) {
+void sparsity_stats(const SparsityStatsParams& p, int num_threads) {
+  if (p.d <= 0) return;
+  switch_dtype(p.dtype, "sparsity_stats x", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    run<T>(static_cast<const T*>(x), rows, d, ld, eps, top_p, num_top_p, ordered, feature_state,
-           static_cast<acc_t<T>*>(row_out), num_threads);
+    run<T>(static_cast<const T*>(p.x), p.rows, p.d, p.ld, p.eps, p.top_p, p.num_top_p, p.ordered, p.feature_state,
+           static_cast<acc_t<T>*>(p.row_out), num_threads);
   });
 }
 

@@ -150,15 +150,12 @@ void launch(const void* inner, const void* aux, void* out, const void* scale, do
 
 }  // namespace
 
-void gram_epilogue(GramKind kind, GramPass pass, DType acc_dtype, DType out_dtype, const void* inner, const void* aux,
-                   void* out,
-                   const void* scale, double* row_sums, const double* totals, int64_t batch, int64_t n,
-                   void* stream) {
-  if (batch == 0 || n == 0) return;
-  const int64_t tiles = (n + kTile - 1) / kTile;
+void gram_epilogue(const GramEpilogueParams& p, void* stream) {
+  if (p.batch == 0 || p.n == 0) return;
+  const int64_t tiles = (p.n + kTile - 1) / kTile;
   if (tiles * (tiles / 2 + 1) > 2147483647) throw std::invalid_argument("gram_epilogue: n too large for one launch");
-  dispatch_gram(kind, pass, acc_dtype, out_dtype, [&]<GramKind K, GramPass P, typename A, typename Out>() {
-    launch<K, P, A, Out>(inner, aux, out, scale, row_sums, totals, batch, n, stream);
+  dispatch_gram(p.kind, p.pass, p.acc_dtype, p.out_dtype, [&]<GramKind K, GramPass P, typename A, typename Out>() {
+    launch<K, P, A, Out>(p.inner, p.aux, p.out, p.scale, p.row_sums, p.totals, p.batch, p.n, stream);
   });
 }
 

@@ -392,43 +392,41 @@ std::string dims(int64_t a, int64_t b) { return "rows=" + std::to_string(a) + " 
 
 }  // namespace
 
-void sae_activate(DType acc_dtype, DType out_dtype, const void* pre, int64_t ld_pre, const void* bias,
-                  const float* theta, void* out, int64_t ld_out, int64_t* fire_counts, int64_t rows, int64_t cols,
-                  void* stream) {
-  if (rows == 0 || cols == 0) return;
-  dispatch_sae_acc_out(acc_dtype, out_dtype, "sae_activate", [&]<typename A, typename Out>() {
-    const bool vec16 = use_vec16<A>(cols, {pre, bias}, {theta}) && ld_pre % kVec16<A> == 0 &&
-                       ld_out % kVec16<A> == 0 && is_aligned(out, kVec16<A> * sizeof(Out));
+void sae_activate(const SaeActivateParams& p, void* stream) {
+  if (p.rows == 0 || p.cols == 0) return;
+  switch_acc_data(p.acc_dtype, p.out_dtype, "sae_activate", [&]<typename A, typename Out>() {
+    const bool vec16 = use_vec16<A>(p.cols, {p.pre, p.bias}, {p.theta}) && p.ld_pre % kVec16<A> == 0 &&
+                       p.ld_out % kVec16<A> == 0 && is_aligned(p.out, kVec16<A> * sizeof(Out));
     with_vec<A>(vec16, [&](auto vec_c) {
       constexpr int Vec = decltype(vec_c)::value;
-      const int64_t tiles = (cols + 32 * Vec - 1) / (32 * Vec);
-      const int64_t row_groups = (rows + kWarps - 1) / kWarps;
+      const int64_t tiles = (p.cols + 32 * Vec - 1) / (32 * Vec);
+      const int64_t row_groups = (p.rows + kWarps - 1) / kWarps;
       const int64_t wanted = (int64_t(kBlocksPerSM) * sm_count() + tiles - 1) / tiles;
       LaunchShape shape;
       shape.grid = dim3(unsigned(tiles), unsigned(rk_min<int64_t>(rk_min<int64_t>(wanted, row_groups), 65535)));
       shape.block = dim3(32, kWarps);
       shape.stream = static_cast<cudaStream_t>(stream);
-      launch_kernel("sae_activate", [&] { return dims(rows, cols); }, sae_activate_kernel<A, Out, Vec>, shape,
-                    static_cast<const A*>(pre), ld_pre, static_cast<const A*>(bias), theta, static_cast<Out*>(out),
-                    ld_out, reinterpret_cast<unsigned long long*>(fire_counts), rows, cols);
+      launch_kernel(
+          "sae_activate", [&] { return dims(p.rows, p.cols); }, sae_activate_kernel<A, Out, Vec>, shape,
+          static_cast<const A*>(p.pre), p.ld_pre, static_cast<const A*>(p.bias), p.theta, static_cast<Out*>(p.out),
+          p.ld_out, reinterpret_cast<unsigned long long*>(p.fire_counts), p.rows, p.cols);
     });
   });
 }
 
-void sae_sparsify(DType acc_dtype, const void* pre, const void* bias, const float* theta, int64_t* counts,
-                  const int64_t* offsets, int64_t* out_cols, void* out_vals, int64_t rows, int64_t cols, int64_t col0,
-                  void* stream) {
-  if (rows == 0 || cols == 0) return;
-  dispatch_sae_acc(acc_dtype, "sae_sparsify", [&](auto tag) {
+void sae_sparsify(const SaeSparsifyParams& p, void* stream) {
+  if (p.rows == 0 || p.cols == 0) return;
+  switch_acc(p.acc_dtype, "sae_sparsify", [&](auto tag) {
     using A = typename decltype(tag)::type;
-    with_vec<A>(use_vec16<A>(cols, {pre, bias}, {theta}), [&](auto vec_c) {
+    with_vec<A>(use_vec16<A>(p.cols, {p.pre, p.bias}, {p.theta}), [&](auto vec_c) {
       constexpr int Vec = decltype(vec_c)::value;
       auto run = [&](auto kernel) {
-        launch_kernel("sae_sparsify", [&] { return dims(rows, cols); }, kernel, warp_shape(rows, stream),
-                      static_cast<const A*>(pre), static_cast<const A*>(bias), theta, counts, offsets, out_cols,
-                      static_cast<A*>(out_vals), rows, cols, col0);
+        launch_kernel(
+            "sae_sparsify", [&] { return dims(p.rows, p.cols); }, kernel, warp_shape(p.rows, stream),
+            static_cast<const A*>(p.pre), static_cast<const A*>(p.bias), p.theta, p.counts, p.offsets, p.out_cols,
+            static_cast<A*>(p.out_vals), p.rows, p.cols, p.col0);
       };
-      if (counts) {
+      if (p.counts) {
         run(sae_sparsify_kernel<A, Vec, false>);
       } else {
         run(sae_sparsify_kernel<A, Vec, true>);
@@ -437,51 +435,50 @@ void sae_sparsify(DType acc_dtype, const void* pre, const void* bias, const floa
   });
 }
 
-void sae_topk_merge(DType acc_dtype, const void* pre, const void* bias, void* top_vals, int64_t* top_cols,
-                    int64_t rows, int64_t cols, int64_t col0, int k, bool first, bool relu_first, void* stream) {
-  if (rows == 0) return;
-  if (k < 1 || k > kSaeMaxTopK) throw std::invalid_argument("sae_topk_merge: k must be in [1, 256]");
-  const int slots = (k + 31) / 32;
+void sae_topk_merge(const SaeTopkMergeParams& p, void* stream) {
+  if (p.rows == 0) return;
+  if (p.k < 1 || p.k > kSaeMaxTopK) throw std::invalid_argument("sae_topk_merge: k must be in [1, 256]");
+  const int slots = (p.k + 31) / 32;
   const int R = slots <= 1 ? 1 : slots <= 2 ? 2 : slots <= 4 ? 4 : 8;
-  dispatch_sae_acc(acc_dtype, "sae_topk_merge", [&](auto tag) {
+  switch_acc(p.acc_dtype, "sae_topk_merge", [&](auto tag) {
     using A = typename decltype(tag)::type;
-    with_vec<A>(use_vec16<A>(cols, {pre, bias}), [&](auto vec_c) {
+    with_vec<A>(use_vec16<A>(p.cols, {p.pre, p.bias}), [&](auto vec_c) {
       constexpr int Vec = decltype(vec_c)::value;
       switch_value<int, 1, 2, 4, 8>(R, "sae_topk_merge slots", [&](auto r_c) {
         constexpr int Slots = decltype(r_c)::value;
         launch_kernel(
-            "sae_topk_merge", [&] { return dims(rows, cols) + " k=" + std::to_string(k); },
-            sae_topk_merge_kernel<A, Slots, Vec>, warp_shape(rows, stream), static_cast<const A*>(pre),
-            static_cast<const A*>(bias), static_cast<A*>(top_vals), top_cols, rows, cols, col0, k, first, relu_first);
+            "sae_topk_merge", [&] { return dims(p.rows, p.cols) + " k=" + std::to_string(p.k); },
+            sae_topk_merge_kernel<A, Slots, Vec>, warp_shape(p.rows, stream), static_cast<const A*>(p.pre),
+            static_cast<const A*>(p.bias), static_cast<A*>(p.top_vals), p.top_cols, p.rows, p.cols, p.col0, p.k,
+            p.first, p.relu_first);
       });
     });
   });
 }
 
-void sae_spmm(DType dtype, const int64_t* crow, const int64_t* cols, const void* vals, const void* dense,
-              const void* bias, void* out, void* row_sums, int64_t rows, int64_t D, void* stream) {
-  if (rows == 0) return;
-  switch_dtype(dtype, "sae_spmm", [&](auto tag) {
+void sae_spmm(const SaeSpmmParams& p, void* stream) {
+  if (p.rows == 0) return;
+  switch_dtype(p.dtype, "sae_spmm", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    with_vec<T>(use_vec16<T>(D, {dense, bias, out}), [&](auto vec_c) {
+    with_vec<T>(use_vec16<T>(p.D, {p.dense, p.bias, p.out}), [&](auto vec_c) {
       constexpr int Vec = decltype(vec_c)::value;
-      launch_kernel("sae_spmm", [&] { return dims(rows, D); }, sae_spmm_kernel<T, Vec>, warp_shape(rows, stream), crow,
-                    cols, static_cast<const T*>(vals), static_cast<const T*>(dense), static_cast<const T*>(bias),
-                    static_cast<T*>(out), static_cast<acc_t<T>*>(row_sums), rows, D);
+      launch_kernel(
+          "sae_spmm", [&] { return dims(p.rows, p.D); }, sae_spmm_kernel<T, Vec>, warp_shape(p.rows, stream), p.crow,
+          p.cols, static_cast<const T*>(p.vals), static_cast<const T*>(p.dense), static_cast<const T*>(p.bias),
+          static_cast<T*>(p.out), static_cast<acc_t<T>*>(p.row_sums), p.rows, p.D);
     });
   });
 }
 
-void sae_sddmm(DType dtype, const int64_t* rows_of, const int64_t* cols_of, const void* a, const void* b, void* out,
-               int64_t nnz, int64_t D, void* stream) {
-  if (nnz == 0) return;
-  switch_dtype(dtype, "sae_sddmm", [&](auto tag) {
+void sae_sddmm(const SaeSddmmParams& p, void* stream) {
+  if (p.nnz == 0) return;
+  switch_dtype(p.dtype, "sae_sddmm", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    with_vec<T>(use_vec16<T>(D, {a, b}), [&](auto vec_c) {
+    with_vec<T>(use_vec16<T>(p.D, {p.a, p.b}), [&](auto vec_c) {
       constexpr int Vec = decltype(vec_c)::value;
-      launch_kernel("sae_sddmm", [&] { return dims(nnz, D); }, sae_sddmm_kernel<T, Vec>, warp_shape(nnz, stream),
-                    rows_of, cols_of, static_cast<const T*>(a), static_cast<const T*>(b),
-                    static_cast<acc_t<T>*>(out), nnz, D);
+      launch_kernel(
+          "sae_sddmm", [&] { return dims(p.nnz, p.D); }, sae_sddmm_kernel<T, Vec>, warp_shape(p.nnz, stream), p.rows_of,
+          p.cols_of, static_cast<const T*>(p.a), static_cast<const T*>(p.b), static_cast<acc_t<T>*>(p.out), p.nnz, p.D);
     });
   });
 }

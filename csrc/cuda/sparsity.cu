@@ -408,35 +408,35 @@ SparsityPlan sparsity_plan(DType dtype, int64_t rows, int64_t d) {
   return plan;
 }
 
-void sparsity_features(DType dtype, const void* x, int64_t rows, int64_t d, int64_t ld, double eps, void* partials,
-                       double* row_totals, double* feature_state, void* row_out, int64_t channels, void* stream) {
-  if (d <= 0) return;
-  if (channels < kRowSortFree) throw std::invalid_argument("sparsity_features: too few row channels");
-  const SparsityPlan plan = sparsity_plan(dtype, rows, d);
+void sparsity_features(const SparsityFeaturesParams& p, void* stream) {
+  if (p.d <= 0) return;
+  if (p.channels < kRowSortFree) throw std::invalid_argument("sparsity_features: too few row channels");
+  const SparsityPlan plan = sparsity_plan(p.dtype, p.rows, p.d);
   if (plan.strips > 2147483647 || plan.splits > 65535) throw std::invalid_argument("sparsity_features: d too large");
-  switch_dtype(dtype, "sparsity x", [&](auto tag) {
+  switch_dtype(p.dtype, "sparsity x", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     LaunchShape shape;
     shape.stream = static_cast<cudaStream_t>(stream);
-    auto describe = [&] { return shape_text(rows, d, ld); };
-    if (rows > 0) {
+    auto describe = [&] { return shape_text(p.rows, p.d, p.ld); };
+    if (p.rows > 0) {
       shape.grid = dim3(unsigned(plan.strips), unsigned(plan.splits));
       shape.block = dim3(kThreads);
-      switch_value<bool, false, true>(vector_loads_ok<T>(x, rows, ld), "sparsity vector loads", [&](auto vec) {
+      switch_value<bool, false, true>(vector_loads_ok<T>(p.x, p.rows, p.ld), "sparsity vector loads", [&](auto vec) {
         launch_kernel("sparsity_features", describe, features_kernel<T, decltype(vec)::value>, shape,
-                      static_cast<const T*>(x), rows, d, ld, A(eps), static_cast<A*>(partials), row_totals);
+                      static_cast<const T*>(p.x), p.rows, p.d, p.ld, A(p.eps), static_cast<A*>(p.partials),
+                      p.row_totals);
       });
     }
     const int64_t blocks = 2 * int64_t(sm_count());
     shape.block = dim3(kThreads);
-    shape.grid = dim3(unsigned(grid_for(d, kThreads, blocks)));
-    launch_kernel("sparsity_merge", describe, merge_kernel<A>, shape, static_cast<const A*>(partials),
-                  rows > 0 ? plan.splits : int64_t(0), d, feature_state);
-    shape.grid = dim3(unsigned(grid_for(rows, kThreads, blocks)));
-    if (rows > 0) {
-      launch_kernel("sparsity_row_totals", describe, row_totals_kernel<A>, shape, row_totals, rows, d,
-                    static_cast<A*>(row_out));
+    shape.grid = dim3(unsigned(grid_for(p.d, kThreads, blocks)));
+    launch_kernel("sparsity_merge", describe, merge_kernel<A>, shape, static_cast<const A*>(p.partials),
+                  p.rows > 0 ? plan.splits : int64_t(0), p.d, p.feature_state);
+    shape.grid = dim3(unsigned(grid_for(p.rows, kThreads, blocks)));
+    if (p.rows > 0) {
+      launch_kernel("sparsity_row_totals", describe, row_totals_kernel<A>, shape, p.row_totals, p.rows, p.d,
+                    static_cast<A*>(p.row_out));
     }
   });
 }
@@ -450,39 +450,40 @@ int64_t sparsity_max_smem_sort(DType dtype) {
   return capacity;
 }
 
-void sparsity_ordered(DType dtype, const void* x, const void* sorted, int64_t rows, int64_t d, int64_t ld,
-                      int64_t row_begin, int64_t row_end, const double* top_p, int num_top_p,
-                      const double* row_totals, double* sums, void* row_out, void* stream) {
-  if (d <= 0 || row_end <= row_begin) return;
-  if (row_begin < 0 || row_end > rows) throw std::invalid_argument("sparsity_ordered: bad row range");
-  if (num_top_p < 0 || num_top_p > kMaxTopP) throw std::invalid_argument("sparsity_ordered: bad number of top_p");
-  switch_dtype(dtype, "sparsity x", [&](auto tag) {
+void sparsity_ordered(const SparsityOrderedParams& p, void* stream) {
+  if (p.d <= 0 || p.row_end <= p.row_begin) return;
+  if (p.row_begin < 0 || p.row_end > p.rows) throw std::invalid_argument("sparsity_ordered: bad row range");
+  if (p.num_top_p < 0 || p.num_top_p > kMaxTopP) throw std::invalid_argument("sparsity_ordered: bad number of top_p");
+  switch_dtype(p.dtype, "sparsity x", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     LaunchShape shape;
     shape.stream = static_cast<cudaStream_t>(stream);
     shape.block = dim3(kOrderedThreads);
-    shape.grid = dim3(unsigned(grid_for(row_end - row_begin, 1, 8 * int64_t(sm_count()))));
-    auto describe = [&] { return shape_text(rows, d, ld) + " rows [" + std::to_string(row_begin) + ", " +
-                                 std::to_string(row_end) + ")"; };
-    if (sorted != nullptr) {
+    shape.grid = dim3(unsigned(grid_for(p.row_end - p.row_begin, 1, 8 * int64_t(sm_count()))));
+    auto describe = [&] {
+      return shape_text(p.rows, p.d, p.ld) + " rows [" + std::to_string(p.row_begin) + ", " +
+             std::to_string(p.row_end) + ")";
+    };
+    if (p.sorted != nullptr) {
       launch_kernel("sparsity_ordered", describe, ordered_kernel<A, Source::Presorted>, shape,
-                    static_cast<const A*>(sorted), rows, d, d, row_begin, row_end, 1, top_p, num_top_p, row_totals,
-                    sums);
+                    static_cast<const A*>(p.sorted), p.rows, p.d, p.d, p.row_begin, p.row_end, 1, p.top_p, p.num_top_p,
+                    p.row_totals, p.sums);
     } else {
-      if (d > kSortCapacity<A>) throw std::invalid_argument("sparsity_ordered: d too large to sort in shared memory");
+      if (p.d > kSortCapacity<A>) throw std::invalid_argument("sparsity_ordered: d too large to sort in shared memory");
       int padded = 1;
-      while (padded < d) padded <<= 1;
-      switch_value<bool, false, true>(vector_loads_ok<T>(x, rows, ld), "sparsity vector loads", [&](auto vec) {
+      while (padded < p.d) padded <<= 1;
+      switch_value<bool, false, true>(vector_loads_ok<T>(p.x, p.rows, p.ld), "sparsity vector loads", [&](auto vec) {
         constexpr Source kSource = decltype(vec)::value ? Source::Vector : Source::Scalar;
-        launch_kernel("sparsity_ordered", describe, ordered_kernel<T, kSource>, shape, static_cast<const T*>(x), rows,
-                      d, ld, row_begin, row_end, padded, top_p, num_top_p, row_totals, sums);
+        launch_kernel("sparsity_ordered", describe, ordered_kernel<T, kSource>, shape, static_cast<const T*>(p.x),
+                      p.rows, p.d, p.ld, p.row_begin, p.row_end, padded, p.top_p, p.num_top_p, p.row_totals, p.sums);
       });
     }
     shape.block = dim3(kThreads);
-    shape.grid = dim3(unsigned(grid_for(row_end - row_begin, kThreads, 2 * int64_t(sm_count()))));
-    launch_kernel("sparsity_ordered_finalize", describe, ordered_finalize_kernel<A>, shape, row_totals,
-                  static_cast<const double*>(sums), rows, row_begin, row_end, num_top_p, static_cast<A*>(row_out));
+    shape.grid = dim3(unsigned(grid_for(p.row_end - p.row_begin, kThreads, 2 * int64_t(sm_count()))));
+    launch_kernel("sparsity_ordered_finalize", describe, ordered_finalize_kernel<A>, shape, p.row_totals,
+                  static_cast<const double*>(p.sums), p.rows, p.row_begin, p.row_end, p.num_top_p,
+                  static_cast<A*>(p.row_out));
   });
 }
 

@@ -17,17 +17,15 @@ from importlib import metadata as _metadata
 from repkern import reference  # noqa: F401
 from repkern._native import has_emulator as _has_emulator
 from repkern.capture import capture
-from repkern.codes import CsrCodes, SparseCodes
-from repkern.cka_test_result import CkaTestResult
-from repkern.ops.cka import CkaPlan, cka, cka_from_grams, cka_matrix, cka_plan, hsic
+from repkern.nn import SAE
+from repkern.ops.cka import cka, cka_from_grams, cka_matrix, cka_plan, hsic
 from repkern.ops.cka_test import cka_test
 from repkern.ops.gram import gram
 from repkern.ops.sae import sae_decode, sae_encode
 from repkern.ops.sparsity import SparsityAccumulator, sparsity_stats
 from repkern.ops.streaming import MinibatchCKA, StreamingCKA
-from repkern.results import CkaResult, SparsityProfile, load_result
-from repkern.sae import SAE
-from repkern.sparsity_result import SparsityStats
+from repkern.results import (CkaPlan, CkaResult, CkaTestResult, CsrCodes, SparseCodes, SparsityProfile,
+                             SparsityStats, load_result)
 from repkern.workflows import compare_models, profile_sparsity
 
 try:
@@ -38,9 +36,9 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a sour
 
 def _warn_if_built_without_cuda() -> None:
     """A GPU is here but the build skipped CUDA (pip hides the build's own warning unless run with -v)."""
-    from repkern import _native
+    from repkern import _C
 
-    reason = _native._C.build_info()["cuda_skipped"]
+    reason = _C.build_info()["cuda_skipped"]
     if reason:
         import torch
 
@@ -58,9 +56,9 @@ def build_info() -> dict:
     """How this installation was built and what it can run on."""
     import torch
 
-    from repkern import _native
+    from repkern import _C
 
-    info = dict(_native._C.build_info())
+    info = dict(_C.build_info())
     info["version"] = __version__
     info["emulator"] = _has_emulator()
     info["torch"] = torch.__version__

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from repkern import _native
+from repkern import _C, _native
 
 ENV_VARS = ("REPKERN_BACKEND", "REPKERN_CPU_ISA", "REPKERN_EMU_SCHEDULE", "REPKERN_MAX_GRAM_BYTES",
             "REPKERN_SAE_CHUNK_BYTES")
@@ -118,7 +118,7 @@ def environment_errors() -> list[str]:
     from repkern.ops import cka, sae
 
     errors = []
-    for check in (_native.backend_setting, _native._C.cpu_isa, lambda: cka._budget(None),
+    for check in (_native.backend_setting, _C.cpu_isa, lambda: cka.gram_budget(None),
                   lambda: sae.chunk_budget(None)):
         try:
             check()
@@ -143,7 +143,7 @@ def collect() -> dict:
     build = repkern.build_info()
     errors = environment_errors()
     try:
-        isa = _native._C.cpu_isa()
+        isa = _C.cpu_isa()
     except ValueError:
         isa = None
     devices = []

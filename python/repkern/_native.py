@@ -5,13 +5,15 @@ Backends (env ``REPKERN_BACKEND``, read at each call):
   ``reference``       the pure-PyTorch implementations in :mod:`repkern.reference`
   ``emu``             CPU tensors -> the CUDA kernels run by the emulator ``repkern._emu``
 
-Tensors cross into C++ as ``(data_ptr, sizes, strides, dtype_code)``; torch
-allocates every output and workspace, and each tensor stays bound to a Python
-name until the native call returns.
+Each op module declares the kernels it calls with :func:`kernel` at import, so a kernel missing from the
+build fails there, not at the first call. Tensors cross into C++ as ``(data_ptr, sizes, strides,
+dtype_code)``; torch allocates every output and workspace, and each tensor stays bound to a Python name
+until the native call returns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -19,24 +21,12 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("auto", "reference", "emu")
-# Shared with csrc/common/dtype.h (enum class DType).
-DTYPE_CODES = {
-    torch.float32: 0,
-    torch.float64: 1,
-    torch.float16: 2,
-    torch.bfloat16: 3,
-    torch.int32: 4,
-    torch.int64: 5,
-}
+from repkern import _constants  # noqa: F401  (first: its ImportError explains a missing _C)
+from repkern import _C
+from repkern._constants import DTYPE_CODES as _DTYPE_NAME_CODES
 
-try:
-    from repkern import _C  # noqa: E402
-except ImportError as exc:  # pragma: no cover - a broken install
-    raise ImportError(
-        "repkern's native module repkern._C is missing or does not load; reinstall with "
-        "`pip install .` from the source tree (needs a C++ compiler and CMake)."
-    ) from exc
+BACKENDS = ("auto", "reference", "emu")
+DTYPE_CODES = {getattr(torch, name): code for name, code in _DTYPE_NAME_CODES.items()}
 
 _emu_module = None
 
@@ -59,8 +49,8 @@ def emu_module():
                 _emu_module = importlib.import_module("repkern._emu")
             except ImportError as exc:
                 raise RuntimeError(
-                    "REPKERN_BACKEND=emu needs repkern._emu, which this build does not have "
-                    "(it is built unless CMake option REPKERN_EMU=OFF)"
+                    "REPKERN_BACKEND=emu needs repkern._emu, which this installation does not have "
+                    "(build it with REPKERN_EMU=ON, as scripts/test.sh does)"
                 ) from exc
     return _emu_module
 
@@ -100,32 +90,58 @@ def backend_for(device: torch.device) -> str:
     raise ValueError(f"repkern supports CPU and CUDA tensors, got device {device}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """A native kernel: ``<name>_cpu`` / ``<name>_cuda`` of repkern._C (the CUDA one when built with nvcc),
+    and ``<name>_cuda`` of repkern._emu."""
+
+    name: str
+    cpu: Optional[object]
+    cuda: Optional[object]
+    has_cuda: bool
+
+
+KERNELS: dict[str, Kernel] = {}
+
+
+def kernel(name: str, *, cpu: bool = True, cuda: bool = True) -> Kernel:
+    """The kernel `name`, looked up now: an entry the build must have and lacks raises ImportError.
+    `cpu` / `cuda`: whether the kernel has that entry at all (some run on one backend only)."""
+    built_cuda = bool(_C.build_info()["cuda"])
+    entries = {}
+    for backend, wanted in (("cpu", cpu), ("cuda", cuda and built_cuda)):
+        if wanted:
+            entries[backend] = getattr(_C, f"{name}_{backend}", None)
+            if entries[backend] is None:
+                raise ImportError(f"repkern._C has no kernel {name}_{backend}: the native module does not match "
+                                  "this Python package (reinstall repkern)")
+    k = Kernel(name, entries.get("cpu"), entries.get("cuda"), cuda)
+    KERNELS[name] = k
+    return k
+
+
 def view(t: Optional[torch.Tensor]):
     if t is None:
         return None
     return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), DTYPE_CODES[t.dtype])
 
 
-def call(kernel: str, device: torch.device, *args):
-    """Runs native kernel `kernel` for tensors on `device`. Tensor arguments are
-    passed as views; the CPU entry gets torch's thread count, the CUDA entry the
-    current stream of `device`."""
+def call(k: Kernel, device: torch.device, *args):
+    """Runs kernel `k` for tensors on `device`. Tensor arguments are passed as views; the CPU entry gets
+    torch's thread count, the CUDA entry the current stream of `device`."""
     native_args = [view(a) if isinstance(a, torch.Tensor) or a is None else a for a in args]
     backend = backend_for(device)
     if backend == "cpu":
-        return getattr(_C, kernel + "_cpu")(*native_args, torch.get_num_threads())
+        if k.cpu is None:
+            raise RuntimeError(f"kernel {k.name} has no CPU entry")
+        return k.cpu(*native_args, torch.get_num_threads())
     if backend == "emu":
-        return getattr(emu_module(), kernel + "_cuda")(*native_args, 0)
+        entry = getattr(emu_module(), f"{k.name}_cuda", None) if k.has_cuda else None
+        if entry is None:
+            raise RuntimeError(f"kernel {k.name} has no CUDA entry in repkern._emu")
+        return entry(*native_args, 0)
+    if k.cuda is None:
+        raise RuntimeError(f"kernel {k.name} has no CUDA entry")
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream
-        return getattr(_C, kernel + "_cuda")(*native_args, stream)
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of scalar/statistic results: float64 for float64 inputs, float32 otherwise."""
-    return acc_dtype(dtype)
+        return k.cuda(*native_args, stream)

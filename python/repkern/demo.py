@@ -33,7 +33,7 @@ import torch
 
 import repkern
 from repkern.capture import capture
-from repkern.results import plot_sparsity_profiles
+from repkern.results.workflows import plot_sparsity_profiles
 from repkern.workflows import model_device, run_batch
 
 # The `demo` extra of pyproject.toml (tests/test_cli.py keeps the two equal).

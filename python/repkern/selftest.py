@@ -41,9 +41,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from repkern import _native, reference
-from repkern import sparsity_result as sr
-from repkern.codes import CsrCodes, SparseCodes
+from repkern import _C, _native, reference
+from repkern.results import sparsity as sr
+from repkern.results.codes import CsrCodes, SparseCodes
 
 __all__ = ["Result", "Case", "DeviceUnavailable", "cases", "run", "devices_for", "format_table", "to_json", "main"]
 
@@ -128,7 +128,7 @@ def _ops(name: str):
 
 
 def _sae_module():
-    from repkern import sae
+    from repkern.nn import sae
 
     return sae
 
@@ -332,8 +332,8 @@ def _cuda_problem() -> str:
     if not torch.cuda.is_available():
         problems.append(f"no CUDA GPU is visible to torch (torch.cuda.is_available() is False; torch "
                         f"{torch.__version__}, CUDA runtime {torch.version.cuda or 'none: a CPU-only build'})")
-    if not _native._C.build_info()["cuda"]:
-        reason = _native._C.build_info()["cuda_skipped"] or "no nvcc at build time"
+    if not _C.build_info()["cuda"]:
+        reason = _C.build_info()["cuda_skipped"] or "no nvcc at build time"
         problems.append(f"repkern was built without CUDA kernels ({reason}; reinstall with nvcc on PATH and "
                         "REPKERN_CUDA=ON)")
     return "; ".join(problems)
@@ -345,7 +345,7 @@ def backend_name(device) -> str:
     if _native.use_reference():
         return "reference"
     backend = _native.backend_for(torch.device(device))
-    return f"cpu-{_native._C.cpu_isa()}" if backend == "cpu" else backend
+    return f"cpu-{_C.cpu_isa()}" if backend == "cpu" else backend
 
 
 def _seed(case: Case) -> int:

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from repkern import _checks
+from repkern import _validation
 from repkern.capture import capture
 from repkern.ops.sparsity import SparsityAccumulator
 from repkern.results import CkaResult, SparsityProfile
@@ -85,7 +85,7 @@ def _progress(batches, enabled: bool, desc: str):
 def _check_common(dataloader, progress) -> None:
     if not isinstance(dataloader, Iterable) or isinstance(dataloader, (torch.Tensor, str)):
         raise TypeError(f"dataloader: expected an iterable of batches, got {type(dataloader).__name__}")
-    _checks.boolean("progress", progress)
+    _validation.boolean("progress", progress)
 
 
 def _check_model(name: str, model) -> nn.Module:
@@ -146,8 +146,8 @@ def compare_models(
     if model_b is not None:
         _check_model("model_b", model_b)
     _check_common(dataloader, progress)
-    _checks.choice("estimator", estimator, ESTIMATORS)
-    debiased = estimator == "minibatch" if debiased is None else _checks.boolean("debiased", debiased)
+    _validation.choice("estimator", estimator, ESTIMATORS)
+    debiased = estimator == "minibatch" if debiased is None else _validation.boolean("debiased", debiased)
     same_model = model_b is None or model_b is model_a
     model_b = model_a if model_b is None else model_b
     symmetric = same_model and layers_b is None

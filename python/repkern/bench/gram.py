@@ -15,15 +15,15 @@ from repkern.ops import gram as gram_ops
 def _epilogue_case(n: int, kernel: str, device: torch.device) -> Case:
     """The native pass alone on a precomputed float32 inner-product matrix."""
     x = torch.randn(1, n, 64, device=device)
-    inner = gram_ops._inner_products(x)
+    inner = gram_ops.inner_products(x)
     out = torch.empty_like(inner)
-    kind = gram_ops._KIND[kernel]
+    kind = gram_ops.KINDS[kernel]
     scale = torch.full((1,), -0.01, device=device) if kernel == "rbf" else None
     return Case(
         op=f"gram_epilogue[{kernel}]",
         shape=f"n={n}",
         dtype=torch.float32,
-        providers={"repkern": lambda: gram_ops._epilogue(kind, gram_ops.GramPass.WRITE, inner, out, scale)},
+        providers={"repkern": lambda: gram_ops.epilogue(kind, gram_ops.GramPass.WRITE, inner, out, scale)},
         bytes_moved=4 * n * n / 2 + 4 * n * n,  # read the upper triangle, write everything
     )
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 import repkern
-from repkern import reference
+from repkern import _common, reference
 from repkern.bench import Case
 
 SLOW = {"warmup": 0, "min_repeats": 1, "max_repeats": 1}
@@ -82,7 +82,7 @@ def _test_case(n: int, replicates: int, loop: int, bootstrap: bool, device, timi
     x = torch.randn(n, 256, generator=g)
     y = torch.tanh(x[:, :128]) + torch.randn(n, 128, generator=g)
     x, y = x.to(device), y.to(device)
-    perms, boots = reference.replicate_indices(n, replicates, replicates, 0, device)
+    perms, boots = _common.replicate_indices(n, replicates, replicates, 0, device)
 
     def run():
         if bootstrap:

@@ -1,7 +1,7 @@
 """HSIC and CKA: ``repkern.hsic``, ``repkern.cka``, ``repkern.cka_from_grams``,
 ``repkern.cka_matrix`` and ``repkern.cka_plan``.
 
-Math (DESIGN.md §4): from the terms of ``repkern::hsic_terms`` (ops/hsic.py),
+Math: from the terms of ``repkern::hsic_terms`` (below),
 for a pair of matrices with Σ K∘L = S, row sums r_K, r_L, diagonals δ_K, δ_L:
 
     biased    h = S − (2/n) r_K·r_L + (Σ r_K)(Σ r_L)/n²              = tr(KHLH)
@@ -20,11 +20,33 @@ Scale: the linear paths center x and divide it by a power of two near max |x|
 (exact in every float format), so neither float32 products nor 16-bit inputs
 overflow; HSIC is scaled back in float64. RBF and cosine Grams are
 bounded by 1 and need no scaling.
+
+The HSIC terms, the custom ops every estimator is built on: for m symmetric n×n Gram matrices K_a and requested pairs p = (a, b), the op
+``repkern::hsic_terms`` returns, in float64:
+
+    cross[p] = Σ_ij K_a,ij K_b,ij      row_sums[a] = K_a 1      diag[a] = diag(K_a)
+
+from which every estimator below is O(n). One native kernel reads each
+Gram block once and turns inner products into kernel values on the fly (the
+Gram epilogue math), so no K, HKH or K̃ is written. Two drivers:
+
+- untiled (tile >= n): each matrix's upper-triangle inner products by the Gram
+  op's row-strip GEMM (one n×n buffer per matrix), one kernel call for all pairs;
+  RBF median: distances in place, exact selection (same as ``repkern.gram``).
+- tiled (tile < n, O(n) memory): tile pairs (i, j >= i) of every matrix by
+  torch.mm into tile-sized buffers, one kernel call per tile pair accumulating
+  into the same float64 outputs. RBF median: exact (packed upper-triangle
+  distances, by row strips) when ``median_sample_rows == 0``, else the
+  sampled estimate of :func:`_median_sampled`.
+
+Matrix a of ``xs`` (a list of (B, n, d_i) tensors) is xs[a // B][a % B].
+
+Backward (``repkern::hsic_terms_backward``) recomputes Gram tiles of at most
+``tile`` rows instead of storing any n×n matrix.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import warnings
@@ -33,10 +55,15 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from repkern import _checks, _native, reference
-from repkern.ops import hsic as hsic_ops
+from repkern import _common, _native, _validation, reference
+from repkern._constants import GramKind, GramPass
+from repkern.ops import gram as gram_ops
+from repkern.results.cka import CkaPlan
 
-__all__ = ["hsic", "cka", "cka_from_grams", "cka_matrix", "cka_plan", "CkaPlan", "DEFAULT_MAX_GRAM_BYTES"]
+__all__ = ["hsic", "cka", "cka_from_grams", "cka_matrix", "cka_plan", "CkaPlan", "DEFAULT_MAX_GRAM_BYTES",
+           "MEDIAN_SAMPLE_ROWS", "MEDIAN_SEED"]
+
+HSIC_TERMS = _native.kernel("hsic_terms")
 
 DEFAULT_MAX_GRAM_BYTES = 1 << 30  # env REPKERN_MAX_GRAM_BYTES or argument max_gram_bytes override it
 METHODS = ("auto", "feature", "gram", "tiled")
@@ -44,35 +71,408 @@ MAX_TILE = 2048  # a bigger tile only costs memory: GEMMs of 2048 rows already r
 TILE_COPIES = 3  # tile-sized buffers per matrix at the peak (forward block; backward K and G stacks)
 MEDIAN_WORKING_COPIES = 3  # exact median selection: packed distances, kthvalue's copy, one pass's temporary
 
+# ---- HSIC terms: repkern::hsic_terms, repkern::hsic_terms_backward, repkern::hsic_terms_from_grams ----
 
-@dataclasses.dataclass(frozen=True)
-class CkaPlan:
-    """How :func:`cka` / :func:`hsic` / :func:`cka_matrix` compute (see :func:`cka_plan`).
+# Sampled RBF median (tiled path, when the n(n−1)/2 distances exceed the memory
+# budget): all distances among this many rows drawn without replacement by a
+# torch.Generator seeded with MEDIAN_SEED (same rows for the same n, every call).
+MEDIAN_SAMPLE_ROWS = 4096
+MEDIAN_SEED = 0
 
-    method: ``"feature"`` (linear kernel, d×d products), ``"gram"`` (one n×n
-        inner-product buffer per matrix) or ``"tiled"`` (Gram tiles, O(n) memory).
-    tile: rows of a Gram tile (tiled forward; every backward recomputes tiles of this size).
-    median: RBF without sigma: ``"exact"`` (numpy median of all distances) or
-        ``"sampled"`` (tiled, when selecting among the n(n−1)/2 distances would
-        exceed the budget — the packed distances plus two working copies: the
-        distances among ``median_sample_rows`` rows drawn with seed ``median_seed``).
-    gram_bytes: bytes of the n×n matrices the "gram" method holds at once.
-    max_gram_bytes: the memory budget in force.
-    """
 
-    method: str
-    tile: int
-    median: Optional[str]
-    median_sample_rows: Optional[int]
-    median_seed: Optional[int]
-    gram_bytes: int
-    max_gram_bytes: int
+
+def _matrices(xs: list[Tensor]) -> list[Tensor]:
+    """Matrix a -> its (n, d) samples xs[a // B][a % B]."""
+    return [x[b] for x in xs for b in range(x.shape[0])]
+
+
+def _pairs_tensor(pairs: list[int]) -> Tensor:
+    return torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2)  # host memory: the launchers plan from it
+
+
+def _native_terms(kind, blocks, aux, scale, pairs_t, cross, row_sums, diag, r0, c0, diagonal) -> None:
+    _native.call(HSIC_TERMS, cross.device, int(kind), [_native.view(b) for b in blocks], aux, scale, pairs_t,
+                 cross, row_sums, diag, r0, c0, diagonal)
+
+
+def _row_aux(kind: GramKind, mats: list[Tensor]) -> Optional[Tensor]:
+    """(m, n) per-row factor of the tiled path (gram_math.h): ‖x_i‖² for RBF,
+    1/‖x_i‖ for cosine (0 for a zero row, NaN stays NaN)."""
+    if kind == GramKind.LINEAR:
+        return None
+    sq = torch.stack([(x * x).sum(-1) for x in mats])
+    if kind == GramKind.RBF:
+        return sq
+    return torch.where(sq > 0, sq.rsqrt(), torch.where(sq == 0, torch.zeros_like(sq), sq))
+
+
+# ---- RBF median bandwidth on the tiled path ------------------------------------------------
+
+
+def _packed_start(r: int, n: int) -> int:
+    """Packed row-major index of (r, r + 1) in the strict upper triangle of n×n."""
+    return r * (n - 1) - r * (r - 1) // 2
+
+
+def _median_exact_tiled(x: Tensor, offdiag: bool, tile: int) -> tuple[Tensor, Tensor]:
+    """Exact numpy-style median of ‖x_i − x_j‖² for x (n, d) without an n×n matrix:
+    row strips of about tile² entries write the strict upper triangle into one packed
+    n(n−1)/2 buffer. Returns (median (), flat positions i·n + j (2,))."""
+    n = x.shape[0]
+    values = x.new_empty(n * (n - 1) // 2)
+    sq = (x * x).sum(-1)
+    rows = max(1, tile * tile // n)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        d = ((sq[r0:r1, None] + sq[None, r0:]) - 2 * (x[r0:r1] @ x[r0:].T)).clamp_min_(0)
+        for i in range(r0, min(r1, n - 1)):  # row slices (a boolean-mask gather is several times slower)
+            start = _packed_start(i, n)
+            values[start : start + n - 1 - i] = d[i - r0, i + 1 - r0 :]
+    med, positions = gram_ops.median_from_upper(values[None], n, offdiag)
+    return med[0], positions[0]
+
+
+def _median_sampled(x: Tensor, offdiag: bool, sample_rows: int) -> tuple[Tensor, Tensor]:
+    """Estimate of the median of ‖x_i − x_j‖² for x (n, d): the distances among
+    `sample_rows` rows (seeded, MEDIAN_SEED) stand for the n(n−1)/2 distinct ones,
+    and each rank of the full convention (n diagonal zeros among n², or the n(n−1)
+    off-diagonal entries) is taken at the same quantile of the sample. Returns
+    (median (), flat positions (2,) in x's row numbering)."""
+    n = x.shape[0]
+    generator = torch.Generator().manual_seed(MEDIAN_SEED)
+    rows = torch.randperm(n, generator=generator)[:sample_rows].sort().values.to(x.device)
+    s = rows.numel()
+    d = gram_ops.inner_products(x[rows][None])
+    gram_ops.epilogue(GramKind.SQDIST, GramPass.WRITE, d, d)
+    upper = torch.ones(s, s, dtype=torch.bool, device=x.device).triu_(1)
+    values = d[0][upper]
+    del d
+    distinct, sampled = n * (n - 1) // 2, values.numel()
+    total, zeros = (n * (n - 1), 0) if offdiag else (n * n, n)
+    meds, positions = [], []
+    for rank in ((total + 1) // 2, total // 2 + 1):  # 1-based ranks in the full multiset
+        if rank <= zeros:
+            meds.append(values.new_zeros(()))
+            positions.append(torch.zeros((), dtype=torch.int64, device=x.device))
+            continue
+        k = (rank - zeros + 1) // 2  # rank among the distinct off-diagonal values
+        k_sample = min(sampled, max(1, round(k * sampled / distinct)))
+        value, index = torch.kthvalue(values, k_sample)
+        flat = gram_ops.upper_to_flat(index[None], s)[0]
+        meds.append(value)
+        positions.append(rows[flat // s] * n + rows[flat % s])
+    return (meds[0] + meds[1]) / 2, torch.stack(positions)
+
+
+# ---- forward drivers -------------------------------------------------------------------
+
+
+def _untiled(xs, kernel, scale, median, threshold, pairs_t, cross, row_sums, diag):
+    """One n×n inner-product buffer per matrix (upper tiles filled), one kernel call."""
+    kind = gram_ops.KINDS[kernel]
+    blocks, aux, scales, positions = [], [], [], []
+    for x in xs:
+        inner = gram_ops.inner_products(x)
+        if kind == GramKind.RBF and scale is None:
+            gram_ops.epilogue(GramKind.SQDIST, GramPass.WRITE, inner, inner)  # distances, in place
+            med, pos = gram_ops.median_sq_dist(inner, median == "offdiag")
+            scales.append(-0.5 / (threshold**2 * med))
+            positions.append(pos)
+        elif kind != GramKind.LINEAR:
+            aux.append(gram_ops.row_factors(kind, inner))
+        blocks += list(inner.unbind(0))
+    if scales:
+        kind, scale = GramKind.RBF_FROM_SQDIST, torch.cat(scales)
+    aux_t = torch.cat(aux) if aux else None
+    _native_terms(kind, blocks, aux_t, scale, pairs_t, cross, row_sums, diag, 0, 0, True)
+    return scale, torch.cat(positions) if positions else None
+
+
+def _tiled(xs, kernel, scale, median, threshold, pairs_t, tile, median_sample_rows, cross, row_sums, diag):
+    """Tile pairs (i, j >= i) of all matrices, tile-sized buffers only."""
+    kind = gram_ops.KINDS[kernel]
+    mats = _matrices(xs)
+    n = mats[0].shape[0]
+    positions = None
+    if kind == GramKind.RBF and scale is None:
+        meds, pos = [], []
+        for x in mats:
+            if median_sample_rows:
+                med, p = _median_sampled(x, median == "offdiag", median_sample_rows)
+            else:
+                med, p = _median_exact_tiled(x, median == "offdiag", tile)
+            meds.append(med)
+            pos.append(p)
+        scale = -0.5 / (threshold**2 * torch.stack(meds))
+        positions = torch.stack(pos)
+    aux = _row_aux(kind, mats)
+    buffers = [x.new_empty(tile * tile) for x in mats]
+    for r0 in range(0, n, tile):
+        for c0 in range(r0, n, tile):
+            rows, cols = min(tile, n - r0), min(tile, n - c0)
+            blocks = [buf[: rows * cols].view(rows, cols) for buf in buffers]
+            for x, block in zip(mats, blocks):
+                torch.mm(x[r0 : r0 + rows], x[c0 : c0 + cols].T, out=block)
+            _native_terms(kind, blocks, aux, scale, pairs_t, cross, row_sums, diag, r0, c0, r0 == c0)
+    return scale, positions
+
+
+# ---- repkern::hsic_terms -------------------------------------------------------------------
+
+
+@torch.library.custom_op("repkern::hsic_terms", mutates_args=())
+def _hsic_terms_op(
+    xs: list[Tensor],
+    kernel: str,
+    scale: Optional[Tensor],
+    median: str,
+    threshold: float,
+    pairs: list[int],
+    tile: int,
+    median_sample_rows: int,
+    backward_tile: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """xs: (B, n, d_i) float32/float64, m = B·len(xs) matrices; pairs: flat (a, b, a, b, ...).
+    rbf: scale (m,) = −1/(2σ²), or None for the median heuristic (threshold, median).
+    tile >= n: untiled; else tiled with tile×tile blocks (median_sample_rows: 0 for
+    the exact median, else the sampled estimate). backward_tile: tile rows of the
+    backward's recomputation. Returns (cross (P,), row_sums (m, n), diag (m, n)) in float64, the scale used (m,)
+    and the median positions (m, 2) (flat i·n + j; −1 without a median)."""
+    mats_per_input = xs[0].shape[0]
+    n = xs[0].shape[1]
+    m = mats_per_input * len(xs)
+    device, acc = xs[0].device, xs[0].dtype
+    pairs_t = _pairs_tensor(pairs)
+    cross = torch.zeros(pairs_t.shape[0], dtype=torch.float64, device=device)
+    row_sums = torch.zeros((m, n), dtype=torch.float64, device=device)
+    diag = torch.zeros((m, n), dtype=torch.float64, device=device)
+    if tile >= n:
+        scale_used, positions = _untiled(xs, kernel, scale, median, threshold, pairs_t, cross, row_sums, diag)
+    else:
+        scale_used, positions = _tiled(xs, kernel, scale, median, threshold, pairs_t, tile, median_sample_rows,
+                                       cross, row_sums, diag)
+    scale_used = scale_used.clone() if scale_used is not None else torch.zeros(m, dtype=acc, device=device)
+    if positions is None:
+        positions = torch.full((m, 2), -1, dtype=torch.int64, device=device)
+    return cross, row_sums, diag, scale_used, positions
+
+
+@_hsic_terms_op.register_fake
+def _(xs, kernel, scale, median, threshold, pairs, tile, median_sample_rows, backward_tile):
+    m, n = xs[0].shape[0] * len(xs), xs[0].shape[1]
+    x = xs[0]
+    f64 = torch.float64
+    return (x.new_empty(len(pairs) // 2, dtype=f64), x.new_empty((m, n), dtype=f64), x.new_empty((m, n), dtype=f64),
+            x.new_empty(m), x.new_empty((m, 2), dtype=torch.int64))
+
+
+def _hsic_terms_setup_context(ctx, inputs, output):
+    xs, kernel, scale, median, threshold, pairs, _, _, backward_tile = inputs
+    _, _, _, scale_used, positions = output
+    ctx.kernel, ctx.threshold, ctx.pairs, ctx.tile = kernel, threshold, pairs, backward_tile
+    ctx.from_median = kernel == "rbf" and scale is None
+    ctx.num_inputs = len(xs)
+    ctx.mark_non_differentiable(scale_used, positions)
+    ctx.save_for_backward(*xs, scale_used, positions)
+
+
+def _hsic_terms_backward(ctx, grad_cross, grad_row_sums, grad_diag, _grad_scale, _grad_positions):
+    saved = ctx.saved_tensors
+    xs, scale_used, positions = list(saved[: ctx.num_inputs]), saved[-2], saved[-1]
+    grads = torch.ops.repkern.hsic_terms_backward(
+        xs, ctx.kernel, scale_used, positions, ctx.from_median, ctx.threshold, ctx.pairs, ctx.tile,
+        grad_cross, grad_row_sums, grad_diag)
+    return grads, None, None, None, None, None, None, None, None
+
+
+_hsic_terms_op.register_autograd(_hsic_terms_backward, setup_context=_hsic_terms_setup_context)
+
+
+# ---- repkern::hsic_terms_backward ------------------------------------------------------------
+
+
+def _pair_coefficients(pairs: list[int], grad_cross: Tensor, m: int, dtype: torch.dtype) -> Tensor:
+    """c (m, m) with dL/dK_a = Σ_b c_ab K_b from the cross terms: pair (a, b) adds its
+    gradient to c_ab and c_ba (so a self pair, Σ K_a∘K_a, adds it twice)."""
+    pairs_t = _pairs_tensor(pairs).to(grad_cross.device)
+    coef = torch.zeros((m, m), dtype=dtype, device=grad_cross.device)
+    g = grad_cross.to(dtype)
+    coef.index_put_((pairs_t[:, 0], pairs_t[:, 1]), g, accumulate=True)
+    return coef.index_put_((pairs_t[:, 1], pairs_t[:, 0]), g, accumulate=True)
+
+
+def _kernel_tile(kind: GramKind, xi: Tensor, xj: Tensor, aux_i, aux_j, scale, diagonal: bool):
+    """K block (rows of xi × rows of xj) with the forward's semantics (gram_math.h,
+    hsic_diag_entry); for RBF also the squared distances."""
+    g = xi @ xj.T
+    if kind == GramKind.LINEAR:
+        return g, None
+    if kind == GramKind.COSINE:
+        k = g * aux_i[:, None] * aux_j[None, :]
+        if diagonal:
+            k.diagonal().copy_((aux_i > 0).to(k.dtype))
+        return k, None
+    d = (aux_i[:, None] + aux_j[None, :] - 2 * g).clamp_min(0)
+    if diagonal:
+        d.diagonal().zero_()
+    k = torch.where(d == 0, torch.ones_like(d), torch.exp(scale * d))  # σ = 0 limit: 1 where rows coincide
+    return k, d
+
+
+@torch.library.custom_op("repkern::hsic_terms_backward", mutates_args=())
+def _hsic_terms_backward_op(
+    xs: list[Tensor],
+    kernel: str,
+    scale: Tensor,
+    positions: Tensor,
+    from_median: bool,
+    threshold: float,
+    pairs: list[int],
+    tile: int,
+    grad_cross: Tensor,
+    grad_row_sums: Tensor,
+    grad_diag: Tensor,
+) -> list[Tensor]:
+    """Gradient of the terms w.r.t. xs, recomputing Gram tiles of at most `tile` rows.
+
+    For matrix a, dL/dK_a = G_a = Σ_b c_ab K_b + (grad_row_sums_a) 1ᵀ + diag(grad_diag_a)
+    (c_ab: grad_cross of pair (a, b), doubled for a = b). On a tile pair i < j both
+    K_ij and its mirror K_ji depend on the same rows, so the tile carries
+    Ĝ = 2 Σ_b c_ab K_b + r_i + r_j; a diagonal tile carries G itself. Then the chain
+    through the kernel function: linear K = x xᵀ; cosine through u = x/‖x‖; RBF
+    K = exp(s D) with dD_ij/dx_i = 2(x_i − x_j), plus the median bandwidth's path
+    (s = −1/(2 t² median)) when it came from the median."""
+    kind = gram_ops.KINDS[kernel]
+    mats = _matrices(xs)
+    m, n = len(mats), mats[0].shape[0]
+    acc = mats[0].dtype
+    coef = _pair_coefficients(pairs, grad_cross, m, acc)
+    grad_rows, grad_diag_a = grad_row_sums.to(acc), grad_diag.to(acc)
+
+    if kind == GramKind.COSINE:
+        norms = torch.stack([x.norm(dim=-1) for x in mats])
+        nonzero = norms > 0
+        safe = torch.where(nonzero, norms, torch.ones_like(norms))
+        points = [x / s[:, None] for x, s in zip(mats, safe)]  # u; the chain to x at the end
+    else:
+        points = mats
+    aux = _row_aux(kind, mats)
+    finite = torch.isfinite(scale)
+    step = torch.where(finite, scale, torch.zeros_like(scale))  # σ = 0 limit: zero gradient
+    grads = [torch.zeros_like(p) for p in points]
+    grad_scale = torch.zeros(m, dtype=acc, device=mats[0].device)
+    tile = min(tile, n)
+    for r0 in range(0, n, tile):
+        for c0 in range(r0, n, tile):
+            i_sl, j_sl = slice(r0, min(n, r0 + tile)), slice(c0, min(n, c0 + tile))
+            diagonal = r0 == c0
+            tiles = [
+                _kernel_tile(kind, mats[a][i_sl], mats[a][j_sl], None if aux is None else aux[a, i_sl],
+                             None if aux is None else aux[a, j_sl], scale[a], diagonal)
+                for a in range(m)
+            ]
+            ks = torch.stack([k for k, _ in tiles])
+            rows, cols = ks.shape[1], ks.shape[2]
+            g_all = (coef @ ks.reshape(m, -1)).reshape(m, rows, cols)
+            for a in range(m):
+                k, d = tiles[a]
+                if diagonal:
+                    gt = g_all[a] + grad_rows[a, i_sl, None]
+                    gt.diagonal().add_(grad_diag_a[a, i_sl])
+                else:
+                    gt = 2 * g_all[a] + grad_rows[a, i_sl, None] + grad_rows[a, None, j_sl]
+                p_i, p_j = points[a][i_sl], points[a][j_sl]
+                if kind == GramKind.RBF:
+                    grad_scale[a] += (gt * k * d).sum()
+                    w = gt * k * step[a]  # dL/dD
+                    grads[a][i_sl] += 2 * (w.sum(1, keepdim=True) * p_i - w @ p_j)
+                    grads[a][j_sl] += 2 * (w.sum(0)[:, None] * p_j - w.T @ p_i)
+                else:
+                    grads[a][i_sl] += gt @ p_j
+                    grads[a][j_sl] += gt.T @ p_i
+    if kind == GramKind.COSINE:
+        for a, (u, gu) in enumerate(zip(points, grads)):
+            projected = (gu - (gu * u).sum(-1, keepdim=True) * u) / safe[a][:, None]
+            grads[a] = torch.where(nonzero[a][:, None], projected, torch.zeros_like(gu))
+    if from_median:  # scale = −1/(2 t² m): dscale/dm = 2 t² scale²
+        grad_median = torch.where(finite, grad_scale * 2 * threshold**2 * scale * scale, torch.zeros_like(scale))
+        for a in range(m):
+            grads[a] = grads[a] + gram_ops.median_backward(mats[a][None], positions[a][None], grad_median[a][None])[0]
+    out, offset = [], 0
+    for x in xs:
+        out.append(torch.stack(grads[offset : offset + x.shape[0]]))
+        offset += x.shape[0]
+    return out
+
+
+@_hsic_terms_backward_op.register_fake
+def _(xs, kernel, scale, positions, from_median, threshold, pairs, tile, grad_cross, grad_row_sums, grad_diag):
+    return [torch.empty_like(x) for x in xs]
+
+
+# ---- repkern::hsic_terms_from_grams ---------------------------------------------------------
+
+
+@torch.library.custom_op("repkern::hsic_terms_from_grams", mutates_args=())
+def _hsic_terms_from_grams_op(grams: list[Tensor], pairs: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """grams: (B, n, n) float32/float64 Gram matrices, symmetric: only the upper
+    triangle and the diagonal are read (the lower triangle is taken as their mirror).
+    Returns (cross (P,), row_sums (m, n), diag (m, n)) in float64, matrix a = grams[a // B][a % B]."""
+    mats = _matrices([g.contiguous() for g in grams])
+    m, n = len(mats), mats[0].shape[0]
+    device = mats[0].device
+    pairs_t = _pairs_tensor(pairs)
+    cross = torch.zeros(pairs_t.shape[0], dtype=torch.float64, device=device)
+    row_sums = torch.zeros((m, n), dtype=torch.float64, device=device)
+    diag = torch.zeros((m, n), dtype=torch.float64, device=device)
+    _native_terms(GramKind.LINEAR, mats, None, None, pairs_t, cross, row_sums, diag, 0, 0, True)
+    return cross, row_sums, diag
+
+
+@_hsic_terms_from_grams_op.register_fake
+def _(grams, pairs):
+    g = grams[0]
+    m, n = g.shape[0] * len(grams), g.shape[1]
+    f64 = torch.float64
+    return g.new_empty(len(pairs) // 2, dtype=f64), g.new_empty((m, n), dtype=f64), g.new_empty((m, n), dtype=f64)
+
+
+def _from_grams_setup_context(ctx, inputs, output):
+    grams, pairs = inputs
+    ctx.pairs = pairs
+    ctx.save_for_backward(*grams)
+
+
+def _from_grams_backward(ctx, grad_cross, grad_row_sums, grad_diag):
+    """The op reads the symmetric matrix S(K) built from K's upper triangle and
+    diagonal; dL/dS = G as in hsic_terms_backward, folded back onto the entries read:
+    G_ij + G_ji above the diagonal, G_ii on it, 0 below."""
+    grams = ctx.saved_tensors
+    mats = _matrices(list(grams))
+    m = len(mats)
+    acc = mats[0].dtype
+    upper = torch.ones_like(mats[0], dtype=torch.bool).triu_(1)
+    sym = torch.stack([torch.where(upper, k, k.T) for k in mats])  # S(K): lower taken from upper
+    coef = _pair_coefficients(ctx.pairs, grad_cross, m, acc)
+    n = sym.shape[-1]
+    gs = (coef @ sym.reshape(m, -1)).reshape(m, n, n) + grad_row_sums.to(acc)[:, :, None]
+    gs.diagonal(dim1=1, dim2=2).add_(grad_diag.to(acc))
+    folded = torch.where(upper, gs + gs.mT, torch.zeros_like(gs))
+    folded.diagonal(dim1=1, dim2=2).copy_(gs.diagonal(dim1=1, dim2=2))
+    out, offset = [], 0
+    for k in grams:
+        out.append(folded[offset : offset + k.shape[0]].to(k.dtype))
+        offset += k.shape[0]
+    return out, None
+
+
+_hsic_terms_from_grams_op.register_autograd(_from_grams_backward, setup_context=_from_grams_setup_context)
 
 
 # ---- planning ------------------------------------------------------------------------------
 
 
-def _budget(max_gram_bytes) -> int:
+def gram_budget(max_gram_bytes) -> int:
     if max_gram_bytes is None:
         env = os.environ.get("REPKERN_MAX_GRAM_BYTES")
         if not env:
@@ -91,7 +491,7 @@ def _budget(max_gram_bytes) -> int:
     return max_gram_bytes
 
 
-def _plan(n: int, dims: Sequence[int], pair_dims: Sequence[tuple[int, int]], kernel: str, sigma, method: str,
+def make_plan(n: int, dims: Sequence[int], pair_dims: Sequence[tuple[int, int]], kernel: str, sigma, method: str,
           budget: int, elem: int) -> CkaPlan:
     """dims: d of each matrix; pair_dims: (d_a, d_b) of each pair computed.
 
@@ -99,7 +499,7 @@ def _plan(n: int, dims: Sequence[int], pair_dims: Sequence[tuple[int, int]], ker
     GEMMs, 2n·Σ_pairs d_a·d_b FLOPs, are no more than the Gram path's n²·Σ_a d_a
     (upper-triangle GEMMs) + n²·P (the pass over the Grams); every other case uses
     the Gram path, untiled while its m n×n buffers fit in the budget, else tiled."""
-    _checks.choice("method", method, METHODS)
+    _validation.choice("method", method, METHODS)
     if method == "feature" and kernel != "linear":
         raise ValueError(f"method: 'feature' needs kernel='linear', got kernel={kernel!r}")
     gram_bytes = len(dims) * n * n * elem
@@ -117,9 +517,9 @@ def _plan(n: int, dims: Sequence[int], pair_dims: Sequence[tuple[int, int]], ker
     if kernel == "rbf" and sigma is None and method != "feature":
         median = "exact"
         if method == "tiled" and MEDIAN_WORKING_COPIES * (n * (n - 1) // 2) * elem > budget:
-            rows = min(hsic_ops.MEDIAN_SAMPLE_ROWS, int(math.isqrt(budget // (2 * MEDIAN_WORKING_COPIES * elem))))
+            rows = min(MEDIAN_SAMPLE_ROWS, int(math.isqrt(budget // (2 * MEDIAN_WORKING_COPIES * elem))))
             if rows < n:
-                median, seed = "sampled", hsic_ops.MEDIAN_SEED
+                median, seed = "sampled", MEDIAN_SEED
             else:
                 rows = None
     return CkaPlan(method, tile, median, rows, seed, gram_bytes, budget)
@@ -130,38 +530,38 @@ def cka_plan(x, y=None, kernel: str = "linear", *, sigma: Optional[float] = None
     """The plan :func:`cka`/:func:`hsic` (``x``, ``y`` tensors; ``y=None``: y = x) or
     :func:`cka_matrix` (``x``, ``y`` sequences of layers) follow for these inputs:
     method, tile size, and whether an RBF median bandwidth is exact or sampled."""
-    budget = _budget(max_gram_bytes)
+    budget = gram_budget(max_gram_bytes)
     if isinstance(x, torch.Tensor):
         y = x if y is None else y
-        reference.check_hsic_args(x, y, kernel, False, sigma, 1.0, "full")
+        _validation.check_hsic_args(x, y, kernel, False, sigma, 1.0, "full")
         batch = math.prod(x.shape[:-2])
         d1, d2 = x.shape[-1], y.shape[-1]
         dims = [d1] * batch + [d2] * batch
         pair_dims = [(d1, d2), (d1, d1), (d2, d2)] * batch
         n, dtype = x.shape[-2], x.dtype
     else:
-        xs, ys, _, _ = reference.check_cka_matrix_args(x, y, kernel, False, sigma, 1.0, "full")
-        layers, _, _, pairs = _matrix_layout(xs, ys)
+        xs, ys, _, _ = _validation.check_cka_matrix_args(x, y, kernel, False, sigma, 1.0, "full")
+        layers, _, _, pairs = matrix_layout(xs, ys)
         dims = [t.shape[1] for t in layers]
         pair_dims = [(dims[a], dims[b]) for a, b in pairs]
         n, dtype = xs[0].shape[0], xs[0].dtype
-    return _plan(n, dims, pair_dims, kernel, sigma, method, budget, _elem(dtype))
+    return make_plan(n, dims, pair_dims, kernel, sigma, method, budget, acc_itemsize(dtype))
 
 
-def _elem(dtype: torch.dtype) -> int:
-    return _native.acc_dtype(dtype).itemsize
+def acc_itemsize(dtype: torch.dtype) -> int:
+    return _common.acc_dtype(dtype).itemsize
 
 
 # ---- inputs ---------------------------------------------------------------------------------
 
 
-def _prepare(x: Tensor, kernel: str) -> tuple[Tensor, Tensor]:
+def prepare(x: Tensor, kernel: str) -> tuple[Tensor, Tensor]:
     """x (B, n, d) -> (x in the accumulation dtype ready for the Gram/feature path,
     log2 of the factor it was divided by (B,) float64). Linear: centered and divided
     by 2^round(log2(max |x|)) — exact (a power of two), and it bounds the entries of
     x̂ by 2, so float32 products x̂ᵀx̂ and Σ K∘K stay far from overflow. Three passes:
     min/max, mean, then centering and scaling fused."""
-    xa = x.to(_native.acc_dtype(x.dtype))
+    xa = x.to(_common.acc_dtype(x.dtype))
     zero = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     if kernel != "linear":
         return xa, zero
@@ -184,11 +584,11 @@ def _numerators(cross: Tensor, row_sums: Tensor, diag: Tensor, pairs: Tensor, n:
     return s + ra.sum(-1) * rb.sum(-1) / ((n - 1) * (n - 2)) - (2 / (n - 2)) * (ra * rb).sum(-1)
 
 
-def _normalizer(n: int, debiased: bool) -> float:
+def normalizer(n: int, debiased: bool) -> float:
     return n * (n - 3) if debiased else (n - 1) ** 2
 
 
-def _gram_numerators(inputs: list[Tensor], kernel, sigma, median, threshold, pairs, plan: CkaPlan, debiased):
+def gram_numerators(inputs: list[Tensor], kernel, sigma, median, threshold, pairs, plan: CkaPlan, debiased):
     """h for each pair of matrices of `inputs` (list of prepared (B, n, d)) through
     repkern::hsic_terms; also Σ K_a∘K_a of each pair's first matrix (its self term
     when the pair is a self pair: the zero-variance test)."""
@@ -217,19 +617,19 @@ def _feature_numerator(p: Tensor, q: Tensor, n: int, debiased: bool) -> Tensor:
 # ---- results -----------------------------------------------------------------------------------
 
 
-def _degenerate(h_self: Tensor, s_self: Optional[Tensor], dtype: torch.dtype, constant: Tensor,
+def degenerate(h_self: Tensor, s_self: Optional[Tensor], dtype: torch.dtype, constant: Tensor,
                 finite: Tensor) -> Tensor:
     """True where a representation has no usable variance: all rows equal
     (`constant`), its self-HSIC numerator <= 0, or (Gram path, s_self = Σ K∘K) at
-    most rounding noise of its Gram entries (reference.zero_variance_tolerance).
+    most rounding noise of its Gram entries (_common.zero_variance_tolerance).
     Inputs with NaN/Inf are not counted (their result is NaN without a warning)."""
     bad = constant | ~(h_self > 0)
     if s_self is not None:
-        bad = bad | (h_self <= reference.zero_variance_tolerance(dtype) * s_self)
+        bad = bad | (h_self <= _common.zero_variance_tolerance(dtype) * s_self)
     return bad & finite
 
 
-def _warn(op: str, names: list[str]) -> None:
+def warn_degenerate(op: str, names: list[str]) -> None:
     if not names or torch.compiler.is_compiling():  # no data-dependent Python under torch.compile
         return
     warnings.warn(
@@ -244,7 +644,7 @@ def _batch_names(name: str, mask: Tensor, batch_shape) -> list[str]:
     return [f"{name}[{', '.join(map(str, i))}]" for i in idx]
 
 
-def _ratio(h_xy: Tensor, h_xx: Tensor, h_yy: Tensor, ok: Tensor) -> Tensor:
+def ratio(h_xy: Tensor, h_xx: Tensor, h_yy: Tensor, ok: Tensor) -> Tensor:
     """h_xy / sqrt(h_xx h_yy) where ok, else NaN (no NaN or inf in the other branch's gradient)."""
     denom = torch.where(ok, h_xx * h_yy, torch.ones_like(h_xx))
     return torch.where(ok, h_xy / denom.sqrt(), torch.full_like(h_xy, torch.nan))
@@ -254,11 +654,11 @@ def _pair(x, y, kernel, debiased, sigma, threshold, median, method, max_gram_byt
     """(h_xy, h_xx, h_yy, degenerate x, degenerate y, finite, log2 scales of x and y), each (B,)."""
     batch = x.shape[0]
     n = x.shape[1]
-    plan = _plan(n, [x.shape[2]] * batch + [y.shape[2]] * batch,
+    plan = make_plan(n, [x.shape[2]] * batch + [y.shape[2]] * batch,
                  [(x.shape[2], y.shape[2]), (x.shape[2], x.shape[2]), (y.shape[2], y.shape[2])] * batch,
-                 kernel, sigma, method, _budget(max_gram_bytes), _elem(x.dtype))
-    xp, x_log2 = _prepare(x, kernel)
-    yp, y_log2 = _prepare(y, kernel)
+                 kernel, sigma, method, gram_budget(max_gram_bytes), acc_itemsize(x.dtype))
+    xp, x_log2 = prepare(x, kernel)
+    yp, y_log2 = prepare(y, kernel)
     if plan.method == "feature":
         h_xy = _feature_numerator(xp, yp, n, debiased)
         h_xx = _feature_numerator(xp, xp, n, debiased)
@@ -266,13 +666,13 @@ def _pair(x, y, kernel, debiased, sigma, threshold, median, method, max_gram_byt
         s_xx = s_yy = None
     else:
         pairs = [p for b in range(batch) for p in ((b, batch + b), (b, b), (batch + b, batch + b))]
-        h, cross = _gram_numerators([xp, yp], kernel, sigma, median, threshold, pairs, plan, debiased)
+        h, cross = gram_numerators([xp, yp], kernel, sigma, median, threshold, pairs, plan, debiased)
         h_xy, h_xx, h_yy = h.reshape(batch, 3).unbind(1)
         cross = cross.reshape(batch, 3)
         s_xx, s_yy = cross[:, 1], cross[:, 2]
-    finite_x, finite_y = reference.all_finite(x), reference.all_finite(y)
-    bad_x = _degenerate(h_xx, s_xx, x.dtype, reference.constant_rows(x), finite_x)
-    bad_y = _degenerate(h_yy, s_yy, y.dtype, reference.constant_rows(y), finite_y)
+    finite_x, finite_y = _common.all_finite(x), _common.all_finite(y)
+    bad_x = degenerate(h_xx, s_xx, x.dtype, _common.constant_rows(x), finite_x)
+    bad_y = degenerate(h_yy, s_yy, y.dtype, _common.constant_rows(y), finite_y)
     return h_xy, h_xx, h_yy, bad_x, bad_y, finite_x & finite_y, x_log2, y_log2
 
 
@@ -311,16 +711,16 @@ def hsic(
         ``(...)`` float32 (float64 for float64 inputs). NaN where x or y holds NaN/Inf.
         Differentiable w.r.t. x and y.
     """
-    sigma, threshold = reference.check_hsic_args(x, y, kernel, debiased, sigma, threshold, median)
+    sigma, threshold = _validation.check_hsic_args(x, y, kernel, debiased, sigma, threshold, median)
     if _native.use_reference():
         return reference.hsic(x, y, kernel, debiased=debiased, sigma=sigma, threshold=threshold, median=median)
-    stat = _native.stat_dtype(x.dtype)
+    stat = _common.stat_dtype(x.dtype)
     if x.numel() == 0:
         return torch.empty(x.shape[:-2], dtype=stat, device=x.device)
     h_xy, _, _, _, _, finite, x_log2, y_log2 = _pair(
         _as_batches(x), _as_batches(y), kernel, debiased, sigma, threshold, median, method, max_gram_bytes)
     n = x.shape[-2]
-    value = h_xy / _normalizer(n, debiased) * torch.exp2(2 * (x_log2 + y_log2))
+    value = h_xy / normalizer(n, debiased) * torch.exp2(2 * (x_log2 + y_log2))
     value = torch.where(finite, value, torch.full_like(value, torch.nan))
     return value.reshape(x.shape[:-2]).to(stat)
 
@@ -366,18 +766,18 @@ def cka(
         warning where an input holds NaN/Inf. Differentiable w.r.t. x and y on every path (``1 - cka(x, y)`` is a loss);
         works under ``torch.compile`` (without the warning).
     """
-    sigma, threshold = reference.check_hsic_args(x, y, kernel, debiased, sigma, threshold, median)
+    sigma, threshold = _validation.check_hsic_args(x, y, kernel, debiased, sigma, threshold, median)
     if _native.use_reference():
         return reference.cka(x, y, kernel, debiased=debiased, sigma=sigma, threshold=threshold, median=median)
-    stat = _native.stat_dtype(x.dtype)
+    stat = _common.stat_dtype(x.dtype)
     if x.numel() == 0:
         return torch.empty(x.shape[:-2], dtype=stat, device=x.device)
     h_xy, h_xx, h_yy, bad_x, bad_y, finite, _, _ = _pair(
         _as_batches(x), _as_batches(y), kernel, debiased, sigma, threshold, median, method, max_gram_bytes)
-    value = _ratio(h_xy, h_xx, h_yy, finite & ~bad_x & ~bad_y)
+    value = ratio(h_xy, h_xx, h_yy, finite & ~bad_x & ~bad_y)
     if not torch.compiler.is_compiling() and bool((bad_x | bad_y).any()):
         batch_shape = x.shape[:-2]
-        _warn("cka", _batch_names("x", bad_x, batch_shape) + _batch_names("y", bad_y, batch_shape))
+        warn_degenerate("cka", _batch_names("x", bad_x, batch_shape) + _batch_names("y", bad_y, batch_shape))
     return value.reshape(x.shape[:-2]).to(stat)
 
 
@@ -390,13 +790,13 @@ def cka_from_grams(k: Tensor, l: Tensor, *, debiased: bool = False) -> Tensor:
     (constant, or a self-HSIC at rounding level); NaN where it holds NaN/Inf.
     Differentiable w.r.t. k and l (the gradient lands on the entries read).
     """
-    reference._check_grams(k, l, debiased)
+    _validation.check_grams(k, l, debiased)
     if _native.use_reference():
         return reference.cka_from_grams(k, l, debiased=debiased)
-    stat = _native.stat_dtype(k.dtype)
+    stat = _common.stat_dtype(k.dtype)
     if k.numel() == 0:
         return torch.empty(k.shape[:-2], dtype=stat, device=k.device)
-    acc = _native.acc_dtype(k.dtype)
+    acc = _common.acc_dtype(k.dtype)
     k3, l3 = _as_batches(k).to(acc), _as_batches(l).to(acc)
     batch, n = k3.shape[0], k3.shape[1]
     pairs = [p for b in range(batch) for p in ((b, batch + b), (b, b), (batch + b, batch + b))]
@@ -404,18 +804,18 @@ def cka_from_grams(k: Tensor, l: Tensor, *, debiased: bool = False) -> Tensor:
     pairs_t = torch.tensor(pairs, dtype=torch.int64, device=cross.device)
     h_xy, h_kk, h_ll = _numerators(cross, row_sums, diag, pairs_t, n, debiased).reshape(batch, 3).unbind(1)
     s = cross.reshape(batch, 3)
-    tol = reference.zero_variance_tolerance(k.dtype)
+    tol = _common.zero_variance_tolerance(k.dtype)
     finite = torch.isfinite(s[:, 1]) & torch.isfinite(s[:, 2])
     bad_k = ~(h_kk > tol * s[:, 1]) & finite
     bad_l = ~(h_ll > tol * s[:, 2]) & finite
-    value = _ratio(h_xy, h_kk, h_ll, finite & ~bad_k & ~bad_l)
+    value = ratio(h_xy, h_kk, h_ll, finite & ~bad_k & ~bad_l)
     if not torch.compiler.is_compiling() and bool((bad_k | bad_l).any()):
         batch_shape = k.shape[:-2]
-        _warn("cka_from_grams", _batch_names("k", bad_k, batch_shape) + _batch_names("l", bad_l, batch_shape))
+        warn_degenerate("cka_from_grams", _batch_names("k", bad_k, batch_shape) + _batch_names("l", bad_l, batch_shape))
     return value.reshape(k.shape[:-2]).to(stat)
 
 
-def _matrix_layout(xs: list[Tensor], ys: Optional[list[Tensor]]):
+def matrix_layout(xs: list[Tensor], ys: Optional[list[Tensor]]):
     """Distinct layers (the same tensor object in xs and ys counts once), their names,
     the layer index of each xs / ys entry, and the pairs to compute: upper pairs
     (self pairs included) among xs for ys=None, else every (xs, ys) pair and every
@@ -466,27 +866,27 @@ def cka_matrix(
         :func:`cka`) gives NaN in its row/column with a ``RuntimeWarning`` naming
         it; all other entries are still computed. Differentiable.
     """
-    xs, ys, sigma, threshold = reference.check_cka_matrix_args(xs, ys, kernel, debiased, sigma, threshold, median)
+    xs, ys, sigma, threshold = _validation.check_cka_matrix_args(xs, ys, kernel, debiased, sigma, threshold, median)
     if _native.use_reference():
         return reference.cka_matrix(xs, ys, kernel, debiased=debiased, sigma=sigma, threshold=threshold,
                                     median=median)
-    layers, names, (x_idx, y_idx), pairs = _matrix_layout(xs, ys)
+    layers, names, (x_idx, y_idx), pairs = matrix_layout(xs, ys)
     n = xs[0].shape[0]
     dims = [t.shape[1] for t in layers]
-    plan = _plan(n, dims, [(dims[a], dims[b]) for a, b in pairs], kernel, sigma, method, _budget(max_gram_bytes),
-                 _elem(xs[0].dtype))
-    prepared = [_prepare(t[None], kernel)[0] for t in layers]
+    plan = make_plan(n, dims, [(dims[a], dims[b]) for a, b in pairs], kernel, sigma, method, gram_budget(max_gram_bytes),
+                 acc_itemsize(xs[0].dtype))
+    prepared = [prepare(t[None], kernel)[0] for t in layers]
     if plan.method == "feature":
-        h, s_self = _feature_matrix_numerators(prepared, pairs, n, debiased), None
+        h, s_self = feature_matrix_numerators(prepared, pairs, n, debiased), None
     else:
-        h, cross = _gram_numerators(prepared, kernel, sigma, median, threshold, pairs, plan, debiased)
+        h, cross = gram_numerators(prepared, kernel, sigma, median, threshold, pairs, plan, debiased)
         s_self = cross
     pair_index = {p: i for i, p in enumerate(pairs)}
     self_h = torch.stack([h[pair_index[(a, a)]] for a in range(len(layers))])
     self_s = None if s_self is None else torch.stack([s_self[pair_index[(a, a)]] for a in range(len(layers))])
-    finite = torch.stack([reference.all_finite(t) for t in layers])
-    constant = torch.stack([reference.constant_rows(t) for t in layers])
-    bad = _degenerate(self_h, self_s, xs[0].dtype, constant, finite)
+    finite = torch.stack([_common.all_finite(t) for t in layers])
+    constant = torch.stack([_common.constant_rows(t) for t in layers])
+    bad = degenerate(self_h, self_s, xs[0].dtype, constant, finite)
     ok = finite & ~bad
 
     rows, cols = torch.tensor(x_idx), torch.tensor(y_idx)
@@ -494,15 +894,15 @@ def cka_matrix(
     lookup = torch.tensor([[pair_index.get((i, j), 0) for j in range(len(layers))] for i in range(len(layers))])
     idx = lookup[a, b].to(h.device)
     a, b = a.to(h.device), b.to(h.device)
-    out = _ratio(h[idx], self_h[a], self_h[b], ok[a] & ok[b])
+    out = ratio(h[idx], self_h[a], self_h[b], ok[a] & ok[b])
     same = a == b
     out = torch.where(same & ok[a], torch.ones_like(out), out)  # unit diagonal, exactly
     if not torch.compiler.is_compiling() and bool(bad.any()):
-        _warn("cka_matrix", [names[i] for i in bad.nonzero().flatten().tolist()])
-    return out.to(_native.stat_dtype(xs[0].dtype))
+        warn_degenerate("cka_matrix", [names[i] for i in bad.nonzero().flatten().tolist()])
+    return out.to(_common.stat_dtype(xs[0].dtype))
 
 
-def _feature_matrix_numerators(prepared: list[Tensor], pairs, n: int, debiased: bool) -> Tensor:
+def feature_matrix_numerators(prepared: list[Tensor], pairs, n: int, debiased: bool) -> Tensor:
     """h of every pair from centered features: all layers side by side in one
     (n, Σd) matrix; per layer a, one GEMM x_aᵀ [x_b ...] over each contiguous run
     of the layers b it pairs with, then squared-entry sums per (a, b) block."""

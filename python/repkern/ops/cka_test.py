@@ -7,10 +7,10 @@ the HSIC numerator of K and L permuted by π is Σ_ij A_ij B_π(i)π(j), and the
 do not change. The native kernel ``repkern::replicate_rows`` evaluates R permutations per
 launch by index gather from the one copy of B. The bootstrap resamples rows with
 replacement: with w the multinomial counts of a draw, every term of the HSIC of the
-resampled data (duplicates included) is a w-weighted sum over K and L (replicate_math.h),
+resampled data (duplicates included) is a w-weighted sum over K and L (cka_test_math.h),
 evaluated by the same kernel's Bootstrap mode from the uncentered K and L, then finished in
 float64 here. Resampling plans come from a CPU ``torch.Generator`` seeded with ``seed``
-(:func:`repkern.reference.replicate_indices`), and every kernel sum is written per (replicate,
+(:func:`repkern._common.replicate_indices`), and every kernel sum is written per (replicate,
 row) and added in a fixed order, so a seed gives the same result on every run of a device.
 """
 
@@ -22,15 +22,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from repkern import _native, reference
-from repkern.cka_test_result import CkaTestResult, finish
+from repkern import _common, _native, _validation, reference
+from repkern._constants import REPLICATE_CHANNELS, ReplicateMode
 from repkern.ops import cka as cka_ops
 from repkern.ops.gram import gram
+from repkern.results.cka_test import CkaTestResult, finish
 
 __all__ = ["cka_test", "CkaTestResult"]
 
-PERMUTE, BOOTSTRAP = 0, 1  # csrc/common/replicate_math.h ReplicateMode
-CHANNELS = {PERMUTE: 1, BOOTSTRAP: 5}
+REPLICATE_ROWS = _native.kernel("replicate_rows")
+
+PERMUTE, BOOTSTRAP = int(ReplicateMode.PERMUTE), int(ReplicateMode.BOOTSTRAP)  # the custom op takes ints
 REPLICATE_BYTES = 32 << 20  # per launch: R·n·(4 + 8·channels) bytes of plans and row sums
 
 
@@ -43,14 +45,14 @@ def _replicate_rows_op(a: Tensor, b: Tensor, columns: Tensor, mode: int) -> Tens
         lo, hi = torch.aminmax(columns) if columns.numel() else (0, 0)
         if int(lo) < 0 or int(hi) >= a.shape[0]:
             raise ValueError(f"columns: permutation indices must lie in [0, {a.shape[0]})")
-    out = torch.empty((columns.shape[0], a.shape[0], CHANNELS[mode]), dtype=torch.float64, device=a.device)
-    _native.call("replicate_rows", a.device, mode, a.contiguous(), b.contiguous(), columns.contiguous(), out)
+    out = torch.empty((columns.shape[0], a.shape[0], REPLICATE_CHANNELS[mode]), dtype=torch.float64, device=a.device)
+    _native.call(REPLICATE_ROWS, a.device, mode, a.contiguous(), b.contiguous(), columns.contiguous(), out)
     return out
 
 
 @_replicate_rows_op.register_fake
 def _(a, b, columns, mode):
-    return a.new_empty((columns.shape[0], a.shape[0], CHANNELS[mode]), dtype=torch.float64)
+    return a.new_empty((columns.shape[0], a.shape[0], REPLICATE_CHANNELS[mode]), dtype=torch.float64)
 
 
 def _chunks(total: int, n: int, channels: int):
@@ -62,9 +64,9 @@ def _bootstrap(k: Tensor, l: Tensor, boots: Tensor, debiased: bool) -> Tensor:
     """CKA of each resample (R, n) of the rows, from the uncentered Grams: (R,) float64."""
     n = k.shape[0]
     dk, dl = k.diagonal().double(), l.diagonal().double()
-    tol = reference.zero_variance_tolerance(k.dtype)
+    tol = _common.zero_variance_tolerance(k.dtype)
     out = []
-    for s0, s1 in _chunks(boots.shape[0], n, CHANNELS[BOOTSTRAP]):
+    for s0, s1 in _chunks(boots.shape[0], n, REPLICATE_CHANNELS[BOOTSTRAP]):
         w = torch.zeros((s1 - s0, n), dtype=torch.float32, device=k.device)
         w.scatter_add_(1, boots[s0:s1], torch.ones_like(boots[s0:s1], dtype=torch.float32))
         rows = torch.ops.repkern.replicate_rows(k, l, w, BOOTSTRAP)
@@ -82,7 +84,7 @@ def _bootstrap(k: Tensor, l: Tensor, boots: Tensor, debiased: bool) -> Tensor:
 
         h_kl, h_kk, h_ll = h(kl, rk, rl, dk, dl), h(kk, rk, rk, dk, dk), h(ll, rl, rl, dl, dl)
         ok = (h_kk > tol * kk) & (h_ll > tol * ll)
-        out.append(cka_ops._ratio(h_kl, h_kk, h_ll, ok))
+        out.append(cka_ops.ratio(h_kl, h_kk, h_ll, ok))
     return torch.cat(out) if out else torch.empty(0, dtype=torch.float64, device=k.device)
 
 
@@ -90,7 +92,7 @@ def _permutation_sums(a: Tensor, b: Tensor, perms: Tensor) -> Tensor:
     """Σ_ij a_ij b_π(i)π(j) for each permutation (R, n): (R,) float64."""
     n = a.shape[0]
     sums = []
-    for s0, s1 in _chunks(perms.shape[0], n, CHANNELS[PERMUTE]):
+    for s0, s1 in _chunks(perms.shape[0], n, REPLICATE_CHANNELS[PERMUTE]):
         rows = torch.ops.repkern.replicate_rows(a, b, perms[s0:s1].to(torch.int32), PERMUTE)
         sums.append(rows[:, :, 0].sum(1))
     return torch.cat(sums)
@@ -120,7 +122,7 @@ def cka_test(
             permutation and bootstrap replicate.
         n_permutations: permutations of y's rows for the null distribution (0: no p-value).
         n_bootstrap: bootstrap draws of rows with replacement (0: no interval).
-        seed: the resampling plan (:func:`repkern.reference.replicate_indices`, drawn on the
+        seed: the resampling plan (:func:`repkern._common.replicate_indices`, drawn on the
             CPU): the same permutations and draws on every device; results repeat exactly on a device.
         ci: level of the percentile interval.
         max_gram_bytes: budget for the two n×n Gram matrices held (default
@@ -134,31 +136,31 @@ def cka_test(
         NaN everywhere without one. Bootstrap replicates whose CKA is undefined (too few distinct
         rows) are NaN in ``bootstrap`` and left out of the interval. Not differentiable.
     """
-    sigma, threshold, ci = reference.check_cka_test_args(x, y, kernel, debiased, n_permutations, n_bootstrap, seed,
+    sigma, threshold, ci = _validation.check_cka_test_args(x, y, kernel, debiased, n_permutations, n_bootstrap, seed,
                                                          ci, sigma, threshold, median)
     if _native.use_reference():
         return reference.cka_test(x, y, kernel, debiased=debiased, n_permutations=n_permutations,
                                   n_bootstrap=n_bootstrap, seed=seed, ci=ci, sigma=sigma, threshold=threshold,
                                   median=median)
     n = x.shape[0]
-    budget = cka_ops._budget(max_gram_bytes)
-    need = 2 * n * n * cka_ops._elem(x.dtype)
+    budget = cka_ops.gram_budget(max_gram_bytes)
+    need = 2 * n * n * cka_ops.acc_itemsize(x.dtype)
     if need > budget:
         raise ValueError(f"x: cka_test holds two n×n Gram matrices ({need / 2**20:.0f} MiB for n={n}) > "
                          f"max_gram_bytes={budget}")
-    stat = _native.stat_dtype(x.dtype)
-    perms, boots = reference.replicate_indices(n, n_permutations, n_bootstrap, seed, x.device)
+    stat = _common.stat_dtype(x.dtype)
+    perms, boots = _common.replicate_indices(n, n_permutations, n_bootstrap, seed, x.device)
     with torch.no_grad():
         x, y = x.detach(), y.detach()
-        k = gram(cka_ops._prepare(x[None], kernel)[0][0], kernel, sigma=sigma, threshold=threshold, median=median)
-        l = gram(cka_ops._prepare(y[None], kernel)[0][0], kernel, sigma=sigma, threshold=threshold, median=median)
+        k = gram(cka_ops.prepare(x[None], kernel)[0][0], kernel, sigma=sigma, threshold=threshold, median=median)
+        l = gram(cka_ops.prepare(y[None], kernel)[0][0], kernel, sigma=sigma, threshold=threshold, median=median)
         boot = _bootstrap(k, l, boots, debiased)
         kc, lc = reference.center_gram(k.double(), debiased), reference.center_gram(l.double(), debiased)
         h_kk, h_ll = (kc * kc).sum(), (lc * lc).sum()
-        tol = reference.zero_variance_tolerance(x.dtype)
-        finite = bool(reference.all_finite(x) & reference.all_finite(y))
-        bad_x = bool(reference.constant_rows(x)) or not bool(h_kk > tol * (k.double() ** 2).sum())
-        bad_y = bool(reference.constant_rows(y)) or not bool(h_ll > tol * (l.double() ** 2).sum())
+        tol = _common.zero_variance_tolerance(x.dtype)
+        finite = bool(_common.all_finite(x) & _common.all_finite(y))
+        bad_x = bool(_common.constant_rows(x)) or not bool(h_kk > tol * (k.double() ** 2).sum())
+        bad_y = bool(_common.constant_rows(y)) or not bool(h_ll > tol * (l.double() ** 2).sum())
         a, b = kc.to(k.dtype), lc.to(l.dtype)
         del kc, lc, k, l
         identity = torch.arange(n, device=x.device)[None]

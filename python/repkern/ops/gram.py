@@ -16,33 +16,22 @@ Custom op (fake impl and autograd registered):
 
 from __future__ import annotations
 
-import enum
 import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from repkern import _native, reference
+from repkern import _common, _native, _validation, reference
+from repkern._constants import GramKind, GramPass
 
 __all__ = ["gram"]
 
-
-class GramKind(enum.IntEnum):  # csrc/common/gram_math.h
-    LINEAR = 0
-    COSINE = 1
-    RBF = 2
-    SQDIST = 3
-    RBF_FROM_SQDIST = 4
+GRAM_EPILOGUE = _native.kernel("gram_epilogue")
 
 
-class GramPass(enum.IntEnum):
-    WRITE = 0
-    ROW_SUMS = 1
-    WRITE_CENTERED = 2
 
-
-_KIND = {"linear": GramKind.LINEAR, "cosine": GramKind.COSINE, "rbf": GramKind.RBF}
+KINDS = {"linear": GramKind.LINEAR, "cosine": GramKind.COSINE, "rbf": GramKind.RBF}
 
 
 EPILOGUE_TILE = 64  # a multiple of both epilogue tile edges (CPU 64, CUDA 32)
@@ -65,12 +54,12 @@ def _gemm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
         torch.bmm(a.to(out.dtype), b.mT.to(out.dtype), out=out)
 
 
-def _inner_products(x: Tensor) -> Tensor:
+def inner_products(x: Tensor) -> Tensor:
     """x (B, n, d) -> x xᵀ (B, n, n) in the accumulation dtype, UPPER PART ONLY:
     row strips [i, i+s) × columns [i, n) (a SYRK by GEMMs: about half the FLOPs).
     Every epilogue tile with ti <= tj lies inside a strip; the rest of the buffer
     is uninitialized and never read."""
-    acc = _native.acc_dtype(x.dtype)
+    acc = _common.acc_dtype(x.dtype)
     if not x.is_cuda:
         x = x.to(acc)  # the CPU has no 16-bit GEMM with float32 output
     batch, n, _ = x.shape
@@ -81,7 +70,7 @@ def _inner_products(x: Tensor) -> Tensor:
     return inner
 
 
-def _row_factors(kind: GramKind, inner: Tensor) -> Optional[Tensor]:
+def row_factors(kind: GramKind, inner: Tensor) -> Optional[Tensor]:
     """(B, n) per-row factor of the epilogue (csrc/common/gram_math.h): g_ii for
     distances, 1/‖x_i‖ for cosine (0 for a zero row, NaN stays NaN)."""
     if kind in (GramKind.LINEAR, GramKind.RBF_FROM_SQDIST):
@@ -92,15 +81,15 @@ def _row_factors(kind: GramKind, inner: Tensor) -> Optional[Tensor]:
     return diag.clone(memory_format=torch.contiguous_format)  # own buffer: the epilogue may write in place
 
 
-def _epilogue(kind: GramKind, pass_: GramPass, inner: Tensor, out=None, scale=None, row_sums=None, totals=None):
-    aux = _row_factors(kind, inner)
-    _native.call("gram_epilogue", inner.device, int(kind), int(pass_), inner, aux, out, scale, row_sums, totals)
+def epilogue(kind: GramKind, pass_: GramPass, inner: Tensor, out=None, scale=None, row_sums=None, totals=None):
+    aux = row_factors(kind, inner)
+    _native.call(GRAM_EPILOGUE, inner.device, int(kind), int(pass_), inner, aux, out, scale, row_sums, totals)
 
 
 # ---- median bandwidth ------------------------------------------------------------
 
 
-def _upper_to_flat(p: Tensor, n: int) -> Tensor:
+def upper_to_flat(p: Tensor, n: int) -> Tensor:
     """Index p into the row-major strict upper triangle of n×n -> flat index i·n + j."""
     pf = p.double()
     b = 2 * n - 1
@@ -114,7 +103,7 @@ def _upper_to_flat(p: Tensor, n: int) -> Tensor:
     return i * n + (p - start(i) + i + 1)
 
 
-def _median_sq_dist(d: Tensor, offdiag: bool) -> tuple[Tensor, Tensor]:
+def median_sq_dist(d: Tensor, offdiag: bool) -> tuple[Tensor, Tensor]:
     """Median of the squared distances d (B, n, n) (exactly symmetric), numpy-style:
     the mean of the two middle values for an even count. Over all n² entries the
     diagonal counts as n exact zeros; NaN sorts above every number (torch's order).
@@ -126,7 +115,7 @@ def _median_sq_dist(d: Tensor, offdiag: bool) -> tuple[Tensor, Tensor]:
     for i in range(n - 1):  # row slices: a boolean-mask gather of all n² entries costs as much as the GEMM
         start = i * (n - 1) - i * (i - 1) // 2
         values[:, start : start + n - 1 - i] = d[:, i, i + 1 :]
-    return _median_from_upper(values, n, offdiag)
+    return median_from_upper(values, n, offdiag)
 
 
 def _next_order_statistic(values: Tensor, value: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -144,8 +133,8 @@ def _next_order_statistic(values: Tensor, value: Tensor, index: Tensor, k: int) 
     return value, index
 
 
-def _median_from_upper(values: Tensor, n: int, offdiag: bool) -> tuple[Tensor, Tensor]:
-    """:func:`_median_sq_dist` from the strict upper triangle of d packed row-major
+def median_from_upper(values: Tensor, n: int, offdiag: bool) -> tuple[Tensor, Tensor]:
+    """:func:`median_sq_dist` from the strict upper triangle of d packed row-major
     into values (B, n(n−1)/2)."""
     batch = values.shape[0]
     total, zeros = (n * (n - 1), 0) if offdiag else (n * n, n)
@@ -163,11 +152,11 @@ def _median_from_upper(values: Tensor, n: int, offdiag: bool) -> tuple[Tensor, T
             else:
                 selected[k] = torch.kthvalue(values, k, dim=1)
         meds.append(selected[k][0])
-        positions.append(_upper_to_flat(selected[k][1], n))
+        positions.append(upper_to_flat(selected[k][1], n))
     return (meds[0] + meds[1]) / 2, torch.stack(positions, dim=1)
 
 
-def _median_backward(x: Tensor, positions: Tensor, grad_median: Tensor) -> Tensor:
+def median_backward(x: Tensor, positions: Tensor, grad_median: Tensor) -> Tensor:
     """Gradient w.r.t. x (B, n, d) of median = (D[p0] + D[p1]) / 2, D_ij = ‖x_i − x_j‖²:
     dD_ij/dx_i = 2(x_i − x_j) = −dD_ij/dx_j."""
     n, d = x.shape[1], x.shape[2]
@@ -189,30 +178,30 @@ def _gram_op(
     """x (B, n, d) -> (K (B, n, n) in x.dtype, scale used (B,), median positions (B, 2)).
     rbf: scale = −1/(2σ²) given, or (scale None) σ² = threshold² · median ('full'/'offdiag')."""
     batch, n, _ = x.shape
-    acc = _native.acc_dtype(x.dtype)
+    acc = _common.acc_dtype(x.dtype)
     positions = torch.full((batch, 2), -1, dtype=torch.int64, device=x.device)
     if batch == 0:
         return x.new_empty((batch, n, n)), x.new_zeros((batch,), dtype=acc), positions
-    kind = _KIND[kernel]
+    kind = KINDS[kernel]
     if kind == GramKind.LINEAR and center:  # H x xᵀ H = (Hx)(Hx)ᵀ: center x, exactly
         xa = x.to(acc)
         xc = xa - xa.mean(dim=1, keepdim=True)
-        inner, center = _inner_products(xc), False
+        inner, center = inner_products(xc), False
     else:
-        inner = _inner_products(x)
+        inner = inner_products(x)
     if kind == GramKind.RBF and scale is None:
-        _epilogue(GramKind.SQDIST, GramPass.WRITE, inner, inner)  # distances, in place
-        med, positions = _median_sq_dist(inner, median == "offdiag")
+        epilogue(GramKind.SQDIST, GramPass.WRITE, inner, inner)  # distances, in place
+        med, positions = median_sq_dist(inner, median == "offdiag")
         scale = -0.5 / (threshold**2 * med)
         kind = GramKind.RBF_FROM_SQDIST
     # float32/float64: the epilogue overwrites its input (one n×n buffer).
     out = inner if inner.dtype == x.dtype else torch.empty((batch, n, n), dtype=x.dtype, device=x.device)
     if center:
         row_sums = torch.zeros((batch, n), dtype=torch.float64, device=x.device)
-        _epilogue(kind, GramPass.ROW_SUMS, inner, None, scale, row_sums)
-        _epilogue(kind, GramPass.WRITE_CENTERED, inner, out, scale, row_sums, row_sums.sum(dim=1))
+        epilogue(kind, GramPass.ROW_SUMS, inner, None, scale, row_sums)
+        epilogue(kind, GramPass.WRITE_CENTERED, inner, out, scale, row_sums, row_sums.sum(dim=1))
     else:
-        _epilogue(kind, GramPass.WRITE, inner, out, scale)
+        epilogue(kind, GramPass.WRITE, inner, out, scale)
     scale_used = scale.clone() if scale is not None else x.new_zeros((batch,), dtype=acc)
     return out, scale_used, positions
 
@@ -220,7 +209,7 @@ def _gram_op(
 @_gram_op.register_fake
 def _(x, kernel, scale, median, threshold, center):
     batch, n, _ = x.shape
-    acc = _native.acc_dtype(x.dtype)
+    acc = _common.acc_dtype(x.dtype)
     return x.new_empty((batch, n, n)), x.new_empty((batch,), dtype=acc), x.new_empty((batch, 2), dtype=torch.int64)
 
 
@@ -241,7 +230,7 @@ def _double_center(g: Tensor) -> Tensor:
 
 def _gram_backward(ctx, grad, _grad_scale_used, _grad_positions):
     x, scale, positions, k = ctx.saved_tensors
-    acc = _native.acc_dtype(x.dtype)
+    acc = _common.acc_dtype(x.dtype)
     xa, g = x.to(acc), grad.to(acc)
     if ctx.kernel == "linear":
         xc = xa - xa.mean(dim=1, keepdim=True) if ctx.center else xa
@@ -272,7 +261,7 @@ def _gram_backward(ctx, grad, _grad_scale_used, _grad_positions):
         grad_scale = torch.where(finite, (g * ka * d).sum((1, 2)), torch.zeros_like(scale))
     if ctx.from_median:  # scale = −1/(2 t² m): dscale/dm = 2 t² scale²
         grad_median = grad_scale * 2 * ctx.threshold**2 * scale * scale
-        gx = gx + _median_backward(xa, positions, grad_median)
+        gx = gx + median_backward(xa, positions, grad_median)
         grad_scale = None
     return gx.to(x.dtype), None, grad_scale, None, None, None
 
@@ -313,13 +302,13 @@ def gram(
         limit: 1 where two rows coincide, else 0. NaN in a row of x gives NaN in
         that row and column. Differentiable w.r.t. x, through the median too.
     """
-    sigma, threshold = reference.check_gram_args(x, kernel, sigma, threshold, center, median)
+    sigma, threshold = _validation.check_gram_args(x, kernel, sigma, threshold, center, median)
     if _native.use_reference():
         return reference.gram(x, kernel, sigma=sigma, threshold=threshold, center=center, median=median)
     *batch_shape, n, d = x.shape
     x3 = x.reshape(-1, n, d)
     scale = None
     if kernel == "rbf" and sigma is not None:
-        scale = torch.full((x3.shape[0],), -0.5 / sigma**2, dtype=_native.acc_dtype(x.dtype), device=x.device)
+        scale = torch.full((x3.shape[0],), -0.5 / sigma**2, dtype=_common.acc_dtype(x.dtype), device=x.device)
     k, _, _ = torch.ops.repkern.gram(x3, kernel, scale, median, threshold, center)
     return k.reshape(*batch_shape, n, n)

@@ -34,13 +34,19 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from repkern import _checks, _native, reference
-from repkern.codes import CsrCodes, SparseCodes
+from repkern import _common, _native, _validation, reference
+from repkern._constants import SAE_MAX_TOPK
+from repkern.results.codes import CsrCodes, SparseCodes
 
-__all__ = ["sae_encode", "sae_decode", "DEFAULT_CHUNK_BYTES", "MAX_NATIVE_TOPK"]
+__all__ = ["sae_encode", "sae_decode", "DEFAULT_CHUNK_BYTES"]
+
+SAE_ACTIVATE = _native.kernel("sae_activate")
+SAE_SPARSIFY = _native.kernel("sae_sparsify")
+SAE_TOPK_MERGE = _native.kernel("sae_topk_merge")
+SAE_SPMM = _native.kernel("sae_spmm")
+SAE_SDDMM = _native.kernel("sae_sddmm")
 
 DEFAULT_CHUNK_BYTES = 32 << 20
-MAX_NATIVE_TOPK = 256  # csrc/common/sae_math.h kSaeMaxTopK; larger k uses the torch merge
 CHUNK_ALIGN = 128  # chunk widths are multiples of this (vector loads stay aligned)
 
 
@@ -108,7 +114,7 @@ def _chunks(xa: Tensor, W: Tensor, min_cols: int, budget: int):
 
 def _centered_input(x: Tensor, b_dec: Optional[Tensor]) -> Tensor:
     """x' = x − b_dec (N, d_in) in the accumulation dtype."""
-    xa = x.to(_native.acc_dtype(x.dtype))
+    xa = x.to(_common.acc_dtype(x.dtype))
     return xa - b_dec.to(xa.dtype) if b_dec is not None else xa.contiguous()
 
 
@@ -120,13 +126,13 @@ def _topk_native(xa, W, bias, k, relu_first, budget):
     vals = torch.empty((n, k), dtype=xa.dtype, device=xa.device)
     cols = torch.empty((n, k), dtype=torch.int64, device=xa.device)
     for r0, r1, c0, c1, pre in _chunks(xa, W, max(k, CHUNK_ALIGN), budget):
-        _native.call("sae_topk_merge", xa.device, pre, bias[c0:c1], vals[r0:r1], cols[r0:r1], c0, c0 == 0,
+        _native.call(SAE_TOPK_MERGE, xa.device, pre, bias[c0:c1], vals[r0:r1], cols[r0:r1], c0, c0 == 0,
                      relu_first)
     return vals, cols
 
 
 def _topk_torch(xa, W, bias, k, relu_first, budget):
-    """Same contract as the native merge for k > MAX_NATIVE_TOPK: stable sorts keep the
+    """Same contract as the native merge for k > SAE_MAX_TOPK: stable sorts keep the
     lower column first among equal values (state columns precede the chunk's)."""
     n = xa.shape[0]
     vals = torch.empty((n, k), dtype=xa.dtype, device=xa.device)
@@ -151,7 +157,7 @@ def topk_candidates(xa: Tensor, W: Tensor, bias: Tensor, k: int, relu_first: boo
     """Each row's k best (h or relu(h) when relu_first, h = xa W + bias) without the
     dense h: (values (N, k) in xa's dtype, sorted by rank; columns (N, k) int64).
     Ties: lower column first. NaN ranks above every number."""
-    run = _topk_native if k <= MAX_NATIVE_TOPK else _topk_torch
+    run = _topk_native if k <= SAE_MAX_TOPK else _topk_torch
     return run(xa, W, bias, k, relu_first, budget)
 
 
@@ -165,7 +171,7 @@ def _batch_topk(xa, W, bias, k_avg, budget):
     sorted row-major; zeros dropped. Exact: each row contributes its top-kc candidates,
     and kc doubles until no row's last candidate could tie with or beat the cut."""
     n, d_sae = xa.shape[0], W.shape[1]
-    keep = reference.batch_topk_count(k_avg, n)
+    keep = _common.batch_topk_count(k_avg, n)
     if keep == 0:
         empty = torch.empty(0, dtype=torch.int64, device=xa.device)
         return empty, empty, xa.new_empty(0)
@@ -192,19 +198,19 @@ def _csr_threshold(xa, W, bias, theta, budget):
     """Nonzero codes relu(h)·[h > θ] (θ None: ReLU) as (crow, cols, values): per chunk a
     count pass and a write pass of the native kernel, then the chunks' pieces are
     placed row by row (O(nnz))."""
-    n, d_sae = xa.shape[0], W.shape[1]
+    n = xa.shape[0]
     device = xa.device
     row_totals = torch.zeros(n, dtype=torch.int64, device=device)
     pieces = []  # (r0, c0, counts, cols, vals)
     for r0, r1, c0, c1, pre in _chunks(xa, W, CHUNK_ALIGN, budget):
         th = theta[c0:c1] if theta is not None else None
         counts = torch.empty(r1 - r0, dtype=torch.int64, device=device)
-        _native.call("sae_sparsify", device, pre, bias[c0:c1], th, counts, None, None, None, c0)
+        _native.call(SAE_SPARSIFY, device, pre, bias[c0:c1], th, counts, None, None, None, c0)
         offsets = counts.cumsum(0) - counts
         nnz = int(counts.sum())
         cols = torch.empty(nnz, dtype=torch.int64, device=device)
         vals = torch.empty(nnz, dtype=xa.dtype, device=device)
-        _native.call("sae_sparsify", device, pre, bias[c0:c1], th, None, offsets, cols, vals, c0)
+        _native.call(SAE_SPARSIFY, device, pre, bias[c0:c1], th, None, offsets, cols, vals, c0)
         pieces.append((r0, counts, offsets, cols, vals))
     crow = torch.zeros(n + 1, dtype=torch.int64, device=device)
     for r0, counts, *_ in pieces:
@@ -258,7 +264,7 @@ def _encode_sparse_op(
 def _(x, W_enc, b_enc, b_dec, threshold, activation, k, relu_first, bandwidth, chunk_bytes):
     n = x.shape[0]
     nnz = n * int(k) if activation == "topk" else torch.library.get_ctx().new_dynamic_size()
-    acc = _native.acc_dtype(x.dtype)
+    acc = _common.acc_dtype(x.dtype)
     return (x.new_empty((n + 1,), dtype=torch.int64), x.new_empty((nnz,), dtype=torch.int64),
             x.new_empty((nnz,), dtype=acc))
 
@@ -284,8 +290,8 @@ def _spmm_op(crow: Tensor, cols: Tensor, vals: Tensor, dense: Optional[Tensor], 
     dtype — (0, 0) without dense —, Σ_e vals[e] (rows,) in the accumulation dtype)."""
     rows = crow.numel() - 1
     out = vals.new_empty((rows, dense.shape[1]) if dense is not None else (0, 0))
-    sums = vals.new_empty((rows,), dtype=_native.acc_dtype(vals.dtype))
-    _native.call("sae_spmm", vals.device, crow, cols, vals, dense, bias, out if dense is not None else None, sums)
+    sums = vals.new_empty((rows,), dtype=_common.acc_dtype(vals.dtype))
+    _native.call(SAE_SPMM, vals.device, crow, cols, vals, dense, bias, out if dense is not None else None, sums)
     return out, sums
 
 
@@ -293,20 +299,20 @@ def _spmm_op(crow: Tensor, cols: Tensor, vals: Tensor, dense: Optional[Tensor], 
 def _(crow, cols, vals, dense, bias):
     rows = crow.shape[0] - 1
     return (vals.new_empty((rows, dense.shape[1]) if dense is not None else (0, 0)),
-            vals.new_empty((rows,), dtype=_native.acc_dtype(vals.dtype)))
+            vals.new_empty((rows,), dtype=_common.acc_dtype(vals.dtype)))
 
 
 @torch.library.custom_op("repkern::sae_sddmm", mutates_args=())
 def _sddmm_op(rows: Tensor, cols: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """a[rows[e]] · b[cols[e]] for each entry e -> (nnz,) in the accumulation dtype."""
-    out = a.new_empty(rows.shape, dtype=_native.acc_dtype(a.dtype))
-    _native.call("sae_sddmm", a.device, rows, cols, a, b, out)
+    out = a.new_empty(rows.shape, dtype=_common.acc_dtype(a.dtype))
+    _native.call(SAE_SDDMM, a.device, rows, cols, a, b, out)
     return out
 
 
 @_sddmm_op.register_fake
 def _(rows, cols, a, b):
-    return a.new_empty(rows.shape, dtype=_native.acc_dtype(a.dtype))
+    return a.new_empty(rows.shape, dtype=_common.acc_dtype(a.dtype))
 
 
 def _csc(crow: Tensor, cols: Tensor, d_sae: int):
@@ -340,7 +346,7 @@ def _encode_sparse_backward(ctx, _g_crow, _g_cols, g_vals):
             grads[3] = -(W_enc.to(acc) @ g_bias).to(ctx.dtypes[3])
         if need_theta:  # JumpReLU straight-through estimator on the stored codes
             th = threshold.to(acc)[cols]
-            term = -(th / ctx.bandwidth) * reference._rectangle((vals - th) / ctx.bandwidth) * g
+            term = -(th / ctx.bandwidth) * _common.rectangle((vals - th) / ctx.bandwidth) * g
             _, g_theta = torch.ops.repkern.sae_spmm(col_ptr, csc_rows, term[order], None, None)
             grads[4] = g_theta.to(threshold.dtype)
     if need_x:
@@ -374,12 +380,12 @@ def _encode_dense_op(
         return out, fire
     if out.dtype == xa.dtype:  # one GEMM into the output, activation in place: one [N, d_sae] buffer
         torch.matmul(xa, W_enc, out=out)
-        _native.call("sae_activate", x.device, out, bias, threshold, out, fire_arg)
+        _native.call(SAE_ACTIVATE, x.device, out, bias, threshold, out, fire_arg)
     else:
         for r0, r1, c0, c1, pre in _chunks(xa, W_enc, CHUNK_ALIGN, chunk_bytes):
             th = threshold[c0:c1] if threshold is not None else None
             f = fire[c0:c1] if count_firings else None
-            _native.call("sae_activate", x.device, pre, bias[c0:c1], th, out[r0:r1, c0:c1], f)
+            _native.call(SAE_ACTIVATE, x.device, pre, bias[c0:c1], th, out[r0:r1, c0:c1], f)
     return out, fire
 
 
@@ -426,7 +432,7 @@ def _encode_dense_backward(ctx, grad, _g_fire):
         if need_theta:
             h = xa @ w + b_enc[c0:c1].to(acc)
             th = threshold[c0:c1].to(acc)
-            g_theta[c0:c1] = (-(th / ctx.bandwidth) * reference._rectangle((h - th) / ctx.bandwidth) * g).sum(0)
+            g_theta[c0:c1] = (-(th / ctx.bandwidth) * _common.rectangle((h - th) / ctx.bandwidth) * g).sum(0)
     grads = [None] * 8
     grads[0] = gx.to(ctx.dtypes[0]) if need_x else None
     grads[1] = gw.to(ctx.dtypes[1]) if need_w else None
@@ -470,7 +476,7 @@ def _decode_sparse_backward(ctx, grad):
         col_ptr, csc_rows, order = _csc(crow, cols, W_dec.shape[0])
         g_w, _ = torch.ops.repkern.sae_spmm(col_ptr, csc_rows, vals[order], grad, None)
     if need_b:
-        g_b = grad.to(_native.acc_dtype(grad.dtype)).sum(0).to(grad.dtype)
+        g_b = grad.to(_common.acc_dtype(grad.dtype)).sum(0).to(grad.dtype)
     return None, None, g_vals, g_w, g_b
 
 
@@ -526,9 +532,9 @@ def sae_encode(
     with sparse output only stored codes contribute — use dense output for SAELens'
     estimator). TopK/BatchTopK/sparse backward touches only the stored entries.
     """
-    k, theta = reference.check_sae_encode_args(x, W_enc, b_enc, b_dec, activation, k, threshold, relu_first, output,
+    k, theta = _validation.check_sae_encode_args(x, W_enc, b_enc, b_dec, activation, k, threshold, relu_first, output,
                                                bandwidth)
-    _checks.boolean("count_firings", count_firings)
+    _validation.boolean("count_firings", count_firings)
     budget = chunk_budget(chunk_bytes)
     if _native.use_reference():
         codes = reference.sae_encode(x, W_enc, b_enc, b_dec=b_dec, activation=activation, k=k, threshold=threshold,
@@ -571,45 +577,6 @@ def _firings(codes, d_sae: int) -> Tensor:
     return (codes != 0).reshape(-1, d_sae).sum(0)
 
 
-def _check_decode_args(codes, W_dec, b_dec):
-    _checks.floating_tensor("W_dec", W_dec, min_dim=2, shape_hint="(d_sae, d_in)")
-    if W_dec.dim() != 2:
-        raise ValueError(f"W_dec: expected shape (d_sae, d_in), got {tuple(W_dec.shape)}")
-    d_sae, d_in = W_dec.shape
-    if b_dec is not None:
-        _checks.floating_tensor("b_dec", b_dec)
-        if tuple(b_dec.shape) != (d_in,):
-            raise ValueError(f"b_dec: expected shape (d_in,) = ({d_in},), got {tuple(b_dec.shape)}")
-        if b_dec.device != W_dec.device:
-            raise ValueError(f"b_dec: expected a tensor on {W_dec.device} (where W_dec is), got {b_dec.device}")
-    if isinstance(codes, (SparseCodes, CsrCodes)):
-        values, indices = codes.values, (codes.indices if isinstance(codes, SparseCodes) else codes.col_indices)
-        _checks.floating_tensor("codes.values", values, min_dim=0)
-        if values.device != W_dec.device or indices.device != W_dec.device:
-            raise ValueError(f"codes: expected tensors on {W_dec.device} (where W_dec is)")
-        if indices.dtype != torch.int64 or indices.shape != values.shape:
-            raise ValueError("codes: indices must be int64 with the shape of values")
-        code_d_sae = codes.d_sae if isinstance(codes, SparseCodes) else codes.shape[-1]
-        if code_d_sae != d_sae:
-            raise ValueError(f"codes: d_sae={code_d_sae} does not match W_dec (d_sae, d_in) = {tuple(W_dec.shape)}")
-        data_checks = not torch.compiler.is_compiling()  # value checks would break the graph
-        if data_checks and indices.numel() and (bool(indices.min() < 0) or bool(indices.max() >= d_sae)):
-            raise ValueError(f"codes: indices must lie in [0, d_sae={d_sae})")
-        if isinstance(codes, CsrCodes):
-            n = math.prod(codes.shape[:-1])
-            crow = codes.crow_indices
-            if crow.shape != (n + 1,) or crow.dtype != torch.int64:
-                raise ValueError(f"codes: crow_indices must be int64 of shape (N + 1,) = ({n + 1},)")
-            if data_checks and (int(crow[0]) != 0 or int(crow[-1]) != values.numel() or bool((crow.diff() < 0).any())):
-                raise ValueError("codes: crow_indices must rise from 0 to nnz")
-    else:
-        _checks.floating_tensor("codes", codes, min_dim=1, shape_hint="(..., d_sae)")
-        if codes.shape[-1] != d_sae:
-            raise ValueError(f"codes: last dimension {codes.shape[-1]} does not match d_sae={d_sae} of W_dec")
-        if codes.device != W_dec.device:
-            raise ValueError(f"codes: expected a tensor on {W_dec.device} (where W_dec is), got {codes.device}")
-
-
 def sae_decode(codes, W_dec: Tensor, b_dec: Optional[Tensor] = None) -> Tensor:
     """Reconstruction x̂ = codes W_dec + b_dec.
 
@@ -623,7 +590,7 @@ def sae_decode(codes, W_dec: Tensor, b_dec: Optional[Tensor] = None) -> Tensor:
     product each and W_dec a gather over each feature's entries). Differentiable
     w.r.t. the code values, W_dec and b_dec.
     """
-    _check_decode_args(codes, W_dec, b_dec)
+    _validation.check_sae_decode_args(codes, W_dec, b_dec)
     if _native.use_reference():
         return reference.sae_decode(codes, W_dec, b_dec)
     dtype = W_dec.dtype
@@ -641,7 +608,7 @@ def sae_decode(codes, W_dec: Tensor, b_dec: Optional[Tensor] = None) -> Tensor:
         out = torch.ops.repkern.sae_decode_sparse(codes.crow_indices, codes.col_indices, codes.values.to(dtype),
                                                   W_dec, b)
         return out.reshape(*codes.shape[:-1], W_dec.shape[1])
-    acc = _native.acc_dtype(dtype)
+    acc = _common.acc_dtype(dtype)
     out = codes.to(dtype).to(acc) @ W_dec.to(acc)
     if b is not None:
         out = out + b.to(acc)

@@ -20,28 +20,29 @@ in chunks of rows and passed in sorted).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from repkern import _checks, _native, reference
+from repkern import _common, _native, _validation, reference
+from repkern._constants import (SPARSITY_FEATURE_FIELDS, SPARSITY_ORDERED_SUMS, SPARSITY_ROW_CHANNELS,
+                                SPARSITY_ROW_TOTALS, SPARSITY_SORT_FREE_CHANNELS, sparsity_row_channels)
 from repkern._distributed import all_gather_states
-from repkern import sparsity_result as sr
+from repkern.results import sparsity as sr
 
 __all__ = ["sparsity_stats", "SparsityAccumulator"]
 
-# csrc/common/sparsity_math.h: FeatureField (sr.FEATURE_FIELDS), RowField, RowTotal, OrderedSum.
-FEATURE_FIELDS = sr.FEATURE_FIELDS
-SORT_FREE_CHANNELS = ("l0", "nonfinite", "l1", "l2", "hoyer")
-ORDERED_CHANNELS = ("gini", "thresholded_l0", "effective_rank_l1", "effective_rank_l2")  # then top_p_l1, top_p_l2
-ROW_TOTALS = 5
-ORDERED_SUMS = 4
+SPARSITY_STATS = _native.kernel("sparsity_stats", cuda=False)
+SPARSITY_MERGE_STATES = _native.kernel("sparsity_merge_states", cuda=False)
+SPARSITY_ROW_SUMMARIES = _native.kernel("sparsity_row_summaries", cuda=False)
+SPARSITY_PLAN = _native.kernel("sparsity_plan", cpu=False)
+SPARSITY_MAX_SMEM_SORT = _native.kernel("sparsity_max_smem_sort", cpu=False)
+SPARSITY_FEATURES = _native.kernel("sparsity_features", cpu=False)
+SPARSITY_ORDERED = _native.kernel("sparsity_ordered", cpu=False)
+
+FEATURE_FIELDS = SPARSITY_FEATURE_FIELDS
 PRESORT_CHUNK_BYTES = 64 << 20  # bound on the torch.sort workspace of the long-row fallback
-
-
-def row_channels(num_top_p: int, ordered: bool) -> int:
-    return len(SORT_FREE_CHANNELS) + (len(ORDERED_CHANNELS) + 2 * num_top_p if ordered else 0)
 
 
 # ---- repkern::sparsity_stats ------------------------------------------------------------
@@ -49,10 +50,10 @@ def row_channels(num_top_p: int, ordered: bool) -> int:
 
 def _ordered_cuda(x: Tensor, top: Tensor, totals: Tensor, out: Tensor) -> None:
     rows, d = x.shape
-    sums = torch.empty((ORDERED_SUMS + 2 * top.numel(), rows), dtype=torch.float64, device=x.device)
-    capacity = _native.call("sparsity_max_smem_sort", x.device, _native.DTYPE_CODES[x.dtype])
+    sums = torch.empty((SPARSITY_ORDERED_SUMS + 2 * top.numel(), rows), dtype=torch.float64, device=x.device)
+    capacity = _native.call(SPARSITY_MAX_SMEM_SORT, x.device, _native.DTYPE_CODES[x.dtype])
     if d <= capacity:
-        _native.call("sparsity_ordered", x.device, x, None, 0, rows, top, totals, sums, out)
+        _native.call(SPARSITY_ORDERED, x.device, x, None, 0, rows, top, totals, sums, out)
         return
     acc = out.dtype
     chunk = max(1, PRESORT_CHUNK_BYTES // (d * (acc.itemsize + 8)))
@@ -61,7 +62,7 @@ def _ordered_cuda(x: Tensor, top: Tensor, totals: Tensor, out: Tensor) -> None:
         part = x[begin:end].to(acc)
         keys = torch.where(torch.isfinite(part), part.abs(), torch.full_like(part, math.inf))
         ascending = torch.sort(keys, dim=1).values
-        _native.call("sparsity_ordered", x.device, x, ascending, begin, end, top, totals, sums, out)
+        _native.call(SPARSITY_ORDERED, x.device, x, ascending, begin, end, top, totals, sums, out)
 
 
 @torch.library.custom_op("repkern::sparsity_stats", mutates_args=())
@@ -70,17 +71,17 @@ def _sparsity_op(x: Tensor, eps: float, top_p: Sequence[float], ordered: bool) -
     if x.shape[-1] > 1 and x.stride(-1) != 1:
         x = x.contiguous()
     rows, d = x.shape
-    acc = _native.acc_dtype(x.dtype)
+    acc = _common.acc_dtype(x.dtype)
     state = torch.empty((len(FEATURE_FIELDS), d), dtype=torch.float64, device=x.device)
-    out = torch.empty((row_channels(len(top_p), ordered), rows), dtype=acc, device=x.device)
+    out = torch.empty((sparsity_row_channels(len(top_p), ordered), rows), dtype=acc, device=x.device)
     top = torch.tensor(list(top_p), dtype=torch.float64, device=x.device)
     if _native.backend_for(x.device) == "cpu":
-        _native.call("sparsity_stats", x.device, x, eps, top, ordered, state, out)
+        _native.call(SPARSITY_STATS, x.device, x, eps, top, ordered, state, out)
         return state, out
-    _, splits = _native.call("sparsity_plan", x.device, _native.DTYPE_CODES[x.dtype], rows, d)
+    _, splits = _native.call(SPARSITY_PLAN, x.device, _native.DTYPE_CODES[x.dtype], rows, d)
     partials = torch.empty((splits, len(FEATURE_FIELDS), d), dtype=acc, device=x.device)
-    totals = torch.zeros((ROW_TOTALS, rows), dtype=torch.float64, device=x.device)
-    _native.call("sparsity_features", x.device, x, eps, partials, totals, state, out)
+    totals = torch.zeros((SPARSITY_ROW_TOTALS, rows), dtype=torch.float64, device=x.device)
+    _native.call(SPARSITY_FEATURES, x.device, x, eps, partials, totals, state, out)
     if ordered and rows > 0:
         _ordered_cuda(x, top, totals, out)
     return state, out
@@ -89,9 +90,9 @@ def _sparsity_op(x: Tensor, eps: float, top_p: Sequence[float], ordered: bool) -
 @_sparsity_op.register_fake
 def _(x, eps, top_p, ordered):
     rows, d = x.shape
-    acc = _native.acc_dtype(x.dtype)
+    acc = _common.acc_dtype(x.dtype)
     return (x.new_empty((len(FEATURE_FIELDS), d), dtype=torch.float64),
-            x.new_empty((row_channels(len(top_p), ordered), rows), dtype=acc))
+            x.new_empty((sparsity_row_channels(len(top_p), ordered), rows), dtype=acc))
 
 
 # ---- feature states and results ---------------------------------------------------------
@@ -109,7 +110,7 @@ def merge_feature_states(a: Tensor, b: Tensor) -> Tensor:
     csrc/common/sparsity_math.h; 0.08 vs 0.29 ms at d = 4096, on every accumulator update), else in torch."""
     if not _native.use_reference() and _native.backend_for(a.device) == "cpu":
         merged = a.clone()
-        _native.call("sparsity_merge_states", a.device, merged, b.contiguous())
+        _native.call(SPARSITY_MERGE_STATES, a.device, merged, b.contiguous())
         return merged
     return merge_feature_states_torch(a, b)
 
@@ -137,9 +138,9 @@ def merge_feature_states_torch(a: Tensor, b: Tensor) -> Tensor:
 
 def _channel_names(top_p: tuple, ordered: bool) -> list:
     """Name of each row channel (row of the (C, N) output); the top-p ones repeat once per p."""
-    names = list(SORT_FREE_CHANNELS)
+    names = list(SPARSITY_ROW_CHANNELS[:SPARSITY_SORT_FREE_CHANNELS])
     if ordered:
-        names += list(ORDERED_CHANNELS) + ["top_p_l1"] * len(top_p) + ["top_p_l2"] * len(top_p)
+        names += list(SPARSITY_ROW_CHANNELS[SPARSITY_SORT_FREE_CHANNELS:]) + ["top_p_l1"] * len(top_p) + ["top_p_l2"] * len(top_p)
     return names
 
 
@@ -157,7 +158,7 @@ def _row_summaries_op(out: Tensor, histogram_divisor: Tensor, bins: int) -> tupl
     sums = torch.empty(channels, dtype=torch.float64)
     defined = torch.empty(channels, dtype=torch.int64)
     hist = torch.empty((channels, bins), dtype=torch.int64)
-    _native.call("sparsity_row_summaries", out.device, out, histogram_divisor, sums, defined, hist)
+    _native.call(SPARSITY_ROW_SUMMARIES, out.device, out, histogram_divisor, sums, defined, hist)
     return sums, defined, hist
 
 
@@ -249,7 +250,7 @@ def sparsity_stats(
     Accumulation: float32 within a block of rows, float64 for row sums, merges across blocks and moments.
     Not differentiable (the input is detached).
     """
-    eps, top_p, dense_threshold = reference.check_sparsity_args(
+    eps, top_p, dense_threshold = _validation.check_sparsity_args(
         a, eps, top_p, dense_threshold, density_bins, row_bins, ordered)
     if _native.use_reference():
         return reference.sparsity_stats(a, eps=eps, top_p=top_p, dense_threshold=dense_threshold,
@@ -258,7 +259,7 @@ def sparsity_stats(
     state, per_row, (sums, defined, hists) = _run(a, eps, top_p, ordered, row_bins)
     lead = a.shape[:-1]
     shaped = {k: v.reshape(*lead, *v.shape[1:]) for k, v in per_row.items()}
-    return sr.build_stats(state, a.numel() // d, shaped, sums, defined, hists, stat_dtype=_native.stat_dtype(a.dtype),
+    return sr.build_stats(state, a.numel() // d, shaped, sums, defined, hists, stat_dtype=_common.stat_dtype(a.dtype),
                   top_p=top_p, eps=eps, dense_threshold=dense_threshold, density_bins=density_bins,
                   row_bins=row_bins)
 
@@ -289,9 +290,9 @@ class SparsityAccumulator:
         if d < 1:
             raise ValueError(f"d: expected >= 1 features, got {d}")
         probe = torch.empty((0, d))  # validates the other arguments exactly as sparsity_stats does
-        eps, top_p, dense_threshold = reference.check_sparsity_args(
+        eps, top_p, dense_threshold = _validation.check_sparsity_args(
             probe, eps, top_p, dense_threshold, density_bins, row_bins, ordered, min_rows=0)
-        _checks.boolean("keep_rows", keep_rows)
+        _validation.boolean("keep_rows", keep_rows)
         self.d, self.eps, self.top_p, self.dense_threshold = d, eps, top_p, dense_threshold
         self.density_bins, self.row_bins, self.ordered, self.keep_rows = density_bins, row_bins, ordered, keep_rows
         self.device = torch.device(device) if device is not None else None
@@ -309,7 +310,7 @@ class SparsityAccumulator:
         self._kept: list[dict] = []
 
     def _empty_row_dict(self, device) -> dict:
-        out = torch.empty((row_channels(len(self.top_p), self.ordered), 0), dtype=torch.float64, device=device)
+        out = torch.empty((sparsity_row_channels(len(self.top_p), self.ordered), 0), dtype=torch.float64, device=device)
         return _row_dict(out, self.top_p, self.ordered)
 
     def _config(self) -> dict:
@@ -345,7 +346,7 @@ class SparsityAccumulator:
 
     def update(self, a: Tensor) -> "SparsityAccumulator":
         """Adds the rows of a ``(..., d)`` batch."""
-        reference.check_sparsity_args(a, self.eps, self.top_p, self.dense_threshold, self.density_bins,
+        _validation.check_sparsity_args(a, self.eps, self.top_p, self.dense_threshold, self.density_bins,
                                       self.row_bins, self.ordered, min_rows=0)
         if a.shape[-1] != self.d:
             raise ValueError(f"a: expected {self.d} features in the last dim, got shape {tuple(a.shape)}")
@@ -357,7 +358,7 @@ class SparsityAccumulator:
         if rows == 0:
             return self
         state, per_row, (sums, defined, hists) = _run(a, self.eps, self.top_p, self.ordered, self.row_bins)
-        self._add(state, rows, sums, defined, hists, _native.stat_dtype(a.dtype), [per_row] if self.keep_rows else [])
+        self._add(state, rows, sums, defined, hists, _common.stat_dtype(a.dtype), [per_row] if self.keep_rows else [])
         return self
 
     def merge(self, other: "SparsityAccumulator") -> "SparsityAccumulator":

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from repkern import _checks, _native, reference
+from repkern import _common, _validation
 from repkern._distributed import all_gather_states
 from repkern.ops import cka as cka_ops
 
@@ -59,8 +59,8 @@ class _LayerAccumulator:
     _min_samples_per_batch = 1
 
     def __init__(self, kernel: str, debiased: bool, device) -> None:
-        _checks.choice("kernel", kernel, reference.GRAM_KERNELS)
-        _checks.boolean("debiased", debiased)
+        _validation.choice("kernel", kernel, _validation.GRAM_KERNELS)
+        _validation.boolean("debiased", debiased)
         self.kernel, self.debiased = kernel, debiased
         self.device = torch.device(device) if device is not None else None
         self._reset()
@@ -150,9 +150,9 @@ class _LayerAccumulator:
         model A, ``ys`` of ``(b, e_j)`` for model B, or ``None`` to compare xs with itself.
         Every layer of one call has the same b samples, dtype and device; the number and
         widths of the layers, and ys=None or not, stay as in the first call. Returns self."""
-        xs = reference.check_layers("xs", xs)
+        xs = _validation.check_layers("xs", xs)
         if ys is not None:
-            ys = reference.check_layers("ys", ys, ("xs[0]", xs[0]))
+            ys = _validation.check_layers("ys", ys, ("xs[0]", xs[0]))
         layout: Layout = (tuple(t.shape[1] for t in xs), None if ys is None else tuple(t.shape[1] for t in ys))
         self._check_layout(layout)
         device = xs[0].device
@@ -222,18 +222,18 @@ class _LayerAccumulator:
         finite = self._stats["finite"] > 0
         constant = ~(self._stats["varying"] > 0)
         dtype = torch.float64 if self._float64 else torch.float32
-        bad = cka_ops._degenerate(self_h, self_scale, dtype, constant, finite)
+        bad = cka_ops.degenerate(self_h, self_scale, dtype, constant, finite)
         ok = finite & ~bad
         cols = torch.arange(lx) if dims_y is None else torch.arange(lx, lx + len(dims_y))
         rows = torch.arange(lx)
         rows, cols = rows.to(cross.device), cols.to(cross.device)
-        out = cka_ops._ratio(cross, self_h[rows][:, None], self_h[cols][None, :], ok[rows][:, None] & ok[cols][None, :])
+        out = cka_ops.ratio(cross, self_h[rows][:, None], self_h[cols][None, :], ok[rows][:, None] & ok[cols][None, :])
         if dims_y is None:
             out = torch.where(torch.eye(lx, dtype=torch.bool, device=out.device) & ok[:, None],
                               torch.ones_like(out), out)
         if bool(bad.any()):
             names = [f"xs[{a}]" if a < lx else f"ys[{a - lx}]" for a in bad.nonzero().flatten().tolist()]
-            cka_ops._warn(f"{type(self).__name__}.compute", names)
+            cka_ops.warn_degenerate(f"{type(self).__name__}.compute", names)
         return out.to(dtype)
 
     def _check_enough_samples(self) -> None:
@@ -387,7 +387,7 @@ class StreamingCKA(_LayerAccumulator):
     def __init__(self, kernel: str = "linear", debiased: bool = False, *, max_state_bytes: Optional[int] = None,
                  device=None):
         if kernel != "linear":
-            _checks.choice("kernel", kernel, reference.GRAM_KERNELS)
+            _validation.choice("kernel", kernel, _validation.GRAM_KERNELS)
             raise ValueError(f"kernel: StreamingCKA is exact for kernel='linear' only (got {kernel!r}); "
                              "use repkern.MinibatchCKA for other kernels")
         if max_state_bytes is None:
@@ -426,7 +426,7 @@ class StreamingCKA(_LayerAccumulator):
     def _batch_stats(self, layers: list[Tensor], layout: Layout) -> dict:
         if self._layout is None:
             self._check_budget(layout)
-        acc = _native.acc_dtype(layers[0].dtype)
+        acc = _common.acc_dtype(layers[0].dtype)
         stats, zs, norms, zs64 = {}, [], [], []
         for a, t in enumerate(layers):
             ta = t.to(acc)
@@ -468,7 +468,7 @@ class StreamingCKA(_LayerAccumulator):
         return super().merge(other)
 
     def _check_enough_samples(self) -> None:
-        reference.check_sample_count("xs", self._samples, self.debiased)
+        _validation.check_sample_count("xs", self._samples, self.debiased)
 
     def _terms(self):
         xs, ys = self._layout
@@ -516,10 +516,10 @@ class MinibatchCKA(_LayerAccumulator):
     def __init__(self, kernel: str = "linear", debiased: bool = True, *, sigma: Optional[float] = None,
                  threshold: float = 1.0, median: str = "full", max_gram_bytes: Optional[int] = None, device=None):
         super().__init__(kernel, debiased, device)
-        self.sigma = _checks.positive_number("sigma", sigma, allow_none=True)
-        self.threshold = _checks.positive_number("threshold", threshold)
-        self.median = _checks.choice("median", median, reference.MEDIANS)
-        cka_ops._budget(max_gram_bytes)  # validates it now
+        self.sigma = _validation.positive_number("sigma", sigma, allow_none=True)
+        self.threshold = _validation.positive_number("threshold", threshold)
+        self.median = _validation.choice("median", median, _validation.MEDIANS)
+        cka_ops.gram_budget(max_gram_bytes)  # validates it now
         self.max_gram_bytes = max_gram_bytes
         self._min_samples_per_batch = 4 if debiased else 2
 
@@ -528,8 +528,8 @@ class MinibatchCKA(_LayerAccumulator):
                 "threshold": self.threshold, "median": self.median}
 
     def _signature(self) -> list[float]:
-        return [2.0, float(reference.GRAM_KERNELS.index(self.kernel)), float(self.debiased),
-                -1.0 if self.sigma is None else self.sigma, self.threshold, float(reference.MEDIANS.index(self.median))]
+        return [2.0, float(_validation.GRAM_KERNELS.index(self.kernel)), float(self.debiased),
+                -1.0 if self.sigma is None else self.sigma, self.threshold, float(_validation.MEDIANS.index(self.median))]
 
     def _stat_shapes(self, layout: Layout) -> list[tuple[str, tuple]]:
         xs, ys = layout
@@ -539,22 +539,22 @@ class MinibatchCKA(_LayerAccumulator):
     def _batch_stats(self, layers: list[Tensor], layout: Layout) -> dict:
         lx = len(layout[0])
         xs, ys = layers[:lx], None if layout[1] is None else layers[lx:]
-        distinct, _, (x_idx, y_idx), pairs = cka_ops._matrix_layout(xs, ys)
+        distinct, _, (x_idx, y_idx), pairs = cka_ops.matrix_layout(xs, ys)
         n = xs[0].shape[0]
         dims = [t.shape[1] for t in distinct]
-        plan = cka_ops._plan(n, dims, [(dims[a], dims[b]) for a, b in pairs], self.kernel, self.sigma, "auto",
-                             cka_ops._budget(self.max_gram_bytes), cka_ops._elem(xs[0].dtype))
-        prepared = [cka_ops._prepare(t[None], self.kernel) for t in distinct]
+        plan = cka_ops.make_plan(n, dims, [(dims[a], dims[b]) for a, b in pairs], self.kernel, self.sigma, "auto",
+                             cka_ops.gram_budget(self.max_gram_bytes), cka_ops.acc_itemsize(xs[0].dtype))
+        prepared = [cka_ops.prepare(t[None], self.kernel) for t in distinct]
         feats = [p for p, _ in prepared]
         log2 = torch.cat([l2 for _, l2 in prepared])
         if plan.method == "feature":
-            h, self_sq = cka_ops._feature_matrix_numerators(feats, pairs, n, self.debiased), None
+            h, self_sq = cka_ops.feature_matrix_numerators(feats, pairs, n, self.debiased), None
         else:
-            h, self_sq = cka_ops._gram_numerators(feats, self.kernel, self.sigma, self.median, self.threshold, pairs,
+            h, self_sq = cka_ops.gram_numerators(feats, self.kernel, self.sigma, self.median, self.threshold, pairs,
                                                   plan, self.debiased)
         pairs_t = torch.tensor(pairs, dtype=torch.int64, device=h.device)
         # undo the linear paths' power-of-two scaling, then HSIC₁ = h / (n(n−3)) (or / (n−1)²)
-        factor = torch.exp2(2 * (log2[pairs_t[:, 0]] + log2[pairs_t[:, 1]])) / cka_ops._normalizer(n, self.debiased)
+        factor = torch.exp2(2 * (log2[pairs_t[:, 0]] + log2[pairs_t[:, 1]])) / cka_ops.normalizer(n, self.debiased)
         hsic = h * factor
         index = {p: i for i, p in enumerate(pairs)}
         col_idx = x_idx if ys is None else y_idx

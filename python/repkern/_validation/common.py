@@ -1,5 +1,6 @@
-"""Argument checks shared by the fast path and the reference: bad input gets a
-ValueError/TypeError naming the argument, whichever backend runs."""
+"""Argument checks shared by every public function and by :mod:`repkern.reference`: bad input gets a
+ValueError/TypeError naming the argument, whichever backend runs. One module per op family; this one holds
+the checks of single values that every family uses."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numbers
 from typing import Iterable, Optional
 
 import torch
+
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -47,3 +49,9 @@ def boolean(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
     return value
+
+
+def same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (where x is), got {t.device}")
+

@@ -50,13 +50,8 @@ void dispatch_hsic(GramKind kind, DType acc_dtype, F&& f) {
   switch_value<GramKind, GramKind::Linear, GramKind::Cosine, GramKind::Rbf, GramKind::RbfFromSqDist>(
       kind, "hsic_terms kind", [&](auto kind_c) {
         constexpr GramKind K = decltype(kind_c)::value;
-        if (acc_dtype == DType::Float64) {
-          f.template operator()<K, double>();
-        } else if (acc_dtype == DType::Float32) {
-          f.template operator()<K, float>();
-        } else {
-          throw std::invalid_argument("hsic_terms: blocks must be float32 or float64");
-        }
+        switch_acc(acc_dtype, "hsic_terms blocks",
+                   [&](auto acc_t) { f.template operator()<K, typename decltype(acc_t)::type>(); });
       });
 }
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from repkern import plots
-from repkern.sparsity_result import SparsityStats
+from repkern.results.sparsity import SparsityStats
 
 FORMAT_VERSION = 1
 

@@ -1,6 +1,6 @@
 // CUDA HSIC terms: one pass over a block of m Gram matrices that turns inner
 // products into kernel values (gram_math.h) and accumulates, in float64, the
-// pair products Σ K_a∘K_b, row sums and diagonals (common/hsic_math.h).
+// pair products Σ K_a∘K_b, row sums and diagonals (common/cka_math.h).
 //
 // A launch stages up to kMaxMats matrices and computes up to kMaxPairs of their
 // pairs (the host plans launches from the pair list, so each matrix of a
@@ -18,10 +18,9 @@
 // (m·n²/2·sizeof(A); a whole off-diagonal block: m·rows·cols·sizeof(A)) plus aux;
 // writes O(m·n + P) float64. FLOPs per entry read: the epilogue's ~4 (+1 exp for
 // RBF) per matrix, 2 per matrix for row/column sums, 2 (float64) per pair.
-#include "hsic.h"
-
 #include <string>
 
+#include "cka.h"
 #include "common/launch.h"
 #include "cuda/packed.cuh"
 #include "cuda/reduce.cuh"
@@ -32,10 +31,10 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kCols = 32;           // sub-tile edge = warp width
-constexpr int kMaxMats = kWarps;    // warp w sums the rows/columns of matrix slot w
-constexpr int kMaxPairs = 16;       // float64 pair partials per thread, in registers
-constexpr int kBlocksPerSM = 2;  // with 8 loads of 16 B in flight per thread: 64 KB in flight per SM
+constexpr int kCols = 32;         // sub-tile edge = warp width
+constexpr int kMaxMats = kWarps;  // warp w sums the rows/columns of matrix slot w
+constexpr int kMaxPairs = 16;     // float64 pair partials per thread, in registers
+constexpr int kBlocksPerSM = 2;   // with 8 loads of 16 B in flight per thread: 64 KB in flight per SM
 
 template <typename A>
 constexpr int kChunkRows = kThreads * kVec16<A> / kCols;  // rows per work item: one load per thread and matrix
@@ -43,8 +42,8 @@ constexpr int kChunkRows = kThreads * kVec16<A> / kCols;  // rows per work item:
 // What one launch computes. Indexed only with compile-time constants in the kernel
 // (dynamic indices go through shared-memory copies: no local memory).
 struct LaunchGroup {
-  const void* blocks[kMaxMats];  // [rows, cols] block of each slot
-  int mats[kMaxMats];            // matrix index of each slot (aux, scale, row_sums, diag)
+  const void* blocks[kMaxMats];              // [rows, cols] block of each slot
+  int mats[kMaxMats];                        // matrix index of each slot (aux, scale, row_sums, diag)
   int pair_a[kMaxPairs], pair_b[kMaxPairs];  // slots of each pair
   int pair_out[kMaxPairs];                   // index into cross
   int num_mats, num_pairs;
@@ -54,14 +53,14 @@ struct LaunchGroup {
 template <GramKind K, typename A, bool Vec>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
     hsic_terms_kernel(LaunchGroup group,
-                      const A* __restrict__ aux,    // [m, n] or null (!gram_needs_aux)
-                      const A* __restrict__ scale,  // [m] or null
-                      double* __restrict__ cross,   // [P]
+                      const A* __restrict__ aux,      // [m, n] or null (!gram_needs_aux)
+                      const A* __restrict__ scale,    // [m] or null
+                      double* __restrict__ cross,     // [P]
                       double* __restrict__ row_sums,  // [m, n]
                       double* __restrict__ diag,      // [m, n]
                       int64_t rows, int64_t cols, int64_t r0, int64_t c0, int64_t n, bool diagonal_block) {
   constexpr int V = kVec16<A>, CR = kChunkRows<A>, kLanesPerRow = kCols / V;
-  constexpr int kChunks = kCols / CR;               // work items per sub-tile
+  constexpr int kChunks = kCols / CR;                // work items per sub-tile
   constexpr int kPerThread = CR * kCols / kThreads;  // entries per thread in the pair products
   __shared__ A tile[kMaxMats][CR][kCols + 1];        // +1: row and column reads without bank conflicts
   __shared__ double partial[kWarps][kMaxPairs];
@@ -120,7 +119,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
         const A aux_r = gram_needs_aux(K) && r < tr ? aux[a * n + gi] : A(0);
 #pragma unroll
         for (int v = 0; v < V; ++v) {
-          A value = A(0);  // out-of-range entries stay 0 (sums rely on it)
+          A value = A(0);                                             // out-of-range entries stay 0 (sums rely on it)
           if (r < tr && c + v < tc && !(diag_tile && gj + v < gi)) {  // diagonal sub-tile: upper triangle only
             const A aux_c = gram_needs_aux(K) ? aux[a * n + gj + v] : A(0);
             value = hsic_entry<K>(in[v], aux_r, aux_c, s_a, diag_tile && gi == gj + v);
@@ -233,9 +232,9 @@ std::vector<LaunchGroup> plan_launches(const std::vector<const void*>& blocks, c
 }
 
 template <GramKind K, typename A>
-void launch(const LaunchGroup& group, int64_t m, const void* aux, const void* scale, double* cross,
-            double* row_sums, double* diag, int64_t rows, int64_t cols, int64_t r0, int64_t c0, int64_t n,
-            bool diagonal_block, void* stream) {
+void launch(const LaunchGroup& group, int64_t m, const void* aux, const void* scale, double* cross, double* row_sums,
+            double* diag, int64_t rows, int64_t cols, int64_t r0, int64_t c0, int64_t n, bool diagonal_block,
+            void* stream) {
   bool vec = cols % kVec16<A> == 0;
   for (int s = 0; s < group.num_mats; ++s) vec = vec && reinterpret_cast<uintptr_t>(group.blocks[s]) % 16 == 0;
   const int64_t tiles_r = (rows + kCols - 1) / kCols, tiles_c = (cols + kCols - 1) / kCols;
@@ -262,16 +261,13 @@ void launch(const LaunchGroup& group, int64_t m, const void* aux, const void* sc
 
 }  // namespace
 
-void hsic_terms(GramKind kind, DType acc_dtype, const std::vector<const void*>& blocks, const void* aux,
-                const void* scale, const int64_t* pairs, int64_t num_pairs, double* cross, double* row_sums,
-                double* diag, int64_t rows, int64_t cols, int64_t r0, int64_t c0, int64_t n, bool diagonal_block,
-                void* stream) {
-  if (blocks.empty() || rows == 0 || cols == 0) return;
-  const std::vector<LaunchGroup> plan = plan_launches(blocks, pairs, num_pairs);
-  dispatch_hsic(kind, acc_dtype, [&]<GramKind K, typename A>() {
+void hsic_terms(const HsicTermsParams& p, void* stream) {
+  if (p.blocks.empty() || p.rows == 0 || p.cols == 0) return;
+  const std::vector<LaunchGroup> plan = plan_launches(p.blocks, p.pairs, p.num_pairs);
+  dispatch_hsic(p.kind, p.acc_dtype, [&]<GramKind K, typename A>() {
     for (const LaunchGroup& group : plan)
-      launch<K, A>(group, int64_t(blocks.size()), aux, scale, cross, row_sums, diag, rows, cols, r0, c0, n,
-                   diagonal_block, stream);
+      launch<K, A>(group, int64_t(p.blocks.size()), p.aux, p.scale, p.cross, p.row_sums, p.diag, p.rows, p.cols, p.r0,
+                   p.c0, p.n, p.diagonal_block, stream);
   });
 }
 

@@ -5,7 +5,7 @@
 //            j > i and adds each to row j's sum as well (half the gathers of full rows).
 //   Bootstrap: rows split over threads, walked in blocks that stay in L2 while every replicate
 //            passes over them (a replicate's weights stay in cache across the block's rows).
-#include "replicate.h"
+#include "cka_test.h"
 
 #include <algorithm>
 #include <vector>
@@ -74,15 +74,14 @@ void run_bootstrap(const T* a, const T* b, const float* weight, double* out, int
 
 }  // namespace
 
-void replicate_rows(ReplicateMode mode, DType dtype, const void* a, const void* b, const int32_t* index,
-                    const float* weight, double* out, int64_t replicates, int64_t n, int num_threads) {
-  if (replicates == 0 || n == 0) return;
-  dispatch_replicate(mode, dtype, [&]<ReplicateMode M, typename T>() {
-    const T *a_t = static_cast<const T*>(a), *b_t = static_cast<const T*>(b);
+void replicate_rows(const ReplicateRowsParams& p, int num_threads) {
+  if (p.replicates == 0 || p.n == 0) return;
+  dispatch_replicate(p.mode, p.dtype, [&]<ReplicateMode M, typename T>() {
+    const T *a_t = static_cast<const T*>(p.a), *b_t = static_cast<const T*>(p.b);
     if constexpr (M == ReplicateMode::Permute) {
-      run_permute<T>(a_t, b_t, index, out, replicates, n, num_threads);
+      run_permute<T>(a_t, b_t, p.index, p.out, p.replicates, p.n, num_threads);
     } else {
-      run_bootstrap<T>(a_t, b_t, weight, out, replicates, n, num_threads);
+      run_bootstrap<T>(a_t, b_t, p.weight, p.out, p.replicates, p.n, num_threads);
     }
   });
 }

@@ -1,4 +1,4 @@
-// CUDA replicate row sums (common/replicate_math.h): one warp per (row i, replicate r),
+// CUDA replicate row sums (common/cka_test_math.h): one warp per (row i, replicate r),
 // lanes striding over the columns with 16-byte loads of A's row (Bootstrap: and B's; and of
 // the replicate's permutation or weights), two vectors in flight per lane; Permute gathers B's row π_r(i)
 // at π_r(j) (the row, n·sizeof(T), stays in L1/L2 while the warp reads it). Warp-shuffle
@@ -11,11 +11,10 @@
 // their first read), the R·n indices or weights (4 bytes each) and R·n·C float64 outputs.
 // Reads through the cache per launch: R·n²·(sizeof(T) + 4 + sizeof(T)) (Permute) or
 // R·n²·(2·sizeof(T) + 4) (Bootstrap). FLOPs (float64): 2·R·n² (Permute), 12·R·n² (Bootstrap).
-#include "replicate.h"
-
 #include <string>
 #include <type_traits>
 
+#include "cka_test.h"
 #include "common/launch.h"
 #include "common/math.h"
 #include "cuda/packed.cuh"
@@ -111,11 +110,11 @@ void launch(const T* a, const T* b, const int32_t* index, const float* weight, d
 
 }  // namespace
 
-void replicate_rows(ReplicateMode mode, DType dtype, const void* a, const void* b, const int32_t* index,
-                    const float* weight, double* out, int64_t replicates, int64_t n, void* stream) {
-  if (replicates == 0 || n == 0) return;
-  dispatch_replicate(mode, dtype, [&]<ReplicateMode M, typename T>() {
-    launch<M, T>(static_cast<const T*>(a), static_cast<const T*>(b), index, weight, out, replicates, n, stream);
+void replicate_rows(const ReplicateRowsParams& p, void* stream) {
+  if (p.replicates == 0 || p.n == 0) return;
+  dispatch_replicate(p.mode, p.dtype, [&]<ReplicateMode M, typename T>() {
+    launch<M, T>(static_cast<const T*>(p.a), static_cast<const T*>(p.b), p.index, p.weight, p.out, p.replicates, p.n,
+                 stream);
   });
 }
 

@@ -13,9 +13,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from repkern._constants import SPARSITY_FEATURE_FIELDS
+
 # Per-feature state (10, d) float64, csrc/common/sparsity_math.h FeatureField: partial states of disjoint
 # row sets merge exactly (Chan/Pébay); every per-feature result is computed from it by build_stats.
-FEATURE_FIELDS = ("count", "fired", "nan", "mean", "m2", "m3", "m4", "min", "max", "abs_sum")
+FEATURE_FIELDS = SPARSITY_FEATURE_FIELDS  # rows of the per-feature state
 DENSITY_LOG10_FLOOR = -10.0  # SAELens: log10(frequency + 1e-10); dead features land in the lowest bin
 # Per-row statistics whose values lie in [0, 1] get a histogram on fixed bins (mergeable across batches).
 ROW_HISTOGRAM_STATS = ("l0_fraction", "hoyer", "gini", "thresholded_l0", "top_p_l1", "top_p_l2")

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from repkern import _checks
+from repkern import _validation
 from repkern.ops.sae import sae_decode, sae_encode
 
 __all__ = ["SAE", "FORMATS", "NORMALIZATIONS"]
@@ -60,9 +60,9 @@ class SAE(nn.Module):
         else:
             self.threshold = None
         self.activation, self.k, self.relu_first = activation, k, relu_first
-        self.apply_b_dec_to_input = _checks.boolean("apply_b_dec_to_input", apply_b_dec_to_input)
-        self.normalize_activations = _checks.choice("normalize_activations", normalize_activations, NORMALIZATIONS)
-        self.output = _checks.choice("output", output, ("dense", "sparse"))
+        self.apply_b_dec_to_input = _validation.boolean("apply_b_dec_to_input", apply_b_dec_to_input)
+        self.normalize_activations = _validation.choice("normalize_activations", normalize_activations, NORMALIZATIONS)
+        self.output = _validation.choice("output", output, ("dense", "sparse"))
         if tuple(self.W_dec.shape) != tuple(self.W_enc.shape[::-1]):
             raise ValueError(f"W_dec: expected shape (d_sae, d_in) = {tuple(self.W_enc.shape[::-1])}, "
                              f"got {tuple(self.W_dec.shape)}")
@@ -114,7 +114,7 @@ class SAE(nn.Module):
         ``format="auto"`` recognizes the files each format writes. Unknown formats and
         missing keys raise ValueError listing what was found. ``dtype``/``device``
         convert the weights (the threshold stays float32)."""
-        _checks.choice("format", format, FORMATS)
+        _validation.choice("format", format, FORMATS)
         path = os.fspath(path)
         if format == "auto":
             format = _detect_format(path)

@@ -5,7 +5,7 @@
 // (the mirrored entries) and the Σ K_a∘K_b products of every pair in float64.
 // Per-thread partials are combined in thread order, so for a given thread count
 // the result does not depend on timing.
-#include "hsic.h"
+#include "cka.h"
 
 #include <algorithm>
 #include <vector>
@@ -22,9 +22,9 @@ struct SubTile {
 };
 
 template <GramKind K, typename A>
-void run(const std::vector<const void*>& blocks, const A* aux, const A* scale, const int64_t* pairs,
-         int64_t num_pairs, double* cross, double* row_sums, double* diag, int64_t rows, int64_t cols, int64_t r0,
-         int64_t c0, int64_t n, bool diagonal_block, int num_threads) {
+void run(const std::vector<const void*>& blocks, const A* aux, const A* scale, const int64_t* pairs, int64_t num_pairs,
+         double* cross, double* row_sums, double* diag, int64_t rows, int64_t cols, int64_t r0, int64_t c0, int64_t n,
+         bool diagonal_block, int num_threads) {
   const int64_t m = int64_t(blocks.size());
   const int64_t tiles_r = (rows + kTile - 1) / kTile, tiles_c = (cols + kTile - 1) / kTile;
   std::vector<SubTile> tasks;
@@ -38,8 +38,8 @@ void run(const std::vector<const void*>& blocks, const A* aux, const A* scale, c
   std::vector<double> cross_part(size_t(slots * num_pairs), 0.0), sums_part(size_t(slots * m * span), 0.0);
 
   parallel_for(slots, num_threads, 1, [&](int64_t s0, int64_t s1) {
-    std::vector<A> values(size_t(m * kTile));         // one sub-tile row of every matrix
-    std::vector<double> col_acc(size_t(m * kTile));   // column sums of the current sub-tile
+    std::vector<A> values(size_t(m * kTile));        // one sub-tile row of every matrix
+    std::vector<double> col_acc(size_t(m * kTile));  // column sums of the current sub-tile
     for (int64_t slot = s0; slot < s1; ++slot) {
       double* cross_s = cross_part.data() + slot * num_pairs;
       double* sums_s = sums_part.data() + slot * m * span;
@@ -50,8 +50,8 @@ void run(const std::vector<const void*>& blocks, const A* aux, const A* scale, c
         const int64_t col_base = diagonal_block ? lc0 : rows + lc0;  // where column sums land in sums_s
         std::fill(col_acc.begin(), col_acc.end(), 0.0);
         for (int64_t r = 0; r < tr; ++r) {
-          const int64_t gi = r0 + lr0 + r;            // row in the whole matrix
-          const int64_t cb = diag_tile ? r : 0;       // first column read: the upper triangle only
+          const int64_t gi = r0 + lr0 + r;                 // row in the whole matrix
+          const int64_t cb = diag_tile ? r : 0;            // first column read: the upper triangle only
           const int64_t mirrored = diag_tile ? r + 1 : 0;  // first column that stands for its mirror too
           for (int64_t a = 0; a < m; ++a) {
             const A* g = static_cast<const A*>(blocks[size_t(a)]) + (lr0 + r) * cols + lc0;
@@ -107,14 +107,11 @@ void run(const std::vector<const void*>& blocks, const A* aux, const A* scale, c
 
 }  // namespace
 
-void hsic_terms(GramKind kind, DType acc_dtype, const std::vector<const void*>& blocks, const void* aux,
-                const void* scale, const int64_t* pairs, int64_t num_pairs, double* cross, double* row_sums,
-                double* diag, int64_t rows, int64_t cols, int64_t r0, int64_t c0, int64_t n, bool diagonal_block,
-                int num_threads) {
-  if (blocks.empty() || rows == 0 || cols == 0) return;
-  dispatch_hsic(kind, acc_dtype, [&]<GramKind K, typename A>() {
-    run<K, A>(blocks, static_cast<const A*>(aux), static_cast<const A*>(scale), pairs, num_pairs, cross, row_sums,
-              diag, rows, cols, r0, c0, n, diagonal_block, num_threads);
+void hsic_terms(const HsicTermsParams& p, int num_threads) {
+  if (p.blocks.empty() || p.rows == 0 || p.cols == 0) return;
+  dispatch_hsic(p.kind, p.acc_dtype, [&]<GramKind K, typename A>() {
+    run<K, A>(p.blocks, static_cast<const A*>(p.aux), static_cast<const A*>(p.scale), p.pairs, p.num_pairs, p.cross,
+              p.row_sums, p.diag, p.rows, p.cols, p.r0, p.c0, p.n, p.diagonal_block, num_threads);
   });
 }
 

@@ -1,0 +1,74 @@
+// Bindings of the Gram epilogue (gram.h).
+#include "gram.h"
+
+#include "bindings/binder.h"
+
+namespace repkern::bindings {
+namespace {
+
+GramEpilogueParams make_gram_epilogue(const int& kind_code, const int& pass_code, const ViewArg& inner_arg,
+                                      const OptView& aux_arg, const OptView& out_arg, const OptView& scale_arg,
+                                      const OptView& row_sums_arg, const OptView& totals_arg) {
+  if (kind_code < 0 || kind_code > int(GramKind::RbfFromSqDist)) throw std::invalid_argument("kind: unknown code");
+  if (pass_code < 0 || pass_code > int(GramPass::WriteCentered)) throw std::invalid_argument("pass_: unknown code");
+  GramEpilogueParams p{};
+  p.kind = GramKind(kind_code);
+  p.pass = GramPass(pass_code);
+  const TensorView inner = view(inner_arg, "inner");
+  if (inner.sizes.size() != 3 || inner.sizes[1] != inner.sizes[2])
+    throw std::invalid_argument("inner: expected shape [B, n, n]");
+  p.batch = inner.sizes[0];
+  p.n = inner.sizes[1];
+  p.acc_dtype = accumulation_of(inner);
+  p.inner = inner.expect(p.acc_dtype, {p.batch, p.n, p.n}).data;
+  p.out_dtype = p.acc_dtype;  // RowSums writes no output
+  if (p.pass != GramPass::RowSums) {
+    if (!out_arg) throw std::invalid_argument("out: required for this pass");
+    const TensorView out = view(*out_arg, "out");
+    p.out_dtype = out.dtype;
+    p.out = out.expect(out.dtype, {p.batch, p.n, p.n}).data;
+  }
+  if (gram_needs_aux(p.kind)) {
+    if (!aux_arg) throw std::invalid_argument("aux: required for this kind");
+    p.aux = view(*aux_arg, "aux").expect(p.acc_dtype, {p.batch, p.n}).data;
+  }
+  if (p.kind == GramKind::Rbf || p.kind == GramKind::RbfFromSqDist) {
+    if (!scale_arg) throw std::invalid_argument("scale: required for the rbf kernel");
+    p.scale = view(*scale_arg, "scale").expect(p.acc_dtype, {p.batch}).data;
+  }
+  if (p.pass != GramPass::Write) {
+    if (!row_sums_arg) throw std::invalid_argument("row_sums: required for centering");
+    p.row_sums = view(*row_sums_arg, "row_sums").expect(DType::Float64, {p.batch, p.n}).as<double>();
+  }
+  if (p.pass == GramPass::WriteCentered) {
+    if (!totals_arg) throw std::invalid_argument("totals: required for centering");
+    p.totals = view(*totals_arg, "totals").expect(DType::Float64, {p.batch}).as<const double>();
+  }
+  return p;
+}
+
+const Binder<GramEpilogueParams, int, int, ViewArg, OptView, OptView, OptView, OptView, OptView> kGramEpilogue(
+    "gram_epilogue", make_gram_epilogue, {"kind", "pass_", "inner", "aux", "out", "scale", "row_sums", "totals"});
+
+}  // namespace
+
+void def_gram(py::module_& m) {
+  py::enum_<GramKind>(m, "GramKind", py::module_local())
+      .value("LINEAR", GramKind::Linear)
+      .value("COSINE", GramKind::Cosine)
+      .value("RBF", GramKind::Rbf)
+      .value("SQDIST", GramKind::SqDist)
+      .value("RBF_FROM_SQDIST", GramKind::RbfFromSqDist);
+  py::enum_<GramPass>(m, "GramPass", py::module_local())
+      .value("WRITE", GramPass::Write)
+      .value("ROW_SUMS", GramPass::RowSums)
+      .value("WRITE_CENTERED", GramPass::WriteCentered);
+#if REPKERN_CPU_LAUNCHERS
+  kGramEpilogue.def(m, &cpu::gram_epilogue);
+#endif
+#if REPKERN_CUDA_LAUNCHERS
+  kGramEpilogue.def(m, &cuda::gram_epilogue);
+#endif
+}
+
+}  // namespace repkern::bindings

@@ -1,0 +1,58 @@
+"""Helpers the reference and the fast path both need: the result-dtype rules, the zero-variance and
+non-finite tests of the CKA family, cka_test's resampling plan, BatchTopK's code count and the JumpReLU
+straight-through window. Plain PyTorch; imports no other repkern module."""
+
+from __future__ import annotations
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 inputs, float32 otherwise (the native kernels' rule)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of scalar/statistic results: float64 for float64 inputs, float32 otherwise."""
+    return acc_dtype(dtype)
+
+
+def zero_variance_tolerance(dtype: torch.dtype) -> float:
+    """A self-HSIC numerator ‖H K H‖²_F (or its unbiased twin ‖Ũ_K‖²_F) at most this
+    times Σ K∘K is rounding noise, and the representation counts as constant. Two
+    floors: the Gram entries' own rounding (relative eps each: noise energy
+    ~eps² Σ K∘K), and the centering, which cancels terms of size Σ K∘K in float64
+    (~n·2⁻⁵³ relative at worst for n up to ~10⁵: 2⁻³⁶ ≈ 1.5e-11)."""
+    return max(16 * torch.finfo(acc_dtype(dtype)).eps ** 2, 2.0**-36)
+
+
+def constant_rows(x: torch.Tensor) -> torch.Tensor:
+    """(...,) True where all n rows of x (..., n, d) are identical (a zero-variance
+    representation; exact comparison, NaN rows are not identical)."""
+    return (x == x[..., :1, :]).all(-1).all(-1)
+
+
+def all_finite(t: torch.Tensor) -> torch.Tensor:
+    """(...,) True where t (..., a, b) holds no NaN or ±Inf."""
+    return torch.isfinite(t).all(-1).all(-1)
+
+
+def replicate_indices(n: int, n_permutations: int, n_bootstrap: int, seed: int, device=None):
+    """The resampling plan of :func:`cka_test`, drawn on the CPU from ``torch.Generator().manual_seed(seed)``
+    (the same on every device): (n_permutations, n) permutations (argsort of uniforms), then
+    (n_bootstrap, n) bootstrap indices drawn with replacement. int64, on `device`."""
+    generator = torch.Generator().manual_seed(seed)
+    perms = torch.argsort(torch.rand(n_permutations, n, generator=generator), dim=1)
+    boots = torch.randint(0, n, (n_bootstrap, n), generator=generator)
+    return perms.to(device), boots.to(device)
+
+
+def batch_topk_count(k: float, n_rows: int) -> int:
+    """Codes kept by BatchTopK over n_rows rows: int(k · n_rows) (SAELens)."""
+    return int(k * n_rows)
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    """The straight-through window of JumpReLU's threshold gradient: 1 on (−½, ½), 0 elsewhere."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+

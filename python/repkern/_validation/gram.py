@@ -1,0 +1,28 @@
+"""Arguments of :func:`repkern.gram`."""
+
+from __future__ import annotations
+
+from repkern._validation.common import boolean, choice, floating_tensor, positive_number
+
+
+GRAM_KERNELS = ("linear", "cosine", "rbf")
+MEDIANS = ("full", "offdiag")
+
+
+def check_gram_args(x, kernel, sigma, threshold, center, median):
+    """Validates the arguments of :func:`gram`; returns (sigma, threshold)."""
+    floating_tensor("x", x, min_dim=2, shape_hint="(..., n, d)")
+    n, d = x.shape[-2], x.shape[-1]
+    if n < 1:
+        raise ValueError(f"x: needs n >= 1 samples (shape (..., n, d)), got shape {tuple(x.shape)}")
+    if d < 1:
+        raise ValueError(f"x: needs d >= 1 features (shape (..., n, d)), got shape {tuple(x.shape)}")
+    choice("kernel", kernel, GRAM_KERNELS)
+    sigma = positive_number("sigma", sigma, allow_none=True)
+    threshold = positive_number("threshold", threshold)
+    boolean("center", center)
+    choice("median", median, MEDIANS)
+    if kernel == "rbf" and sigma is None and median == "offdiag" and n < 2:
+        raise ValueError("median='offdiag' needs n >= 2 samples (there is no off-diagonal distance)")
+    return sigma, threshold
+

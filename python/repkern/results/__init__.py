@@ -1,0 +1,11 @@
+"""Result types: sparse SAE codes, CKA plans, cka_test and sparsity statistics, and the saved results of
+the workflows (one module per op family)."""
+
+from repkern.results.cka import CkaPlan
+from repkern.results.cka_test import CkaTestResult
+from repkern.results.codes import CsrCodes, SparseCodes
+from repkern.results.sparsity import SparsityStats
+from repkern.results.workflows import CkaResult, SparsityProfile, load_result
+
+__all__ = ["CkaPlan", "CkaResult", "CkaTestResult", "CsrCodes", "SparseCodes", "SparsityProfile", "SparsityStats",
+           "load_result"]
