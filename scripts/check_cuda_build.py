@@ -1,4 +1,4 @@
-"""Static evidence for the CUDA kernels (DESIGN.md §6), printed into the CI log:
+"""Static evidence for the CUDA kernels (docs/design.md, GPU performance), printed into the CI log:
 per kernel and architecture, registers / shared memory / spills from ptxas -v
 (in the build log), and from the SASS of the installed module the global load
 widths and any local-memory traffic (LDL/STL), which fails the check, as does a

@@ -126,7 +126,7 @@ def test_streaming_memory_budget_refuses_and_suggests_minibatch():
 
 
 def _unbiased_hsic_numpy(k, l):
-    """Song et al. (2012) HSIC₁ written out (DESIGN.md §4), numpy float64."""
+    """Song et al. (2012) HSIC₁ written out, numpy float64."""
     n = k.shape[0]
     kt, lt = k.copy(), l.copy()
     np.fill_diagonal(kt, 0)

@@ -1,4 +1,4 @@
-// HSIC terms of Gram blocks, shared by the CPU and CUDA kernels (DESIGN.md §4).
+// HSIC terms of Gram blocks, shared by the CPU and CUDA kernels (docs/conventions.md).
 //
 // A call covers one block of m symmetric n×n matrices K_a: rows [r0, r0 + rows) ×
 // cols [c0, c0 + cols). Entries come from inner products (or squared distances)
@@ -10,7 +10,7 @@
 // So the lower triangle of a diagonal block is never read (the untiled path leaves
 // it unwritten) and the result is a function of the upper triangle whatever the
 // kernel's tile size.
-// Terms, accumulated in float64 (the estimators cancel terms, DESIGN.md §2):
+// Terms, accumulated in float64 (the estimators cancel terms):
 //   cross[p]     += Σ_ij K_a,ij K_b,ij     for each requested pair p = (a, b)
 //   row_sums[a,i] += Σ_j K_a,ij
 //   diag[a,i]     = K_a,ii

@@ -1,5 +1,5 @@
 // Per-replicate row sums of the cka_test kernels (permutation null, bootstrap), shared
-// by the CPU and CUDA kernels (DESIGN.md §4; the estimators are finished in float64 by
+// by the CPU and CUDA kernels (docs/conventions.md; the estimators are finished in float64 by
 // python/repkern/ops/cka_test.py).
 //
 // Replicate r, row i of two symmetric n×n matrices A, B:

@@ -1,6 +1,6 @@
 // Gram-matrix entries from inner products, shared by the CPU and CUDA kernels.
 //
-// Input: g_ij = x_i·x_j (the GEMM output). Kinds (DESIGN.md §4):
+// Input: g_ij = x_i·x_j (the GEMM output). Kinds (docs/conventions.md):
 //   Linear  k = g_ij
 //   SqDist  k = ‖x_i − x_j‖² = g_ii + g_jj − 2 g_ij, clamped at 0
 //   Rbf     k = exp(scale · SqDist), scale = −1/(2σ²); scale = −inf (σ = 0) gives

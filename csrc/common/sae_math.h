@@ -1,4 +1,4 @@
-// SAE encoding math shared by the CPU and CUDA kernels (DESIGN.md §4).
+// SAE encoding math shared by the CPU and CUDA kernels (docs/conventions.md).
 //
 // Activation of a pre-activation h with threshold θ >= 0 (θ = 0: ReLU):
 //   a(h) = h if h > θ (strict), NaN if h is NaN, else 0.

@@ -1,4 +1,4 @@
-// Activation-sparsity math shared by the CPU and CUDA kernels (DESIGN.md §4).
+// Activation-sparsity math shared by the CPU and CUDA kernels (docs/conventions.md).
 //
 // Layouts crossing the Python boundary (python/repkern/ops/sparsity.py):
 //  - feature state [kFeatureFields, d] float64: per feature (column) count of finite values, count fired

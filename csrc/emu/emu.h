@@ -1,6 +1,6 @@
 // CUDA execution-model emulator: lets g++ compile the project's .cu kernel
 // sources unchanged and run them on the CPU (module repkern._emu), so that CI
-// without a GPU still executes every kernel. See DESIGN.md §3.
+// without a GPU still executes every kernel. See docs/design.md (the emulator).
 //
 // Model:
 //  * blocks run one after another (order set by the schedule); the threads of a

@@ -2,7 +2,7 @@
 for the checkpoint formats of SAELens, EleutherAI sparsify, Gemma Scope and
 dictionary_learning.
 
-Each loader maps a format onto one convention (DESIGN.md §4: W_enc (d_in, d_sae),
+Each loader maps a format onto one convention (docs/conventions.md: W_enc (d_in, d_sae),
 W_dec (d_sae, d_in), optional pre-encoder bias b_dec) plus the format's activation:
 
 | format | files | encode |

@@ -8,8 +8,8 @@ x' W_enc[:, chunk] and ONE native kernel adds b_enc and applies the activation:
 writing dense codes, compacting nonzeros (CSR), or merging each row's running
 top-k — so TopK and sparse outputs never hold [N, d_sae].
 
-DESIGN.md §4 suggests folding b_dec into the bias (b_enc' = b_enc − b_dec W_enc);
-repkern subtracts b_dec from x instead: it costs N·d_in instead of d_in·d_sae
+Instead of the usual folding of b_dec into the bias (b_enc' = b_enc − b_dec W_enc),
+repkern subtracts b_dec from x: it costs N·d_in instead of d_in·d_sae
 operations and avoids the cancellation of x W − b_dec W when x ≈ b_dec (b_dec is
 usually the data's median, far larger than the deviations).
 
@@ -501,7 +501,7 @@ def sae_encode(
     chunk_bytes: Optional[int] = None,
     count_firings: bool = False,
 ):
-    """Sparse-autoencoder codes of ``x`` (DESIGN.md §4), without the dense
+    """Sparse-autoencoder codes of ``x`` (docs/conventions.md), without the dense
     pre-activation matrix for TopK and sparse outputs.
 
     h = (x − b_dec) W_enc + b_enc, computed in W_enc's dtype (x and the biases are

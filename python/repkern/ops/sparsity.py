@@ -224,7 +224,7 @@ def sparsity_stats(
     row_bins: int = 20,
     ordered: bool = True,
 ) -> sr.SparsityStats:
-    """Sparsity statistics of activations ``a`` in one read (DESIGN.md §4).
+    """Sparsity statistics of activations ``a`` in one read (definitions: docs/conventions.md).
 
     Args:
         a: ``(..., d)``: rows = samples/tokens (any leading dims, at least one row), last dim = d

@@ -3,7 +3,7 @@
 Both accumulate, batch by batch, mergeable float64 statistics of the activations of the
 layers of two models (or of one model with itself) and give the (Lx, Ly) CKA matrix.
 
-StreamingCKA — exact linear CKA over all samples seen (DESIGN.md §4, feature space). Per
+StreamingCKA — exact linear CKA over all samples seen (docs/conventions.md, feature space). Per
 layer a, with z = x − c_a (c_a a fixed per-layer shift: the first batch's mean), it keeps
 s_a = Σ z and, per pair (a, b) of layers, M_ab = Σ z_a z_bᵀ (d_a × d_b); the debiased
 form also needs, with u_i = ‖z_a,i‖², v_i = ‖z_b,i‖²: P_ab = Σ u_i v_i, g_ab = Σ u_i z_b,i,

@@ -1,7 +1,7 @@
 """Result type of :func:`repkern.sparsity_stats` and :class:`repkern.SparsityAccumulator`,
 and the summaries both compute the same way from per-row and per-feature values.
 
-Definitions: DESIGN.md §4; fields documented on :class:`SparsityStats`.
+Definitions: docs/conventions.md; fields documented on :class:`SparsityStats`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class SparsityStats:
       row_defined[stat] (int64) number of those rows;
       row_histogram[stat] (int64, bins; ``(P, bins)`` for top_p_*) on ``row_edges`` = [0, 1] for the
         statistics in [0, 1] (``l0_fraction`` = l0/d, hoyer, gini, thresholded_l0, top_p_*).
-    Floating results are float32 (float64 for float64 input), DESIGN.md §5.
+    Floating results are float32 (float64 for float64 input).
     """
 
     l0: Optional[Tensor]
