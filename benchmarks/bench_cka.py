@@ -1,37 +1,13 @@
-"""CKA benchmarks: repkern vs the pure-PyTorch reference (and the per-pair loop), CSV rows.
+"""CKA benchmarks: repkern vs the pure-PyTorch reference (and the per-pair loop); CSV + JSON rows, tables, plot.
 
-    python benchmarks/bench_cka.py [--quick | --full] [--csv bench_results/cka.csv]
+    python benchmarks/bench_cka.py [--quick | --full]
+        [--device cpu|cuda[:N]] [--dtype D ...] [--csv bench_results/cka.csv]
 
---full adds tiled RBF CKA at n=32768 (no n×n approach fits this machine's memory there).
+--full adds tiled RBF CKA at n=32768 on the CPU, n=131072 on a GPU (no n×n approach fits there).
+Otherwise the same as `repkern bench --op cka` (see `repkern bench --help`).
 """
 
-import argparse
-import os
-
-import torch
-
-from repkern.bench import cka, run_cases
-from repkern.bench.timing import device_name, git_sha, measure_ceilings
+from repkern.bench import cli
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes only")
-    parser.add_argument("--full", action="store_true", help="also n=32768 (minutes)")
-    parser.add_argument("--csv", default="bench_results/cka.csv")
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ceilings = measure_ceilings(device, quick=args.quick)
-    print(f"device: {device_name(device)}; copy {ceilings.copy_gbps:.1f} GB/s; float32 matmul "
-          f"{ceilings.matmul_gflops:.1f} GFLOP/s (same run); torch {torch.__version__}; sha {git_sha()}")
-    rows = run_cases(cka.cases(device, args.quick, args.full), device, ceilings)
-    if args.csv:
-        import csv
-
-        from repkern.bench import CSV_FIELDS
-
-        os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {args.csv}")
+    raise SystemExit(cli.suite_main("cka", __doc__, flags={"full": "also the largest tiled case (minutes)"}))

@@ -1,18 +1,11 @@
-"""Gram benchmarks: repkern vs the pure-PyTorch reference, CSV rows.
+"""Gram benchmarks: repkern vs the pure-PyTorch reference; CSV + JSON rows, tables, plot.
 
-    python benchmarks/bench_gram.py [--quick] [--csv bench_results/gram.csv]
+    python benchmarks/bench_gram.py [--quick] [--device cpu|cuda[:N]] [--dtype D ...] [--csv bench_results/gram.csv]
+
+The same as `repkern bench --op gram` (see `repkern bench --help`).
 """
 
-import argparse
-
-from repkern import bench
+from repkern.bench import cli
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small shapes only")
-    parser.add_argument("--csv", default="bench_results/gram.csv")
-    args = parser.parse_args()
-    import os
-
-    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-    bench.run(["gram"], quick=args.quick, csv_path=args.csv)
+    raise SystemExit(cli.suite_main("gram", __doc__))

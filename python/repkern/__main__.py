@@ -37,19 +37,9 @@ def _demo(args) -> int:
 
 
 def _bench(args) -> int:
-    from repkern import bench
-    from repkern.bench import report
+    from repkern.bench import cli
 
-    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-    rows = bench.run(args.op or bench.SUITES, quick=args.quick, csv_path=args.csv)
-    print()
-    print(report.tables(rows))
-    png = os.path.splitext(args.csv)[0] + ".png"
-    try:
-        print(f"wrote {report.plot(rows, png)}")
-    except ImportError as exc:  # matplotlib is optional (the `bench` extra)
-        print(f"no plot: {exc}")
-    return 0
+    return cli.run_command(args)
 
 
 def _selftest(args) -> int:
@@ -61,7 +51,7 @@ def _selftest(args) -> int:
 
 
 def main(argv=None) -> int:
-    from repkern.bench import SUITES
+    from repkern.bench import cli as bench_cli
 
     parser = argparse.ArgumentParser(prog="repkern", description="Fast kernels for representation analysis")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,10 +64,7 @@ def main(argv=None) -> int:
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(fn=_demo)
     bench_parser = sub.add_parser("bench", help="benchmarks against the pure-PyTorch reference")
-    bench_parser.add_argument("--op", action="append", choices=SUITES, help="suite to run (repeatable); default: all")
-    bench_parser.add_argument("--quick", action="store_true", help="small shapes only")
-    bench_parser.add_argument("--csv", default="bench_results/bench.csv",
-                              help="CSV output path; the plot goes next to it (.png)")
+    bench_cli.add_arguments(bench_parser)
     bench_parser.set_defaults(fn=_bench)
     selftest_parser = sub.add_parser("selftest", help="every op on this device against the pure-PyTorch reference")
     selftest_parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",

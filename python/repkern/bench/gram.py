@@ -1,54 +1,63 @@
 """Gram-matrix benchmarks: repkern.gram vs reference.gram end to end (GEMM
-included: GFLOP/s of the full x xᵀ against the matmul ceiling), and the epilogue
-kernel alone (GB/s against the copy ceiling)."""
+included: GFLOP/s of the full x xᵀ against the matmul ceiling of the same dtype), and
+the epilogue kernel alone (GB/s against the copy ceiling).
+
+Shapes: CPU (B, n, d) = (1, 2048, 768), (1, 4096, 768), (16, 512, 64); GPU (1, 8192, 4096),
+(1, 32768, 4096), (64, 2048, 256); --quick (1, 1024, 128). Default dtypes float32 and
+bfloat16 (quick: float32). The epilogue works on float32 inner products: float32 only."""
 
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import torch
 
 import repkern
 from repkern import reference
-from repkern.bench import Case
+from repkern.bench import Case, generator, select_dtypes
 from repkern.ops import gram as gram_ops
+
+QUICK_SHAPES = [(1, 1024, 128)]
+CPU_SHAPES = [(1, 2048, 768), (1, 4096, 768), (16, 512, 64)]
+GPU_SHAPES = [(1, 8192, 4096), (1, 32768, 4096), (64, 2048, 256)]
+EPILOGUE_N = {"quick": [1024], "cpu": [2048, 4096], "cuda": [8192, 32768]}
+VARIANTS = [("linear", {}), ("cosine", {}), ("rbf", {}), ("rbf", {"center": True})]
 
 
 def _epilogue_case(n: int, kernel: str, device: torch.device) -> Case:
     """The native pass alone on a precomputed float32 inner-product matrix."""
-    x = torch.randn(1, n, 64, device=device)
-    inner = gram_ops.inner_products(x)
-    out = torch.empty_like(inner)
-    kind = gram_ops.KINDS[kernel]
-    scale = torch.full((1,), -0.01, device=device) if kernel == "rbf" else None
-    return Case(
-        op=f"gram_epilogue[{kernel}]",
-        shape=f"n={n}",
-        dtype=torch.float32,
-        providers={"repkern": lambda: gram_ops.epilogue(kind, gram_ops.GramPass.WRITE, inner, out, scale)},
-        bytes_moved=4 * n * n / 2 + 4 * n * n,  # read the upper triangle, write everything
-    )
+
+    def build():
+        x = torch.randn(1, n, 64, device=device, generator=generator(device, 0))
+        inner = gram_ops.inner_products(x)
+        out = torch.empty_like(inner)
+        kind = gram_ops.KINDS[kernel]
+        scale = torch.full((1,), -0.01, device=device) if kernel == "rbf" else None
+        return {"repkern": lambda: gram_ops.epilogue(kind, gram_ops.GramPass.WRITE, inner, out, scale)}
+
+    return Case(op=f"gram_epilogue[{kernel}]", shape=f"n={n}", dtype=torch.float32, providers=("repkern",),
+                build=build, bytes_moved=4 * n * n / 2 + 4 * n * n)  # read the upper triangle, write everything
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
-    shapes = [(1, 1024, 128)] if quick else [(1, 2048, 768), (1, 4096, 768), (16, 512, 64)]
-    dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
-    variants = [("linear", {}), ("cosine", {}), ("rbf", {}), ("rbf", {"center": True})]
-    out = []
-    for b, n, d in shapes:
-        for dtype in dtypes:
-            x = torch.randn(b, n, d, device=device).to(dtype)
-            for kernel, kwargs in variants:
-                label = kernel + ("+center" if kwargs.get("center") else "")
-                out.append(Case(
-                    op=f"gram[{label}]",
-                    shape=f"B={b} n={n} d={d}",
-                    dtype=dtype,
-                    providers={
-                        "repkern": lambda x=x, k=kernel, kw=kwargs: repkern.gram(x, k, **kw),
-                        "reference": lambda x=x, k=kernel, kw=kwargs: reference.gram(x, k, **kw),
-                    },
-                    flops=2.0 * b * n * n * d,
-                ))
-    for n in [1024] if quick else [2048, 4096]:
-        for kernel in ("cosine", "rbf"):
-            out.append(_epilogue_case(n, kernel, device))
+def _gram_case(b: int, n: int, d: int, dtype: torch.dtype, kernel: str, kwargs: dict, device: torch.device) -> Case:
+    def build():
+        x = torch.randn(b, n, d, device=device, generator=generator(device, 0)).to(dtype)
+        return {"repkern": lambda: repkern.gram(x, kernel, **kwargs),
+                "reference": lambda: reference.gram(x, kernel, **kwargs)}
+
+    label = kernel + ("+center" if kwargs.get("center") else "")
+    return Case(op=f"gram[{label}]", shape=f"B={b} n={n} d={d}", dtype=dtype, providers=("repkern", "reference"),
+                build=build, flops=2.0 * b * n * n * d)
+
+
+def cases(device: torch.device, quick: bool, dtypes: Optional[Sequence[torch.dtype]] = None) -> list[Case]:
+    gpu = device.type == "cuda"
+    shapes = QUICK_SHAPES if quick else GPU_SHAPES if gpu else CPU_SHAPES
+    selected = select_dtypes(dtypes, [torch.float32] if quick else [torch.float32, torch.bfloat16])
+    out = [_gram_case(b, n, d, dtype, kernel, kwargs, device)
+           for b, n, d in shapes for dtype in selected for kernel, kwargs in VARIANTS]
+    if torch.float32 in selected:
+        for n in EPILOGUE_N["quick" if quick else device.type]:
+            for kernel in ("cosine", "rbf"):
+                out.append(_epilogue_case(n, kernel, device))
     return out

@@ -6,48 +6,67 @@ ceilings of the same run.
 
 Cases: the DESIGN.md §7 targets (16384×2048 float32: full set vs plain torch; the one-read subset,
 ``ordered=False``, with a ``sum`` over the same tensor as the single-read ceiling) and the issue's
-benchmark (65536×4096, float32 and bfloat16, full set).
+benchmark (65536×4096, float32 and bfloat16, full set). GPU (CUDA device): the §7 pair (full
+set, one-read subset + sum) at 262144×4096 float32, and the full set at 1048576×4096 (1M rows) in
+float32 and bfloat16. ``dtypes`` runs every case in each of them.
 """
 
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import torch
 
 import repkern
 from repkern import reference
-from repkern.bench import Case
+from repkern.bench import Case, generator, select_dtypes
+
+SHAPES = {  # (target shape, issue shapes)
+    "quick": ((2048, 512), [(4096, 1024)]),
+    "cpu": ((16384, 2048), [(65536, 4096)]),
+    "cuda": ((1 << 18, 4096), [(1 << 20, 4096)]),
+}
+CHUNK_ELEMENTS = 1 << 24  # generated in float32 chunks of 64 MB: no full-size float32 temporary
 
 
 def _activations(rows: int, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(rows, d, generator=g)
-    x = torch.relu(x - 0.5)  # post-ReLU-like: about 70% zeros
-    return x.to(device=device, dtype=dtype)
+    g = generator(device, 0)
+    out = torch.empty(rows, d, dtype=dtype, device=device)
+    step = max(1, CHUNK_ELEMENTS // d)
+    for i in range(0, rows, step):
+        chunk = torch.randn(min(step, rows - i), d, generator=g, device=device)
+        out[i : i + step].copy_(chunk.sub_(0.5).relu_())  # post-ReLU-like: about 70% zeros
+    return out
 
 
-def _case(op: str, x: torch.Tensor, ordered: bool, with_sum: bool = False, timing=None) -> Case:
-    providers = {
-        "repkern": lambda: repkern.sparsity_stats(x, ordered=ordered),
-        "reference": lambda: reference.sparsity_stats(x, ordered=ordered),
-    }
-    if with_sum:
-        providers["torch.sum"] = x.sum  # one read of the same tensor: the single-read ceiling
-    rows, d = x.shape
-    return Case(op=op, shape=f"{rows}x{d}", dtype=x.dtype, providers=providers,
-                bytes_moved=float(x.numel() * x.element_size()), timing=timing or {})
+def _case(op: str, rows: int, d: int, dtype: torch.dtype, device: torch.device, ordered: bool,
+          with_sum: bool = False, timing=None) -> Case:
+    def build():
+        x = _activations(rows, d, dtype, device)
+        providers = {
+            "repkern": lambda: repkern.sparsity_stats(x, ordered=ordered),
+            "reference": lambda: reference.sparsity_stats(x, ordered=ordered),
+        }
+        if with_sum:
+            providers["torch.sum"] = x.sum  # one read of the same tensor: the single-read ceiling
+        return providers
+
+    names = ("repkern", "reference") + (("torch.sum",) if with_sum else ())
+    return Case(op=op, shape=f"{rows}x{d}", dtype=dtype, providers=names, build=build,
+                bytes_moved=float(rows * d * dtype.itemsize), timing=timing or {})
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
-    target = (2048, 512) if quick else (16384, 2048)
-    issue = [(4096, 1024)] if quick else [(65536, 4096)]
-    x = _activations(*target, torch.float32, device)
-    out = [
-        _case("sparsity[full]", x, ordered=True),
-        _case("sparsity[one-read]", x, ordered=False, with_sum=True),
-    ]
+def cases(device: torch.device, quick: bool, dtypes: Optional[Sequence[torch.dtype]] = None) -> list[Case]:
+    target, issue = SHAPES["quick" if quick else device.type]
+    out = []
+    for dtype in select_dtypes(dtypes, [torch.float32]):
+        out += [
+            _case("sparsity[full]", *target, dtype, device, ordered=True),
+            _case("sparsity[one-read]", *target, dtype, device, ordered=False, with_sum=True),
+        ]
     # The reference needs over a minute per call at the issue's shape on a 2-core CPU: one timed call.
     slow = {} if quick or device.type == "cuda" else {"warmup": 0, "min_repeats": 1, "max_repeats": 1}
     for rows, d in issue:
-        for dtype in (torch.float32, torch.bfloat16):
-            out.append(_case("sparsity[full]", _activations(rows, d, dtype, device), ordered=True, timing=slow))
+        for dtype in select_dtypes(dtypes, [torch.float32, torch.bfloat16]):
+            out.append(_case("sparsity[full]", rows, d, dtype, device, ordered=True, timing=slow))
     return out

@@ -6,7 +6,7 @@ the public functions detach their input):
       -> (feature state (10, d) float64, row channels (C, N) in the accumulation dtype)
   repkern::sparsity_row_summaries(row channels (C, N), histogram divisors (C,), bins)   [CPU]
       -> (per channel: sum of the non-NaN values, their count, histogram on [0, 1]): what a batch adds to
-      the per-row summaries; sparsity_result.row_summary_parts is the torch form (CUDA, reference).
+      the per-row summaries; results.sparsity.row_summary_parts is the torch form (CUDA, reference).
 The feature state holds, per feature, count / fired / NaN counts, mean and central moment sums M2..M4,
 min, max, Σ|a| (csrc/common/sparsity_math.h): partial states merge exactly (Chan/Pébay, float64), which
 is what the accumulator does across batches and processes.
@@ -241,7 +241,7 @@ def sparsity_stats(
             subset: per-feature statistics, L0, L1, L2, Hoyer.
 
     Returns:
-        :class:`repkern.sparsity_result.SparsityStats` (fields and degenerate cases documented there):
+        :class:`repkern.SparsityStats` (fields and degenerate cases documented there):
         floating statistics in float32 (float64 for float64 input), counts int64.
 
     NaN/Inf policy: non-finite entries are counted (per feature: ``nan_count``, ``inf_count``; per row:
@@ -268,7 +268,7 @@ class SparsityAccumulator:
     """Streaming and distributed sparsity statistics over batches of activations with d features.
 
     ``update(a)`` adds a batch ``(..., d)``; ``compute()`` returns a
-    :class:`~repkern.sparsity_result.SparsityStats` equal to :func:`sparsity_stats` of all batches
+    :class:`~repkern.SparsityStats` equal to :func:`sparsity_stats` of all batches
     concatenated: per-feature statistics merge exactly (Chan/Pébay formulas in float64, so any batch split
     and any merge order give the same result up to float64 rounding), and per-row statistics are
     summarized (``row_mean``, ``row_defined``, ``row_histogram``); with ``keep_rows=True`` the per-row
