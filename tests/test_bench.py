@@ -227,6 +227,7 @@ GPU_SHAPES = {
     "sae": ("sae_encode[topk->sparse]", "N=65536 d_in=4096 d_sae=131072 k=64", "float32"),
     "cka": ("cka[rbf tiled median=sampled]", "n=65536 d=1024", "float32"),
     "streaming": ("StreamingCKA[linear]", "4+4 layers N=262144 d=1024 b=16384", "float32"),
+    "cka_test": ("cka_test[linear 1000 permutations]", "n=16384 d=256/128", "float32"),
 }
 
 
@@ -464,8 +465,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
     assert "CUDA is not available" in capsys.readouterr().err
 
 
-def test_suite_wrapper_takes_the_suite_flags(monkeypatch, tmp_path):
+def test_full_adds_the_largest_cases(monkeypatch, tmp_path):
     seen = _fake_run(monkeypatch)
-    assert cli.suite_main("cka", "doc", flags={"full": "help"},
-                          argv=["--device", "cpu", "--full", "--csv", str(tmp_path / "c.csv")]) == 0
+    assert main(["bench", "--op", "cka", "--device", "cpu", "--full", "--csv", str(tmp_path / "c.csv")]) == 0
     assert ("cka[rbf tiled median=sampled]", "n=32768 d=768") in {(c.op, c.shape) for c in seen["case_lists"]["cka"]}

@@ -496,7 +496,7 @@ void run(const T* x, int64_t rows, int64_t d, int64_t ld, double eps, const doub
 }
 
 // Sum and count of the non-NaN values of one channel and, for divisor > 0, the histogram of value / divisor
-// clamped to [0, 1] (NaN dropped) in `bins` bins: torch.histc's binning, as sparsity_result.histogram.
+// clamped to [0, 1] (NaN dropped) in `bins` bins: torch.histc's binning, as the results package's sparsity histogram.
 template <typename A>
 void summarize_channel(const A* values, int64_t rows, double divisor, int64_t bins, double* sum, int64_t* defined,
                        int64_t* hist) {

@@ -43,7 +43,7 @@ import torch
 
 from repkern import _C, _native, reference
 from repkern.results import sparsity as sr
-from repkern.results.codes import CsrCodes, SparseCodes
+from repkern.results.sae import CsrCodes, SparseCodes
 
 __all__ = ["Result", "Case", "DeviceUnavailable", "cases", "run", "devices_for", "format_table", "to_json", "main"]
 

@@ -7,7 +7,7 @@ import math
 import torch
 
 from repkern._validation.common import FLOAT_DTYPES, boolean, choice, floating_tensor, positive_number, same_device
-from repkern.results.codes import CsrCodes, SparseCodes
+from repkern.results.sae import CsrCodes, SparseCodes
 
 
 SAE_ACTIVATIONS = ("relu", "topk", "jumprelu", "batchtopk")

@@ -29,16 +29,18 @@ def parse_device(text: str) -> torch.device:
     return torch.device("cpu") if device.type == "cpu" else device
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, suites: bool = True, default_csv: str = DEFAULT_CSV) -> None:
-    if suites:
-        parser.add_argument("--op", action="append", choices=SUITES, help="suite to run (repeatable); default: all")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--op", action="append", choices=SUITES, help="suite to run (repeatable); default: all")
     parser.add_argument("--quick", action="store_true", help="small shapes only")
+    parser.add_argument("--full", action="store_true",
+                        help="also the largest cases (cka: tiled RBF CKA at n=32768 on a CPU, n=131072 on a GPU; "
+                             "minutes)")
     parser.add_argument("--device", type=parse_device, default=None, metavar="cpu|cuda[:N]",
                         help="where to run (default: cuda if available, else cpu); a GPU selects GPU-sized cases")
     parser.add_argument("--dtype", action="append", choices=tuple(DTYPES), dest="dtypes",
                         help="run every case in this dtype (repeatable); default: each suite's own dtypes")
-    parser.add_argument("--csv", default=default_csv,
-                        help=f"CSV output path (default {default_csv}); the JSON (same rows + a header: device, "
+    parser.add_argument("--csv", default=DEFAULT_CSV,
+                        help=f"CSV output path (default {DEFAULT_CSV}); the JSON (same rows + a header: device, "
                              "driver, versions, build commit, ceilings) and the plot (.png) go next to it")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
                         help="print two earlier results (CSV or JSON) side by side and exit; runs nothing")
@@ -98,9 +100,8 @@ def compare_command(path_a: str, path_b: str) -> int:
     return 0
 
 
-def run_command(args: argparse.Namespace, *, suites=None, case_options: Optional[dict] = None) -> int:
-    """The `repkern bench` handler (`suites`/`case_options`: a wrapper's fixed suite and its extra
-    ``cases(...)`` keywords)."""
+def run_command(args: argparse.Namespace) -> int:
+    """The `repkern bench` handler."""
     if args.compare:
         return compare_command(*args.compare)
     from repkern import bench
@@ -116,9 +117,9 @@ def run_command(args: argparse.Namespace, *, suites=None, case_options: Optional
         return _fail(problem)
     dtypes = [DTYPES[name] for name in dict.fromkeys(args.dtypes)] if args.dtypes else None
     device = bench.resolve_device(device)
-    names = suites or getattr(args, "op", None) or SUITES
+    names = args.op or SUITES
     case_lists = {name: importlib.import_module(f"repkern.bench.{name}").cases(device, args.quick, dtypes,
-                                                                               **(case_options or {}))
+                                                                               full=args.full)
                   for name in names}
     rows = bench.run_suites(case_lists, device, quick=args.quick, dtypes=dtypes)
     print()
@@ -139,14 +140,3 @@ def run_command(args: argparse.Namespace, *, suites=None, case_options: Optional
         print(f"no plot: {exc}")
     return 0
 
-
-def suite_main(suite: str, description: str, *, flags: Optional[dict] = None, argv=None) -> int:
-    """benchmarks/bench_<suite>.py: `repkern bench --op <suite>` with that suite's own flags
-    (``flags``: {name: help} of boolean ``cases(...)`` keywords, e.g. {"full": "..."})."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, suites=False, default_csv=f"bench_results/{suite}.csv")
-    for name, help_text in (flags or {}).items():
-        parser.add_argument(f"--{name}", action="store_true", help=help_text)
-    args = parser.parse_args(argv)
-    options = {name: getattr(args, name) for name in (flags or {})}
-    return run_command(args, suites=[suite], case_options=options)

@@ -50,7 +50,8 @@ def _gram_case(b: int, n: int, d: int, dtype: torch.dtype, kernel: str, kwargs: 
                 build=build, flops=2.0 * b * n * n * d)
 
 
-def cases(device: torch.device, quick: bool, dtypes: Optional[Sequence[torch.dtype]] = None) -> list[Case]:
+def cases(device: torch.device, quick: bool, dtypes: Optional[Sequence[torch.dtype]] = None,
+          full: bool = False) -> list[Case]:
     gpu = device.type == "cuda"
     shapes = QUICK_SHAPES if quick else GPU_SHAPES if gpu else CPU_SHAPES
     selected = select_dtypes(dtypes, [torch.float32] if quick else [torch.float32, torch.bfloat16])

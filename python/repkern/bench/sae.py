@@ -72,7 +72,8 @@ def _decode_case(n, d_in, d_sae, k, dtype, device, timing) -> Case:
                 timing=timing)
 
 
-def cases(device: torch.device, quick: bool, dtypes: Optional[Sequence[torch.dtype]] = None) -> list[Case]:
+def cases(device: torch.device, quick: bool, dtypes: Optional[Sequence[torch.dtype]] = None,
+          full: bool = False) -> list[Case]:
     gpu = device.type == "cuda" and not quick
     shapes = QUICK_SHAPES if quick else GPU_ENCODE_SHAPES if gpu else ENCODE_SHAPES
     timing = GPU_TIMING if gpu else {}

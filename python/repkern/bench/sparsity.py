@@ -56,7 +56,8 @@ def _case(op: str, rows: int, d: int, dtype: torch.dtype, device: torch.device, 
                 bytes_moved=float(rows * d * dtype.itemsize), timing=timing or {})
 
 
-def cases(device: torch.device, quick: bool, dtypes: Optional[Sequence[torch.dtype]] = None) -> list[Case]:
+def cases(device: torch.device, quick: bool, dtypes: Optional[Sequence[torch.dtype]] = None,
+          full: bool = False) -> list[Case]:
     target, issue = SHAPES["quick" if quick else device.type]
     out = []
     for dtype in select_dtypes(dtypes, [torch.float32]):

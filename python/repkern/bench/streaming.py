@@ -1,21 +1,16 @@
-"""Streaming / minibatch CKA and cka_test benchmarks (issue 4, DESIGN.md §7), same run.
+"""Streaming and minibatch CKA benchmarks, same run.
 
 Providers:
-  repkern          StreamingCKA / MinibatchCKA fed batch by batch; cka_test
+  repkern          StreamingCKA / MinibatchCKA fed batch by batch
   repkern-oneshot  cka_matrix over the concatenated batches (all data in memory at once)
   reference        plain PyTorch: feature-space linear CKA per pair over the concatenated data
                    (StreamingCKA); reference.minibatch_cka (MinibatchCKA)
-  loop[Pp]         cka_test's baseline: a loop that permutes y's Gram and recomputes CKA with the
-                   reference (cka_from_grams), for P of the permutations (per-permutation cost =
-                   time / P; the DESIGN §7 target compares 1000 permutations: 1000/P × this time)
-  loop[Pb]         the same for bootstrap draws (resampled Grams, CKA recomputed)
 
 Cases:
   StreamingCKA, linear (biased, debiased), 4 + 4 layers d=256, N=16384 in batches of 2048
   MinibatchCKA, RBF debiased, 4 layers d=256, 8 batches of 512
-  cka_test, linear, n=2048 (x d=256, y d=128): 1000 permutations; 1000 bootstrap draws (§7: >= 20×)
 GPU (CUDA device): StreamingCKA 4 + 4 layers d=1024, N=262144 in batches of 16384; MinibatchCKA 4
-  layers d=1024, 16 batches of 4096; cka_test n=16384 (same d), 1000 permutations / bootstrap draws.
+  layers d=1024, 16 batches of 4096.
 Default dtype float32; ``dtypes`` runs every case in each of them.
 """
 
@@ -26,10 +21,9 @@ from typing import Optional, Sequence
 import torch
 
 import repkern
-from repkern import _common, reference
+from repkern import reference
 from repkern.bench import Case, generator, select_dtypes
 
-SLOW = {"warmup": 0, "min_repeats": 1, "max_repeats": 1}
 FEW = {"warmup": 1, "min_repeats": 2, "max_repeats": 3, "min_time_s": 0.0}
 
 
@@ -88,60 +82,25 @@ def _minibatch_case(layers: int, batches: int, batch: int, d: int, dtype, device
                 flops=2.0 * layers * batches * batch * batch * d, timing=timing)
 
 
-def _test_case(n: int, replicates: int, loop: int, bootstrap: bool, dtype, device, timing) -> Case:
-    def build():
-        g = generator(device, 3)
-        x = torch.randn(n, 256, generator=g, device=device)
-        y = torch.tanh(x[:, :128]) + torch.randn(n, 128, generator=g, device=device)
-        x, y = x.to(dtype), y.to(dtype)
-        perms, boots = _common.replicate_indices(n, replicates, replicates, 0, device)
-
-        def run():
-            if bootstrap:
-                return repkern.cka_test(x, y, n_permutations=0, n_bootstrap=replicates)
-            return repkern.cka_test(x, y, n_permutations=replicates, n_bootstrap=0)
-
-        def baseline():
-            k, l = reference.gram(x), reference.gram(y)
-            if bootstrap:
-                return [reference.cka_from_grams(k[b][:, b], l[b][:, b]) for b in boots[:loop]]
-            return [reference.cka_from_grams(k, l[p][:, p]) for p in perms[:loop]]
-
-        return {"repkern": run, f"loop[{loop}{'b' if bootstrap else 'p'}]": baseline}
-
-    kind = "bootstrap" if bootstrap else "permutations"
-    elem = 8 if dtype == torch.float64 else 4  # the Grams' accumulation dtype
-    # bytes through the kernel's cache per replicate: a row of the centered K, a gathered row of L,
-    # the plan's column indices/weights (three Gram-sized streams)
-    return Case(op=f"cka_test[linear {replicates} {kind}]", shape=f"n={n} d=256/128", dtype=dtype,
-                providers=("repkern", f"loop[{loop}{'b' if bootstrap else 'p'}]"), build=build,
-                bytes_moved=float(replicates) * n * n * 3 * elem, timing=timing)
-
-
-def cases(device: torch.device, quick: bool, dtypes: Optional[Sequence[torch.dtype]] = None) -> list[Case]:
+def cases(device: torch.device, quick: bool, dtypes: Optional[Sequence[torch.dtype]] = None,
+          full: bool = False) -> list[Case]:
     out = []
     for dtype in select_dtypes(dtypes, [torch.float32]):
         if quick:
             out += [
                 _streaming_case(True, 2, 4096, 64, 1024, dtype, device, FEW),
                 _minibatch_case(2, 4, 256, 64, dtype, device, FEW),
-                _test_case(512, 100, 10, False, dtype, device, FEW),
-                _test_case(512, 100, 10, True, dtype, device, FEW),
             ]
         elif device.type == "cuda":
             out += [
                 _streaming_case(False, 4, 262144, 1024, 16384, dtype, device, FEW),
                 _streaming_case(True, 4, 262144, 1024, 16384, dtype, device, FEW),
                 _minibatch_case(4, 16, 4096, 1024, dtype, device, FEW),
-                _test_case(16384, 1000, 50, False, dtype, device, FEW),
-                _test_case(16384, 1000, 50, True, dtype, device, FEW),
             ]
         else:
             out += [
                 _streaming_case(False, 4, 16384, 256, 2048, dtype, device, FEW),
                 _streaming_case(True, 4, 16384, 256, 2048, dtype, device, FEW),
                 _minibatch_case(4, 8, 512, 256, dtype, device, FEW),
-                _test_case(2048, 1000, 50, False, dtype, device, SLOW),
-                _test_case(2048, 1000, 50, True, dtype, device, SLOW),
             ]
     return out

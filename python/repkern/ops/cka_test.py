@@ -129,7 +129,7 @@ def cka_test(
             ``REPKERN_MAX_GRAM_BYTES`` or 1 GiB); above it, ValueError.
 
     Returns:
-        :class:`~repkern.cka_test_result.CkaTestResult` with ``cka``, ``p_value``
+        :class:`~repkern.CkaTestResult` with ``cka``, ``p_value``
         = (1 + #{null >= cka}) / (1 + n_permutations), ``ci_low``, ``ci_high``, ``null``,
         ``bootstrap``; float32 (float64 for float64 inputs). A constant x or y (or a self-HSIC
         at rounding level) gives NaN everywhere with a RuntimeWarning; NaN/Inf inputs give

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from repkern import _common, _native, _validation, reference
 from repkern._constants import SAE_MAX_TOPK
-from repkern.results.codes import CsrCodes, SparseCodes
+from repkern.results.sae import CsrCodes, SparseCodes
 
 __all__ = ["sae_encode", "sae_decode", "DEFAULT_CHUNK_BYTES"]
 

@@ -8,7 +8,7 @@ import torch
 
 from repkern._common import acc_dtype, batch_topk_count, rectangle
 from repkern._validation import check_sae_decode_args, check_sae_encode_args
-from repkern.results.codes import CsrCodes, SparseCodes
+from repkern.results.sae import CsrCodes, SparseCodes
 
 
 class JumpReLU(torch.autograd.Function):

@@ -3,7 +3,7 @@ the workflows (one module per op family)."""
 
 from repkern.results.cka import CkaPlan
 from repkern.results.cka_test import CkaTestResult
-from repkern.results.codes import CsrCodes, SparseCodes
+from repkern.results.sae import CsrCodes, SparseCodes
 from repkern.results.sparsity import SparsityStats
 from repkern.results.workflows import CkaResult, SparsityProfile, load_result
 
