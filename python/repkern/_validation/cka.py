@@ -98,11 +98,3 @@ def check_cka_matrix_args(xs, ys, kernel, debiased, sigma, threshold, median):
     return xs, ys, sigma, threshold
 
 
-
-def check_byte_budget(name: str, value) -> int:
-    """A memory budget in bytes: a positive int."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int (bytes), got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name}: expected a positive number of bytes, got {value}")
-    return value

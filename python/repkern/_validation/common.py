@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Iterable, Optional
 
 import torch
@@ -55,3 +56,23 @@ def same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
     if t.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (where x is), got {t.device}")
 
+
+def byte_budget(name: str, value, *, env: Optional[str] = None, default: Optional[int] = None) -> int:
+    """A memory budget in bytes: `value` (a positive int) or, when it is None, the environment variable
+    `env` (a positive integer) or `default`."""
+    if value is None and env is not None:
+        text = os.environ.get(env)
+        if not text:
+            return default
+        try:
+            number = int(text)
+        except ValueError:
+            number = 0
+        if number <= 0:
+            raise ValueError(f"{env} must be a positive integer (bytes), got {text!r}")
+        return number
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int (bytes), got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name}: expected a positive number of bytes, got {value}")
+    return value

@@ -48,7 +48,6 @@ Backward (``repkern::hsic_terms_backward``) recomputes Gram tiles of at most
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from typing import Optional, Sequence
 
@@ -473,22 +472,9 @@ _hsic_terms_from_grams_op.register_autograd(_from_grams_backward, setup_context=
 
 
 def gram_budget(max_gram_bytes) -> int:
-    if max_gram_bytes is None:
-        env = os.environ.get("REPKERN_MAX_GRAM_BYTES")
-        if not env:
-            return DEFAULT_MAX_GRAM_BYTES
-        try:
-            value = int(env)
-        except ValueError:
-            raise ValueError(f"REPKERN_MAX_GRAM_BYTES must be a positive integer (bytes), got {env!r}") from None
-        if value <= 0:
-            raise ValueError(f"REPKERN_MAX_GRAM_BYTES must be a positive integer (bytes), got {env!r}")
-        return value
-    if isinstance(max_gram_bytes, bool) or not isinstance(max_gram_bytes, int):
-        raise TypeError(f"max_gram_bytes: expected an int (bytes), got {type(max_gram_bytes).__name__}")
-    if max_gram_bytes <= 0:
-        raise ValueError(f"max_gram_bytes: expected a positive number of bytes, got {max_gram_bytes}")
-    return max_gram_bytes
+    """The memory budget: the argument, else REPKERN_MAX_GRAM_BYTES, else 1 GiB."""
+    return _validation.byte_budget("max_gram_bytes", max_gram_bytes, env="REPKERN_MAX_GRAM_BYTES",
+                                   default=DEFAULT_MAX_GRAM_BYTES)
 
 
 def make_plan(n: int, dims: Sequence[int], pair_dims: Sequence[tuple[int, int]], kernel: str, sigma, method: str,

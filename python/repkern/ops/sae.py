@@ -28,7 +28,6 @@ gather of W_enc rows, the decode's value gradients by one dot product per entry.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -52,19 +51,8 @@ CHUNK_ALIGN = 128  # chunk widths are multiples of this (vector loads stay align
 
 def chunk_budget(chunk_bytes: Optional[int]) -> int:
     """The chunk budget in bytes: the argument, else REPKERN_SAE_CHUNK_BYTES, else 32 MiB."""
-    source = "chunk_bytes"
-    if chunk_bytes is None:
-        env = os.environ.get("REPKERN_SAE_CHUNK_BYTES")
-        if not env:
-            return DEFAULT_CHUNK_BYTES
-        source = "REPKERN_SAE_CHUNK_BYTES"
-        try:
-            chunk_bytes = int(env)
-        except ValueError:
-            raise ValueError(f"REPKERN_SAE_CHUNK_BYTES: expected an integer number of bytes, got {env!r}") from None
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-        raise ValueError(f"{source}: expected a positive integer number of bytes, got {chunk_bytes!r}")
-    return chunk_bytes
+    return _validation.byte_budget("chunk_bytes", chunk_bytes, env="REPKERN_SAE_CHUNK_BYTES",
+                                   default=DEFAULT_CHUNK_BYTES)
 
 
 def plan_chunks(n_rows: int, d_in: int, d_sae: int, acc_size: int, min_cols: int, budget: int,

@@ -390,13 +390,8 @@ class StreamingCKA(_LayerAccumulator):
             _validation.choice("kernel", kernel, _validation.GRAM_KERNELS)
             raise ValueError(f"kernel: StreamingCKA is exact for kernel='linear' only (got {kernel!r}); "
                              "use repkern.MinibatchCKA for other kernels")
-        if max_state_bytes is None:
-            max_state_bytes = DEFAULT_MAX_STATE_BYTES
-        if isinstance(max_state_bytes, bool) or not isinstance(max_state_bytes, int):
-            raise TypeError(f"max_state_bytes: expected an int (bytes), got {type(max_state_bytes).__name__}")
-        if max_state_bytes <= 0:
-            raise ValueError(f"max_state_bytes: expected a positive number of bytes, got {max_state_bytes}")
-        self.max_state_bytes = max_state_bytes
+        self.max_state_bytes = (DEFAULT_MAX_STATE_BYTES if max_state_bytes is None
+                                else _validation.byte_budget("max_state_bytes", max_state_bytes))
         super().__init__(kernel, debiased, device)
 
     def _config(self) -> dict:
