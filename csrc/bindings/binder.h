@@ -36,6 +36,24 @@
 #endif
 #endif
 
+// REPKERN_BIND(m, binder, kernel): binds the launchers of `kernel` this module has (binder.def(m, &cpu::kernel)
+// and/or binder.def(m, &cuda::kernel)); REPKERN_BIND_CPU / REPKERN_BIND_CUDA for kernels with one backend only.
+#if REPKERN_CPU_LAUNCHERS
+#define REPKERN_BIND_CPU(m, binder, kernel) (binder).def(m, &::repkern::cpu::kernel)
+#else
+#define REPKERN_BIND_CPU(m, binder, kernel) (void)(binder)
+#endif
+#if REPKERN_CUDA_LAUNCHERS
+#define REPKERN_BIND_CUDA(m, binder, kernel) (binder).def(m, &::repkern::cuda::kernel)
+#else
+#define REPKERN_BIND_CUDA(m, binder, kernel) (void)(binder)
+#endif
+#define REPKERN_BIND(m, binder, kernel)   \
+  do {                                    \
+    REPKERN_BIND_CPU(m, binder, kernel);  \
+    REPKERN_BIND_CUDA(m, binder, kernel); \
+  } while (false)
+
 namespace repkern::bindings {
 
 namespace py = pybind11;

@@ -64,13 +64,6 @@ const Binder<HsicTermsParams, int, std::vector<ViewArg>, OptView, OptView, ViewA
 
 }  // namespace
 
-void def_cka(py::module_& m) {
-#if REPKERN_CPU_LAUNCHERS
-  kHsicTerms.def(m, &cpu::hsic_terms);
-#endif
-#if REPKERN_CUDA_LAUNCHERS
-  kHsicTerms.def(m, &cuda::hsic_terms);
-#endif
-}
+void def_cka(py::module_& m) { REPKERN_BIND(m, kHsicTerms, hsic_terms); }
 
 }  // namespace repkern::bindings

@@ -45,12 +45,7 @@ void def_cka_test(py::module_& m) {
   for (ReplicateMode mode : {ReplicateMode::Permute, ReplicateMode::Bootstrap})
     channels[py::int_(int(mode))] = replicate_channels(mode);
   m.attr("REPLICATE_CHANNELS") = channels;
-#if REPKERN_CPU_LAUNCHERS
-  kReplicateRows.def(m, &cpu::replicate_rows);
-#endif
-#if REPKERN_CUDA_LAUNCHERS
-  kReplicateRows.def(m, &cuda::replicate_rows);
-#endif
+  REPKERN_BIND(m, kReplicateRows, replicate_rows);
 }
 
 }  // namespace repkern::bindings

@@ -63,12 +63,7 @@ void def_gram(py::module_& m) {
       .value("WRITE", GramPass::Write)
       .value("ROW_SUMS", GramPass::RowSums)
       .value("WRITE_CENTERED", GramPass::WriteCentered);
-#if REPKERN_CPU_LAUNCHERS
-  kGramEpilogue.def(m, &cpu::gram_epilogue);
-#endif
-#if REPKERN_CUDA_LAUNCHERS
-  kGramEpilogue.def(m, &cuda::gram_epilogue);
-#endif
+  REPKERN_BIND(m, kGramEpilogue, gram_epilogue);
 }
 
 }  // namespace repkern::bindings

@@ -138,20 +138,11 @@ const Binder<SaeSddmmParams, ViewArg, ViewArg, ViewArg, ViewArg, ViewArg> kSaeSd
 
 void def_sae(py::module_& m) {
   m.attr("SAE_MAX_TOPK") = kSaeMaxTopK;  // largest k of the native top-k merge
-#if REPKERN_CPU_LAUNCHERS
-  kSaeActivate.def(m, &cpu::sae_activate);
-  kSaeSparsify.def(m, &cpu::sae_sparsify);
-  kSaeTopkMerge.def(m, &cpu::sae_topk_merge);
-  kSaeSpmm.def(m, &cpu::sae_spmm);
-  kSaeSddmm.def(m, &cpu::sae_sddmm);
-#endif
-#if REPKERN_CUDA_LAUNCHERS
-  kSaeActivate.def(m, &cuda::sae_activate);
-  kSaeSparsify.def(m, &cuda::sae_sparsify);
-  kSaeTopkMerge.def(m, &cuda::sae_topk_merge);
-  kSaeSpmm.def(m, &cuda::sae_spmm);
-  kSaeSddmm.def(m, &cuda::sae_sddmm);
-#endif
+  REPKERN_BIND(m, kSaeActivate, sae_activate);
+  REPKERN_BIND(m, kSaeSparsify, sae_sparsify);
+  REPKERN_BIND(m, kSaeTopkMerge, sae_topk_merge);
+  REPKERN_BIND(m, kSaeSpmm, sae_spmm);
+  REPKERN_BIND(m, kSaeSddmm, sae_sddmm);
 }
 
 }  // namespace repkern::bindings

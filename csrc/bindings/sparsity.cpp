@@ -11,6 +11,15 @@ namespace {
 struct Rows {
   TensorView v;
   int64_t rows = 0, d = 0, ld = 0;
+
+  template <typename Params>
+  void fill(Params& p) const {  // the x fields every sparsity kernel's params have
+    p.dtype = v.dtype;
+    p.x = v.data;
+    p.rows = rows;
+    p.d = d;
+    p.ld = ld;
+  }
 };
 
 Rows rows_of(const ViewArg& arg, const char* name) {
@@ -39,11 +48,7 @@ SparsityStatsParams make_sparsity_stats(const ViewArg& x_arg, const double& eps,
                                         const bool& ordered, const ViewArg& state_arg, const ViewArg& rows_out_arg) {
   const Rows x = rows_of(x_arg, "x");
   SparsityStatsParams p{};
-  p.dtype = x.v.dtype;
-  p.x = x.v.data;
-  p.rows = x.rows;
-  p.d = x.d;
-  p.ld = x.ld;
+  x.fill(p);
   p.eps = eps;
   p.num_top_p = top_p_count(top_p_arg);
   p.top_p = view(top_p_arg, "top_p").as<const double>();
@@ -99,11 +104,7 @@ SparsityFeaturesParams make_sparsity_features(const ViewArg& x_arg, const double
                                               const ViewArg& rows_out_arg) {
   const Rows x = rows_of(x_arg, "x");
   SparsityFeaturesParams p{};
-  p.dtype = x.v.dtype;
-  p.x = x.v.data;
-  p.rows = x.rows;
-  p.d = x.d;
-  p.ld = x.ld;
+  x.fill(p);
   p.eps = eps;
   const DType acc = accumulation_dtype(x.v.dtype);
   const cuda::SparsityPlan plan = cuda::sparsity_plan(x.v.dtype, x.rows, x.d);
@@ -127,11 +128,7 @@ SparsityOrderedParams make_sparsity_ordered(const ViewArg& x_arg, const OptView&
     throw std::invalid_argument("row_begin/row_end: not a range of rows of x");
   SparsityOrderedParams p{};
   const DType acc = accumulation_dtype(x.v.dtype);
-  p.dtype = x.v.dtype;
-  p.x = x.v.data;
-  p.rows = x.rows;
-  p.d = x.d;
-  p.ld = x.ld;
+  x.fill(p);
   p.row_begin = row_begin;
   p.row_end = row_end;
   p.sorted = opt_data<const void>(sorted_arg, "sorted", acc, {row_end - row_begin, x.d});
@@ -167,11 +164,9 @@ void def_sparsity(py::module_& m) {
   m.attr("SPARSITY_ORDERED_SUMS") = int(kSumTopP);  // then 2 per top-p fraction
   m.attr("SPARSITY_MAX_TOP_P") = kMaxTopP;
   m.attr("SPARSITY_TOP_K_TOLERANCE") = kTopKTolerance;
-#if REPKERN_CPU_LAUNCHERS
-  kSparsityStats.def(m, &cpu::sparsity_stats);
-  kSparsityMergeStates.def(m, &cpu::sparsity_merge_states);
-  kSparsityRowSummaries.def(m, &cpu::sparsity_row_summaries);
-#endif
+  REPKERN_BIND_CPU(m, kSparsityStats, sparsity_stats);
+  REPKERN_BIND_CPU(m, kSparsityMergeStates, sparsity_merge_states);
+  REPKERN_BIND_CPU(m, kSparsityRowSummaries, sparsity_row_summaries);
 #if REPKERN_CUDA_LAUNCHERS
   m.def(
       "sparsity_plan_cuda",
@@ -184,8 +179,8 @@ void def_sparsity(py::module_& m) {
       "sparsity_max_smem_sort_cuda",
       [](int dtype, uint64_t /*stream*/) { return cuda::sparsity_max_smem_sort(dtype_arg(dtype)); }, py::arg("dtype"),
       py::arg("stream"));
-  kSparsityFeatures.def(m, &cuda::sparsity_features);
-  kSparsityOrdered.def(m, &cuda::sparsity_ordered);
+  REPKERN_BIND_CUDA(m, kSparsityFeatures, sparsity_features);
+  REPKERN_BIND_CUDA(m, kSparsityOrdered, sparsity_ordered);
 #endif
 }
 

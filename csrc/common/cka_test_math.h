@@ -47,13 +47,9 @@ void dispatch_replicate(ReplicateMode mode, DType dtype, F&& f) {
   switch_value<ReplicateMode, ReplicateMode::Permute, ReplicateMode::Bootstrap>(
       mode, "replicate_rows mode", [&](auto mode_c) {
         constexpr ReplicateMode M = decltype(mode_c)::value;
-        if (dtype == DType::Float64) {
-          f.template operator()<M, double>();
-        } else if (dtype == DType::Float32) {
-          f.template operator()<M, float>();
-        } else {
-          throw std::invalid_argument("replicate_rows: matrices must be float32 or float64");
-        }
+        switch_acc(dtype, "replicate_rows matrices", [&](auto acc_t) {
+          f.template operator()<M, typename decltype(acc_t)::type>();
+        });
       });
 }
 

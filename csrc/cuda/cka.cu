@@ -252,11 +252,8 @@ void launch(const LaunchGroup& group, int64_t m, const void* aux, const void* sc
     launch_kernel("hsic_terms", describe, kernel, shape, group, static_cast<const A*>(aux),
                   static_cast<const A*>(scale), cross, row_sums, diag, rows, cols, r0, c0, n, diagonal_block);
   };
-  if (vec) {
-    run(hsic_terms_kernel<K, A, true>);
-  } else {
-    run(hsic_terms_kernel<K, A, false>);
-  }
+  switch_value<bool, false, true>(vec, "hsic_terms vector loads",
+                                  [&](auto vec_c) { run(hsic_terms_kernel<K, A, decltype(vec_c)::value>); });
 }
 
 }  // namespace

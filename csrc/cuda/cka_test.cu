@@ -101,11 +101,8 @@ void launch(const T* a, const T* b, const int32_t* index, const float* weight, d
   auto run = [&](auto kernel) {
     launch_kernel("replicate_rows", describe, kernel, shape, a, b, companion, out, replicates, n);
   };
-  if (vec) {
-    run(replicate_rows_kernel<M, T, true>);
-  } else {
-    run(replicate_rows_kernel<M, T, false>);
-  }
+  switch_value<bool, false, true>(vec, "replicate_rows vector loads",
+                                  [&](auto vec_c) { run(replicate_rows_kernel<M, T, decltype(vec_c)::value>); });
 }
 
 }  // namespace

@@ -437,7 +437,8 @@ void sae_sparsify(const SaeSparsifyParams& p, void* stream) {
 
 void sae_topk_merge(const SaeTopkMergeParams& p, void* stream) {
   if (p.rows == 0) return;
-  if (p.k < 1 || p.k > kSaeMaxTopK) throw std::invalid_argument("sae_topk_merge: k must be in [1, 256]");
+  if (p.k < 1 || p.k > kSaeMaxTopK)
+    throw std::invalid_argument("sae_topk_merge: k must be in [1, " + std::to_string(kSaeMaxTopK) + "]");
   const int slots = (p.k + 31) / 32;
   const int R = slots <= 1 ? 1 : slots <= 2 ? 2 : slots <= 4 ? 4 : 8;
   switch_acc(p.acc_dtype, "sae_topk_merge", [&](auto tag) {
