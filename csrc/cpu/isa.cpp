@@ -95,7 +95,8 @@ int selected_isa_index() {
     const int index = index_of(isa);
     if (index < 0)
       throw std::invalid_argument("REPKERN_CPU_ISA=" + want + ": this build has the levels " + names_of(kCompiled) +
-                                  " (build without REPKERN_CPU_ARCH for all x86-64 levels)");
+                                  (isa == Isa::Native ? " (native: only in builds with REPKERN_CPU_ARCH set)"
+                                                      : " (x86-64 builds without REPKERN_CPU_ARCH have them all)"));
     for (Isa s : supported)
       if (s == isa) return index;
     throw std::invalid_argument("REPKERN_CPU_ISA=" + want +
