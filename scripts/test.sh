@@ -12,6 +12,8 @@
 #     `repkern demo --quick` on the real model (tests/test_cli.py);
 #  5. runs `repkern selftest` (every public op against the reference) on the CPU kernels, on the emulated
 #     CUDA kernels, and (--quick) on emulated CPUs without AVX-512 and without AVX where qemu-user exists.
+# Right after the build report it builds the documentation (docs/, Sphinx; the `docs` extra) with warnings
+# as errors, so a docstring that breaks the API reference fails the tests.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -21,7 +23,7 @@ fi
 export REPKERN_STRICT=ON
 export REPKERN_EMU=ON
 # shellcheck disable=SC1091
-source scripts/setup.sh test,demo
+source scripts/setup.sh test,demo,docs
 export REPKERN_REQUIRE_DEMO=1
 python -m pip install -q "pybind11>=2.12" "cmake>=3.26" ninja nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
 PYBIND11_DIR=$(python -c 'import pybind11; print(pybind11.get_cmake_dir())')
@@ -30,6 +32,10 @@ python -m repkern info
 
 echo "== CUDA build report"
 python scripts/check_cuda_build.py --log build/pip-install.log
+
+echo "== docs (Sphinx, warnings are errors)"
+# -E: read every page again (the API pages depend on the installed docstrings, which Sphinx does not track)
+python -m sphinx -E -W --keep-going -b html docs build/docs
 
 echo "== aarch64 cross-build of the CPU kernels and bindings (strict)"
 if command -v aarch64-linux-gnu-g++ > /dev/null; then

@@ -1,4 +1,4 @@
-"""Activation capture: forward hooks on named modules, pooled per batch.
+"""Activation capture: forward hooks on named modules, pooled per batch::
 
     with repkern.capture(model, ["encoder.layer.*"], pool="mean") as cap:
         for batch in loader:
@@ -11,11 +11,11 @@ component (``"encoder.layer.*"`` is the layers, not their submodules), ``**``
 crosses dots. The order is the model's. A hooked module's output may be a tensor, a tuple/list (the hidden
 state is its first element) or a ``ModelOutput``-like object (its
 ``last_hidden_state``, else its first element). Outputs of shape
-``(batch, seq, d)`` are pooled with the attention mask (1 = token, 0 = padding):
+``(batch, seq, d)`` are pooled with the attention mask (1 = token, 0 = padding)::
 
-  ``"all"``   every non-padding token -> ``(tokens, d)`` (batch-major order)
-  ``"last"``  the last non-padding token of each sequence (left or right padding) -> ``(batch, d)``
-  ``"mean"``  the mean over non-padding tokens -> ``(batch, d)``
+  "all"   every non-padding token -> (tokens, d) (batch-major order)
+  "last"  the last non-padding token of each sequence (left or right padding) -> (batch, d)
+  "mean"  the mean over non-padding tokens -> (batch, d)
 
 Outputs of shape ``(batch, d)`` are returned as they are. Hooks are removed on
 exit, also when the block raises.

@@ -12,7 +12,8 @@ builder that allocates its inputs right before the case is timed (and they are
 released after it), so GPU-sized cases can be listed anywhere, and a case or provider
 that runs out of memory becomes a skipped row instead of ending the run.
 
-Run: ``repkern bench`` (``python -m repkern bench``) or ``python benchmarks/bench_gram.py``.
+Run: ``repkern bench`` (``python -m repkern bench``), or ``python -m pytest benchmarks --benchmark-only``
+(the same cases through pytest-benchmark).
 Results: a CSV (:data:`CSV_FIELDS`) and a JSON file next to it (the same rows and a
 header: device, driver, versions, build commit, CPU, threads, ceilings).
 """

@@ -1,4 +1,4 @@
-"""CKA benchmarks (DESIGN.md §7 and issue 3), repkern against plain PyTorch in the same run.
+"""CKA benchmarks (targets: docs/benchmarks.md), repkern against plain PyTorch in the same run.
 
 Providers:
   repkern      the op as a user calls it (method="auto")
@@ -10,11 +10,11 @@ Providers:
                minutes the first P of them (per-pair cost = time / P)
 
 Cases:
-  cka_matrix, RBF, debiased, 6 layers, n=1024, d=384      (§7: >= 1.5× reference, >= 5× loop)
-  cka_matrix, linear, 12 layers, n=4096, d=768 (§7: the feature path >= 70% of the matmul rate;
+  cka_matrix, RBF, debiased, 6 layers, n=1024, d=384      (target: >= 1.5× reference, >= 5× loop)
+  cka_matrix, linear, 12 layers, n=4096, d=768 (target: the feature path >= 70% of the matmul rate;
                "auto" takes Gram space here: its FLOPs are (L+1)·d/n = 2.4× fewer for L layers)
-  cka_matrix, RBF, 12 layers, n=4096, d=768               (issue 3)
-  cka, RBF, n=16384, d=768: tiled (auto), untiled, reference (issue 3, §7: time <= 1.3× untiled)
+  cka_matrix, RBF, 12 layers, n=4096, d=768
+  cka, RBF, n=16384, d=768: tiled (auto), untiled, reference (target: time <= 1.3× untiled)
   cka, RBF, n=32768, d=768: tiled only (full mode: the n×n approaches need > 12 GB here)
 GPU (CUDA device): the same cases scaled up: cka_matrix RBF debiased 6 layers n=4096 d=1024; linear
   12 layers n=16384 d=4096; RBF 12 layers n=16384 d=1024; cka RBF n=65536 d=1024 (tiled, untiled,

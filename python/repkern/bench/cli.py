@@ -1,4 +1,4 @@
-"""`repkern bench` (and the benchmarks/bench_<suite>.py wrappers): options, checks, run, compare.
+"""`repkern bench`: options, checks, run, compare.
 
 Exit status: 0 done; 2 nothing run: a file given to --compare is missing or not a bench
 result, the results cannot be written where --csv says, or the device cannot be used.

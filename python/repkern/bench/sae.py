@@ -1,4 +1,4 @@
-"""SAE benchmarks (DESIGN.md §7): TopK encode to sparse codes against plain torch
+"""SAE benchmarks (docs/benchmarks.md): TopK encode to sparse codes against plain torch
 (dense matmul + topk; + scatter for dense output) and against its GEMM alone, in the
 same run, with peak memory; sparse decode (gather-accumulate) against dense decode.
 

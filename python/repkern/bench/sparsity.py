@@ -4,9 +4,9 @@ computing the same statistics. GB/s counts one read of the activations (the floo
 outputs are a few values per row and per feature), shown against the copy and single-read (sum)
 ceilings of the same run.
 
-Cases: the DESIGN.md §7 targets (16384×2048 float32: full set vs plain torch; the one-read subset,
-``ordered=False``, with a ``sum`` over the same tensor as the single-read ceiling) and the issue's
-benchmark (65536×4096, float32 and bfloat16, full set). GPU (CUDA device): the §7 pair (full
+Cases: the targets of docs/benchmarks.md (16384×2048 float32: full set vs plain torch; the one-read
+subset, ``ordered=False``, with a ``sum`` over the same tensor as the single-read ceiling) and a larger
+benchmark (65536×4096, float32 and bfloat16, full set). GPU (CUDA device): the target pair (full
 set, one-read subset + sum) at 262144×4096 float32, and the full set at 1048576×4096 (1M rows) in
 float32 and bfloat16. ``dtypes`` runs every case in each of them.
 """
@@ -21,7 +21,7 @@ import repkern
 from repkern import reference
 from repkern.bench import Case, generator, select_dtypes
 
-SHAPES = {  # (target shape, issue shapes)
+SHAPES = {  # (target shape, larger shapes)
     "quick": ((2048, 512), [(4096, 1024)]),
     "cpu": ((16384, 2048), [(65536, 4096)]),
     "cuda": ((1 << 18, 4096), [(1 << 20, 4096)]),
@@ -65,7 +65,7 @@ def cases(device: torch.device, quick: bool, dtypes: Optional[Sequence[torch.dty
             _case("sparsity[full]", *target, dtype, device, ordered=True),
             _case("sparsity[one-read]", *target, dtype, device, ordered=False, with_sum=True),
         ]
-    # The reference needs over a minute per call at the issue's shape on a 2-core CPU: one timed call.
+    # The reference needs over a minute per call at the larger shape on a 2-core CPU: one timed call.
     slow = {} if quick or device.type == "cuda" else {"warmup": 0, "min_repeats": 1, "max_repeats": 1}
     for rows, d in issue:
         for dtype in select_dtypes(dtypes, [torch.float32, torch.bfloat16]):

@@ -5,12 +5,14 @@ dictionary_learning.
 Each loader maps a format onto one convention (docs/conventions.md: W_enc (d_in, d_sae),
 W_dec (d_sae, d_in), optional pre-encoder bias b_dec) plus the format's activation:
 
-| format | files | encode |
-|---|---|---|
-| saelens | ``cfg.json``, ``sae_weights.safetensors`` | (x − b_dec if apply_b_dec_to_input) W_enc + b_enc; standard (ReLU), topk (top-k then ReLU), jumprelu |
-| sparsify | ``cfg.json``, ``sae.safetensors`` | ReLU(encoder(x − b_dec)), then top-k (``relu_first``); encoder.weight is (d_sae, d_in) |
-| gemmascope | ``params.npz`` | JumpReLU of x W_enc + b_enc (no b_dec subtraction) |
-| dictionary_learning | ``ae.pt`` (+ ``config.json``) | AutoEncoder: ReLU(encoder(x − bias)); AutoEncoderTopK: ReLU then top-k; BatchTopKSAE: relu(h)·[h > threshold] |
+===================  =========================================  ==========================================
+format               files                                      encode
+===================  =========================================  ==========================================
+saelens              ``cfg.json``, ``sae_weights.safetensors``  (x − b_dec if apply_b_dec_to_input) W_enc + b_enc; standard (ReLU), topk (top-k then ReLU), jumprelu
+sparsify             ``cfg.json``, ``sae.safetensors``          ReLU(encoder(x − b_dec)), then top-k (``relu_first``); encoder.weight is (d_sae, d_in)
+gemmascope           ``params.npz``                             JumpReLU of x W_enc + b_enc (no b_dec subtraction)
+dictionary_learning  ``ae.pt`` (+ ``config.json``)              AutoEncoder: ReLU(encoder(x − bias)); AutoEncoderTopK: ReLU then top-k; BatchTopKSAE: relu(h)·[h > threshold]
+===================  =========================================  ==========================================
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ class SAE(nn.Module):
     """Sparse autoencoder: codes = activation((x − b_dec) W_enc + b_enc), x̂ = codes W_dec + b_dec.
 
     Args:
-        W_enc ``(d_in, d_sae)``, b_enc ``(d_sae,)``, W_dec ``(d_sae, d_in)``, b_dec ``(d_in,)``.
+        W_enc: ``(d_in, d_sae)``.
+        b_enc: ``(d_sae,)``.
+        W_dec: ``(d_sae, d_in)``.
+        b_dec: ``(d_in,)``.
         activation, k, relu_first: as in :func:`repkern.sae_encode`.
         threshold: JumpReLU θ ``(d_sae,)`` or BatchTopK's inference scalar; kept in
             float32 and learnable (a parameter).

@@ -496,7 +496,9 @@ def sae_encode(
     rounded to it first) with float32 accumulation (float64 for float64 weights).
 
     Args:
-        x: ``(..., d_in)``. W_enc: ``(d_in, d_sae)``. b_enc: ``(d_sae,)``.
+        x: ``(..., d_in)``.
+        W_enc: ``(d_in, d_sae)``.
+        b_enc: ``(d_sae,)``.
         b_dec: ``(d_in,)`` pre-encoder bias subtracted from x, or None.
         activation: ``"relu"``; ``"topk"`` (the k largest h per row, then ReLU;
             ``relu_first=True``: ReLU, then the k largest — sparsify's order; the indices
@@ -570,7 +572,8 @@ def sae_decode(codes, W_dec: Tensor, b_dec: Optional[Tensor] = None) -> Tensor:
 
     Args:
         codes: dense ``(..., d_sae)``, :class:`SparseCodes` or :class:`CsrCodes`.
-        W_dec: ``(d_sae, d_in)``. b_dec: ``(d_in,)`` or None.
+        W_dec: ``(d_sae, d_in)``.
+        b_dec: ``(d_in,)`` or None.
 
     Returns ``(..., d_in)`` in W_dec's dtype (codes are rounded to it), float32
     accumulation (float64 for float64). Sparse codes: a gather-accumulate of the

@@ -232,7 +232,7 @@ def sparsity_stats(
             (a copy is made only when the last dim is strided or the leading dims cannot be flattened).
         eps: an entry "fires" (counts in L0 and feature firing) when ``|a| > eps`` (eps >= 0).
         top_p: up to 8 fractions p in (0, 1]; top-p mass = share of Σ|a| (``top_p_l1``) and of Σa²
-            (``top_p_l2``) held by the ⌈p·n⌉ largest |a| of the row (at least one entry).
+            (``top_p_l2``) held by the ⌈p·n⌉ largest ``|a|`` of the row (at least one entry).
         dense_threshold: a feature is dense when its firing frequency is above this.
         density_bins: bins of the log10 feature-density histogram on [−10, 0].
         row_bins: bins of the per-row histograms on [0, 1].
@@ -246,7 +246,7 @@ def sparsity_stats(
 
     NaN/Inf policy: non-finite entries are counted (per feature: ``nan_count``, ``inf_count``; per row:
     ``nonfinite``; totals) and excluded from every other statistic. Effective rank uses both
-    normalizations: ``effective_rank_l1`` (p = |a|/Σ|a|) and ``effective_rank_l2`` (p = a²/Σa²).
+    normalizations: ``effective_rank_l1`` (``p = |a|/Σ|a|``) and ``effective_rank_l2`` (``p = a²/Σa²``).
     Accumulation: float32 within a block of rows, float64 for row sums, merges across blocks and moments.
     Not differentiable (the input is detached).
     """

@@ -31,29 +31,35 @@ class SparsityStats:
     """Sparsity statistics of activations ``a`` of shape ``(..., d)`` (rows = samples, last dim = features).
 
     Per row (shape ``a.shape[:-1]``; ``top_p_*`` add a last dim of ``len(top_p)``). Non-finite entries are
-    excluded: n = the row's number of finite entries takes the place of d.
+    excluded: n = the row's number of finite entries takes the place of d::
+
       l0 (int64) #{|a| > eps};  l1 Σ|a|;  l2 ‖a‖₂;  nonfinite (int64) NaN/Inf entries in the row;
       hoyer (√n − l1/l2)/(√n − 1)  (1 one-hot, 0 flat; NaN for an all-zero row or n ≤ 1);
       gini  2Σ i·a₍ᵢ₎/(n Σa) − (n+1)/n over |a| ascending (NaN for an all-zero row);
       thresholded_l0  fraction of entries with |a| > mean(|a|) + std(|a|) (population std);
-      top_p_l1 / top_p_l2  share of Σ|a| / of Σa² held by the ⌈p·n⌉ largest |a|, one per p in ``top_p``;
+      top_p_l1 / top_p_l2  share of Σ|a| / of Σa² held by the ⌈p·n⌉ largest |a|, one per p in top_p;
       effective_rank_l1 / _l2  exp(entropy) of p = |a|/Σ|a| / of p = a²/Σa² (NaN for an all-zero row).
-      The ordered fields (gini, thresholded_l0, top_p_*, effective_rank_*) are None with ``ordered=False``,
-      and in accumulator results unless ``keep_rows=True``.
-    Per feature (shape ``(d,)``), over the finite values of the feature:
+      The ordered fields (gini, thresholded_l0, top_p_*, effective_rank_*) are None with ordered=False,
+      and in accumulator results unless keep_rows=True.
+
+    Per feature (shape ``(d,)``), over the finite values of the feature::
+
       count (int64) finite values; fire_count (int64) #{|a| > eps}; frequency fire_count/count;
       mean; var (population); kurtosis (excess, m4/m2² − 3; NaN where var = 0); min; max; mean_abs;
       nan_count, inf_count (int64). A feature with no finite value has NaN statistics. A feature whose
       finite values are all equal has var exactly 0.
-    Summary:
+
+    Summary::
+
       dead (bool, d) fire_count == 0;  dense (bool, d) frequency > dense_threshold;  n_dead, n_dense;
-      density_histogram (int64, bins) of log10(frequency + 1e-10) on ``density_edges`` = [−10, 0]
+      density_histogram (int64, bins) of log10(frequency + 1e-10) on density_edges = [−10, 0]
         (SAELens convention; dead features fall in the first bin; features with no finite value are left out);
       nan_total, inf_total (int64);  rows (number of rows);
       row_mean[stat] (float64) mean over the rows where the statistic is defined (not NaN);
       row_defined[stat] (int64) number of those rows;
-      row_histogram[stat] (int64, bins; ``(P, bins)`` for top_p_*) on ``row_edges`` = [0, 1] for the
-        statistics in [0, 1] (``l0_fraction`` = l0/d, hoyer, gini, thresholded_l0, top_p_*).
+      row_histogram[stat] (int64, bins; (P, bins) for top_p_*) on row_edges = [0, 1] for the
+        statistics in [0, 1] (l0_fraction = l0/d, hoyer, gini, thresholded_l0, top_p_*).
+
     Floating results are float32 (float64 for float64 input).
     """
 
