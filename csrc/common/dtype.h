@@ -16,7 +16,7 @@
 
 namespace repkern {
 
-// Codes shared with python/repkern/_native.py (_DTYPE_CODES).
+// Codes of the tensor views; exported to Python as repkern._C.DTYPE_CODES.
 enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3, Int32 = 4, Int64 = 5 };
 constexpr int kNumDTypes = 6;
 

@@ -272,12 +272,13 @@ def resolve_device(device: Union[None, str, torch.device]) -> torch.device:
 
 
 def run(suites: Sequence[str] = SUITES, *, device: Union[None, str, torch.device] = None, quick: bool = False,
-        dtypes: Optional[Sequence[torch.dtype]] = None, csv_path: Optional[str] = None,
+        full: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None, csv_path: Optional[str] = None,
         json_path: Optional[str] = None, log=print) -> Results:
     """Runs the suites on `device` (default: CUDA if available, else the CPU) in `dtypes` (default: each
-    suite's own), writes the CSV and the JSON next to it (``json_path``: another place)."""
+    suite's own; ``full``: also the largest cases), writes the CSV and the JSON next to it (``json_path``:
+    another place)."""
     device = resolve_device(device)
-    case_lists = {suite: importlib.import_module(f"repkern.bench.{suite}").cases(device, quick, dtypes)
+    case_lists = {suite: importlib.import_module(f"repkern.bench.{suite}").cases(device, quick, dtypes, full=full)
                   for suite in suites}
     return run_suites(case_lists, device, quick=quick, dtypes=dtypes, csv_path=csv_path, json_path=json_path,
                       log=log)

@@ -7,7 +7,6 @@ result, the results cannot be written where --csv says, or the device cannot be 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from typing import Optional
@@ -117,11 +116,7 @@ def run_command(args: argparse.Namespace) -> int:
         return _fail(problem)
     dtypes = [DTYPES[name] for name in dict.fromkeys(args.dtypes)] if args.dtypes else None
     device = bench.resolve_device(device)
-    names = args.op or SUITES
-    case_lists = {name: importlib.import_module(f"repkern.bench.{name}").cases(device, args.quick, dtypes,
-                                                                               full=args.full)
-                  for name in names}
-    rows = bench.run_suites(case_lists, device, quick=args.quick, dtypes=dtypes)
+    rows = bench.run(args.op or SUITES, device=device, quick=args.quick, full=args.full, dtypes=dtypes)
     print()
     print(report.tables(rows))
     for path, write in ((args.csv, lambda p: bench.write_csv(rows, p)),
