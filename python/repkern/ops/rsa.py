@@ -7,8 +7,9 @@ RDMs follow rsatoolbox's ``calc_rdm`` conventions, for patterns x_i (the rows of
 
 as the condensed upper triangle, i < j row-major (scipy's ``pdist`` / ``squareform`` order), length
 n(n−1)/2. Float64 internals: the correlation distance from row-centered, unit-normalized patterns; the
-squared distance from the Gram matrix of the column-centered patterns (translation leaves distances
-unchanged and the centering keeps ‖a‖² + ‖b‖² − 2a·b from cancelling). Row blocks of at most
+squared distance as ‖a‖² + ‖b‖² − 2a·b of the patterns shifted by their column medians (translation
+leaves distances unchanged; the shift keeps the terms from cancelling, and being a data value it keeps
+integer-valued data exact, so equal distances of such data come out exactly equal). Row blocks of at most
 ``BLOCK_ELEMENTS`` products are computed at a time and their i < j entries written straight into the
 condensed vector (no n×n matrix, no index tensors).
 
@@ -39,8 +40,11 @@ def condensed_dissimilarities(x: Tensor, metric: str) -> Tensor:
         z = z / z.norm(dim=1, keepdim=True)  # a constant pattern: 0/0 = NaN in its pairs
         sq = None
     else:
-        # column centering (distances unchanged); skipped when x holds NaN/Inf, which must stay in its rows
-        z = x64 - x64.mean(0) if bool(torch.isfinite(x64).all()) else x64
+        # shifted by a data value per column (the lower median; 0 where it is not finite): distances
+        # are unchanged, NaN/Inf stay in their rows, and differences of float32 or integer-valued data are
+        # exact, so exactly tied distances stay tied
+        shift = x64.nanmedian(0).values
+        z = x64 - torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
         sq = z.square().sum(1)
     out = z.new_empty(n * (n - 1) // 2)
     rows = max(1, min(n, BLOCK_ELEMENTS // n))
