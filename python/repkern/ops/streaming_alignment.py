@@ -64,7 +64,9 @@ class StreamingAlignment(StreamingCKA):
     (decisions on rounding-level quantities, such as a numerical rank or SVCCA's ``keep`` cut, can
     differ when the data sit on the boundary), whatever the batch sizes; a batch may have a single row.
     Scalar metrics come as an ``(len(xs), len(ys))`` tensor (ys=None: ``(len(xs), len(xs))``, exactly
-    symmetric except for pwcca), float32, or float64 once a float64 batch was added; "cca" as a list of
+    symmetric except for pwcca, each layer against itself exactly 0 for shape_distance and 1 for the
+    correlations, where the one-shot functions leave rounding, up to sqrt(ε) for the angular score), float32,
+    or float64 once a float64 batch was added; "cca" as a list of
     lists of 1-D tensors (``[i][j]`` = canonical correlations of xs[i] and ys[j]). Degenerate input as in
     the one-shot functions: NaN where a layer held NaN/Inf (cca: all NaN), NaN with one RuntimeWarning
     naming the layers where a constant layer makes the metric undefined, ValueError naming the layer for
@@ -164,8 +166,10 @@ class StreamingAlignment(StreamingCKA):
                 for j, b in enumerate(cols):
                     if symmetric and b < i:
                         out[i][j] = out[b][i]
-                        continue
-                    out[i][j] = self._pair(metric, options, i, b, n, finite, spectrum, cross, names, widths)
+                    elif dims_y is None and b == i and finite[i]:
+                        out[i][j] = self._self_value(metric, options, spectrum(i), constant[i], names[i], n)
+                    else:
+                        out[i][j] = self._pair(metric, options, i, b, n, finite, spectrum, cross, names, widths)
         undefined = metric in _NAN_WHEN_CONSTANT and not (metric == "shape_distance" and options["score"] != "angular")
         if undefined:
             used = {i for i in range(lx)} | set(cols)
@@ -175,6 +179,17 @@ class StreamingAlignment(StreamingCKA):
         if metric == "cca":
             return [[t.to(dtype) for t in row] for row in out]
         return torch.stack([torch.stack(row) for row in out]).to(dtype)
+
+    @staticmethod
+    def _self_value(metric: str, options: dict, s: so.Spectrum, constant: bool, name: str, n: int) -> Tensor:
+        """A layer against itself (ys=None), exactly: distance 0, correlations 1 (NaN where undefined)."""
+        if metric == "cca":
+            return s.values.new_ones(s.rank)
+        if metric == "shape_distance":
+            so.check_whitenable(s, s.width, options["alpha"], name, n)
+            undefined = constant and options["score"] == "angular"
+            return s.values.new_full((), torch.nan if undefined else 0.0)
+        return s.values.new_full((), torch.nan if constant else 1.0)
 
     @staticmethod
     def _pair(metric, options, a, b, n, finite, spectrum, cross, names, widths) -> Tensor:
