@@ -103,7 +103,8 @@ def test_shape_distance_from_the_stream_matches_netrep():
 def test_float32_batches_use_float64_products():
     """Ill-conditioned, mean-shifted float32 layers: whitening needs the small eigenvalues, which float32
     batch products (StreamingCKA's) would bury in rounding. CCA of x with an invertible map of x is 1."""
-    x = (_data((300, 6), 20) * torch.logspace(-3, 0, 6, dtype=torch.float64) + 100.0).float()
+    q, _ = torch.linalg.qr(_data((6, 6), 22))  # small directions mixed into every column
+    x = ((_data((300, 6), 20) * torch.logspace(-3, 0, 6, dtype=torch.float64)) @ q + 100.0).float()
     m = (_data((6, 6), 21) + 3 * torch.eye(6, dtype=torch.float64)).float()
     y = x @ m
     acc = repkern.StreamingAlignment()
@@ -112,7 +113,7 @@ def test_float32_batches_use_float64_products():
     got = acc.compute("cca")[0][0]
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, repkern.cca(x, y), rtol=2e-6, atol=2e-6)
-    assert got.min().item() > 1 - 1e-4  # y is an exact (float32-rounded) linear map of x
+    assert got.min().item() > 1 - 2e-4  # y: a linear map of x, rounded to float32 (float32 products: 1 − 1e-3)
 
 
 def test_merge_and_checkpoint():
