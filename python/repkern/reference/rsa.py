@@ -15,10 +15,10 @@ def _dissimilarities(x: torch.Tensor, metric: str) -> torch.Tensor:
     x64 = x.double()
     if metric == "correlation":
         full = 1 - torch.corrcoef(x64)  # Pearson r between rows
-    else:
-        full = (x64[:, None, :] - x64[None, :, :]).square().sum(-1) / d
-    i, j = torch.triu_indices(n, n, 1, device=x.device)
-    return full[i, j]
+        i, j = torch.triu_indices(n, n, 1, device=x.device)
+        return full[i, j]
+    # row by row, from the differences themselves: ‖x_i − x_j‖² / d for j > i
+    return torch.cat([(x64[i] - x64[i + 1 :]).square().sum(-1) / d for i in range(n - 1)])
 
 
 def rdm(x: torch.Tensor, metric: str = "correlation") -> torch.Tensor:

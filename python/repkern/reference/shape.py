@@ -28,7 +28,7 @@ def partial_whiten(xc: torch.Tensor, alpha: float, name: str, width: int) -> tor
     if alpha > 1 - 1e-7:
         return xc
     n, p = xc.shape
-    _, s, vh = torch.linalg.svd(xc, full_matrices=True)  # vh: all p eigenvectors of X̄ᵀX̄
+    _, s, vh = torch.linalg.svd(xc, full_matrices=n < p)  # vh (p, p): all p eigenvectors of X̄ᵀX̄
     lam = torch.zeros(p, dtype=xc.dtype, device=xc.device)
     lam[: s.numel()] = s.square()
     rank = int((lam > width * RANK_RHO * lam.max()).sum()) if bool(lam.max() > 0) else 0
