@@ -203,6 +203,8 @@ def test_bad_options_and_states():
         acc.compute("svcca", dims=6)
     with pytest.raises(ValueError, match="keep"):
         acc.compute("svcca", keep=0)
+    with pytest.raises(ValueError, match=r"dims: 7 SVD directions requested from xs\[0\], which has only d=6"):
+        repkern.StreamingAlignment().update([xs[0]]).compute("svcca", dims=7)  # a layer against itself too
     with pytest.raises(ValueError, match="max_state_bytes"):
         repkern.StreamingAlignment(max_state_bytes=64).update([xs[0]], [ys[0]])
 

@@ -189,6 +189,8 @@ class StreamingAlignment(StreamingCKA):
             so.check_whitenable(s, s.width, options["alpha"], name, n)
             undefined = constant and options["score"] == "angular"
             return s.values.new_full((), torch.nan if undefined else 0.0)
+        if metric == "svcca":
+            check_svcca_options(options["dims"], options["keep"], (s.width, s.width), (name, name))
         return s.values.new_full((), torch.nan if constant else 1.0)
 
     @staticmethod
