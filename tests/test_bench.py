@@ -228,6 +228,9 @@ GPU_SHAPES = {
     "cka": ("cka[rbf tiled median=sampled]", "n=65536 d=1024", "float32"),
     "streaming": ("StreamingCKA[linear]", "4+4 layers N=262144 d=1024 b=16384", "float32"),
     "cka_test": ("cka_test[linear 1000 permutations]", "n=16384 d=256/128", "float32"),
+    "shape": ("StreamingAlignment[shape_distance alpha=0.5]", "N=1000000 d=1024/768 b=16384", "float32"),
+    "cca": ("cca", "n=32768 d=1024/768", "float32"),
+    "rsa": ("rdm[correlation]", "n=4096 d=4096", "float32"),
 }
 
 

@@ -71,3 +71,12 @@ __all__ = ["gram", "hsic", "cka", "cka_from_grams", "cka_matrix", "cka_plan", "C
            "SparsityAccumulator", "SparsityStats", "sae_encode", "sae_decode", "SAE", "SparseCodes", "CsrCodes",
            "capture", "compare_models", "profile_sparsity", "CkaResult", "SparsityProfile", "load_result",
            "build_info", "reference", "__version__"]
+
+# Representation alignment beyond CKA: shape metrics, the CCA family, RSA, and all second-order metrics
+# from one streaming pass.
+from repkern.ops.cca import cca, pwcca, svcca  # noqa: E402
+from repkern.ops.rsa import rdm, rsa  # noqa: E402
+from repkern.ops.shape import shape_distance  # noqa: E402
+from repkern.ops.streaming_alignment import StreamingAlignment  # noqa: E402
+
+__all__ += ["shape_distance", "cca", "svcca", "pwcca", "rdm", "rsa", "StreamingAlignment"]

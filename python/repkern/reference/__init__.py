@@ -18,3 +18,10 @@ __all__ = ["JumpReLU", "center_gram", "cka", "cka_from_grams", "cka_matrix", "ck
            "gram", "hsic", "hsic_from_grams", "kernel_gram", "median_squared_distance", "minibatch_cka",
            "sae_decode", "sae_encode", "sae_pre_activations", "sparsity_feature_state", "sparsity_rows",
            "sparsity_stats", "squared_distances"]
+
+# representation alignment beyond CKA: shape metrics, the CCA family, RSA
+from repkern.reference.cca import cca, pwcca, svcca  # noqa: E402
+from repkern.reference.rsa import rdm, rsa  # noqa: E402
+from repkern.reference.shape import shape_distance  # noqa: E402
+
+__all__ += ["cca", "pwcca", "rdm", "rsa", "shape_distance", "svcca"]

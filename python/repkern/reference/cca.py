@@ -15,8 +15,8 @@ RANK_RHO = 2.0**-46  # a direction is null when its squared singular value <= dÂ
 
 
 def _basis(x: torch.Tensor):
-    """Orthonormal basis (n, r) of the centered columns of x and its singular values (r,), descending,
-    r = numerical rank (0 for a constant x)."""
+    """(orthonormal basis (n, r) of the centered columns of x, their singular values (r,) descending,
+    the centered x (n, d)); r = numerical rank, 0 for a constant x."""
     x64 = x.double()
     xc = x64 - x64.mean(0)
     u, s, _ = torch.linalg.svd(xc, full_matrices=False)
@@ -42,18 +42,20 @@ def cca(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     ux, _, _ = _basis(x)
     uy, _, _ = _basis(y)
     k = min(ux.shape[1], uy.shape[1])
+    if k == 0:
+        return _nan(x, (0,))
     return torch.linalg.svdvals(ux.T @ uy)[:k].clamp(0, 1).to(stat_dtype(x.dtype))
 
 
 def _kept(s: torch.Tensor, dims: Optional[int], keep: float) -> int:
+    """Leading SVD directions kept: `dims` (at most the rank), else the fewest explaining `keep` of the variance."""
     if s.numel() == 0:
         return 0
     if dims is not None:
         return min(dims, s.numel())
     var = s.square()
     explained = torch.cumsum(var, 0) / var.sum()
-    k = int((explained < keep).sum()) + 1  # the fewest leading directions reaching `keep`
-    return min(k, s.numel())
+    return min(int((explained < keep).sum()) + 1, s.numel())
 
 
 def svcca(x: torch.Tensor, y: torch.Tensor, *, dims=None, keep: float = 0.99) -> torch.Tensor:
@@ -67,7 +69,7 @@ def svcca(x: torch.Tensor, y: torch.Tensor, *, dims=None, keep: float = 0.99) ->
     ky = _kept(sy, None if dims is None else dims[1], keep)
     if min(kx, ky) == 0:
         return _nan(x)
-    # the reduced data ux[:, :kx]Â·diag(sx[:kx]) spans the same space as ux[:, :kx]
+    # the reduced data ux[:, :kx] diag(sx[:kx]) spans the same space as ux[:, :kx]
     rho = torch.linalg.svdvals(ux[:, :kx].T @ uy[:, :ky])[: min(kx, ky)].clamp(0, 1)
     return rho.mean().to(stat_dtype(x.dtype))
 

@@ -15,10 +15,10 @@ def _dissimilarities(x: torch.Tensor, metric: str) -> torch.Tensor:
     x64 = x.double()
     if metric == "correlation":
         full = 1 - torch.corrcoef(x64)  # Pearson r between rows
-    else:
-        full = (x64[:, None, :] - x64[None, :, :]).square().sum(-1) / d
-    i, j = torch.triu_indices(n, n, 1, device=x.device)
-    return full[i, j]
+        i, j = torch.triu_indices(n, n, 1, device=x.device)
+        return full[i, j]
+    # row by row, from the differences themselves: ‖x_i − x_j‖² / d for j > i
+    return torch.cat([(x64[i] - x64[i + 1 :]).square().sum(-1) / d for i in range(n - 1)])
 
 
 def rdm(x: torch.Tensor, metric: str = "correlation") -> torch.Tensor:
@@ -35,7 +35,7 @@ def _average_ranks(v: torch.Tensor) -> torch.Tensor:
 
 
 def rsa(x: torch.Tensor, y: torch.Tensor, *, rdm: str = "correlation", compare: str = "spearman") -> torch.Tensor:
-    """Correlation (Spearman with average ranks, or Pearson) of the condensed RDMs of x (n, d1) and y (n, d2) -> ()."""
+    """Correlation (Spearman with average ranks, or Pearson) of the condensed RDMs of x (n, d1), y (n, d2) -> ()."""
     check_rsa_args(x, y, rdm, compare)
     dx, dy = _dissimilarities(x, rdm), _dissimilarities(y, rdm)
     if not (bool(torch.isfinite(dx).all()) and bool(torch.isfinite(dy).all())):
