@@ -126,7 +126,7 @@ def pwcca(x: Tensor, y: Tensor) -> Tensor:
     """Projection-weighted CCA (Morcos et al. 2018), weights from x's canonical variates.
 
     With the canonical correlations ρ_i (i = 1..k, as :func:`cca`) and x's canonical variates h_i = X̄a_i
-    (unit norm, h_i and ρ_i paired), α_i = Σ_j |⟨h_i, x_j⟩| over the d1 centered columns (units) x_j of
+    (unit norm, h_i and ρ_i paired), α_i = Σ_j \|⟨h_i, x_j⟩\| over the d1 centered columns (units) x_j of
     x, and ``pwcca = Σ α_i ρ_i / Σ α_i``: how much of x's units the correlated directions account for.
 
     Not symmetric: the weights come from x (the paper's L1). google/svcca's ``compute_pwcca`` instead
