@@ -185,6 +185,30 @@ def test_plain_shared_keyword_is_a_compile_error_in_the_emulator(tmp_path):
     assert good.returncode == 0, good.stderr
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_coverage_counts_passes_per_block_and_site(emu, schedule):
+    """coverage(): per kernel and call site, the most times one thread of one block passed it; a site
+    in a loop of `iterations` rounds shows `iterations` however many blocks ran. (No reset here: the
+    counts of the whole run are checked at its end, tests/emu_coverage.py.)"""
+    from tests import emu_coverage as cov
+
+    module = emu(schedule)
+    blocks, iterations = 3, 4
+    out = torch.zeros(blocks * 64, dtype=torch.int32)
+    module.selftest_coverage_loop(blocks, iterations, v(out))
+    lanes = torch.arange(blocks * 64) % 64
+    assert torch.equal(out, (iterations * (lanes ^ 1) + sum(range(iterations))).int())
+    sites = [s for s in cov.scan_sites([cov.CSRC / "emu" / "selftest.cu"]) if s.function == "coverage_loop_kernel"]
+    assert len(sites) == 6 and sum(s.in_loop for s in sites) == 4
+    got = {}
+    for kernel, file, line, what, function, passes in module.coverage():
+        if kernel == "coverage_loop":
+            assert "coverage_loop_kernel" in function
+            assert what in ("__syncthreads", "__shfl_xor_sync", "__ballot_sync", "__syncwarp")
+            got[f"{cov.csrc_relative(file)}:{line}"] = passes
+    assert got == {s.key: iterations if s.in_loop else 1 for s in sites}
+
+
 def test_reset_coverage_clears_the_counts():
     """In a subprocess: resetting here would drop the counts of the tests that ran before."""
     code = (
