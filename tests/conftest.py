@@ -17,6 +17,7 @@ import torch
 
 import repkern
 
+pytest_plugins = ["tests.emu_coverage"]  # emulator coverage of every barrier / warp collective
 EMU_SCHEDULES = ("forward", "reverse")
 
 

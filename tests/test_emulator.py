@@ -3,7 +3,12 @@ under every schedule, and planted bugs are caught."""
 
 from __future__ import annotations
 
+import os
+import pathlib
 import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -146,3 +151,95 @@ def test_schedules_set_thread_and_block_order(emu):
 def test_bad_schedule_is_an_error(emu):
     with pytest.raises(RuntimeError, match=re.escape("REPKERN_EMU_SCHEDULE must be forward, reverse or random[:seed]")):
         _order(emu, "sideways")
+
+
+@pytest.mark.emu_smoke
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_static_shared_memory_is_poisoned_before_every_block(emu, schedule):
+    """RK_SHARED arrays (two instantiations of one kernel template) read before any write of the block:
+    0xFF bytes, not the previous block's values."""
+    blocks = 3
+    out = torch.zeros(2, blocks * 64, dtype=torch.int32)
+    emu(schedule).selftest_static_smem(blocks, v(out))
+    assert (out == -1).all()
+    names = {(pathlib.Path(f).name, name) for f, _line, name in emu(schedule).shared_regions()}
+    assert ("selftest.cu", "words") in names
+
+
+def test_plain_shared_keyword_is_a_compile_error_in_the_emulator(tmp_path):
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    csrc = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+    source = tmp_path / "k.cpp"
+
+    def compile_kernel(body):
+        source.write_text('#include "common/macros.h"\n__global__ void k(float* out) {\n' + body + "\n}\n")
+        return subprocess.run([compiler, "-std=c++20", "-fsyntax-only", "-DREPKERN_EMU", f"-I{csrc}", str(source)],
+                              capture_output=True, text=True)
+
+    bad = compile_kernel("  __shared__ float s[32];\n  s[threadIdx.x] = 1.0f;\n  out[0] = s[0];")
+    assert bad.returncode != 0 and "use RK_SHARED(type, name, dims)" in bad.stderr
+    good = compile_kernel("  RK_SHARED(float, s, [32]);\n  RK_SHARED(int, flag);\n  s[threadIdx.x] = 1.0f;\n"
+                          "  flag = 1;\n  __syncthreads();\n  out[0] = s[0] + float(flag);")
+    assert good.returncode == 0, good.stderr
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_coverage_counts_passes_per_block_and_site(emu, schedule):
+    """coverage(): per kernel and call site, the most times one thread of one block passed it; a site
+    in a loop of `iterations` rounds shows `iterations` however many blocks ran. (No reset here: the
+    counts of the whole run are checked at its end, tests/emu_coverage.py.)"""
+    from tests import emu_coverage as cov
+
+    module = emu(schedule)
+    blocks, iterations = 3, 4
+    out = torch.zeros(blocks * 64, dtype=torch.int32)
+    module.selftest_coverage_loop(blocks, iterations, v(out))
+    lanes = torch.arange(blocks * 64) % 64
+    assert torch.equal(out, (iterations * (lanes ^ 1) + sum(range(iterations))).int())
+    sites = [s for s in cov.scan_sites([cov.CSRC / "emu" / "selftest.cu"]) if s.function == "coverage_loop_kernel"]
+    assert len(sites) == 6 and sum(s.in_loop for s in sites) == 4
+    got = {}
+    for kernel, file, line, what, function, passes in module.coverage():
+        if kernel == "coverage_loop":
+            assert "coverage_loop_kernel" in function
+            assert what in ("__syncthreads", "__shfl_xor_sync", "__ballot_sync", "__syncwarp")
+            got[f"{cov.csrc_relative(file)}:{line}"] = passes
+    assert got == {s.key: iterations if s.in_loop else 1 for s in sites}
+
+
+def test_reset_coverage_clears_the_counts():
+    """In a subprocess: resetting here would drop the counts of the tests that ran before."""
+    code = (
+        "import torch\n"
+        "from repkern import _native\n"
+        "m = _native.emu_module()\n"
+        "out = torch.zeros(64, dtype=torch.int32)  # bound to a name: the kernel writes to it\n"
+        "m.selftest_coverage_loop(1, 2, _native.view(out))\n"
+        "assert any(r[0] == 'coverage_loop' and r[5] == 2 for r in m.coverage())\n"
+        "m.reset_coverage()\n"
+        "assert m.coverage() == []\n"
+        "m.selftest_coverage_loop(1, 1, _native.view(out))\n"
+        "assert max(r[5] for r in m.coverage()) == 1\n"
+    )
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "python"), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("schedule", ("forward", "reverse"))
+def test_a_warp_runs_ahead_as_soon_as_its_collective_completes(emu, schedule):
+    """A warp collective completes when its last lane arrives and the warp goes on before the next
+    warp starts (the lowest first under `forward`, the highest under `reverse`): a fast warp reaches
+    the next loop iteration, and overwrites scratch, while a slow one has yet to read it."""
+    warps = 3
+    order = torch.zeros(warps * 32, 2, dtype=torch.int32)
+    emu(schedule).selftest_run_ahead(warps, v(order))
+    t = torch.arange(warps * 32)
+    if schedule == "reverse":
+        t = warps * 32 - 1 - t
+    warp, lane = t // 32, t % 32
+    assert torch.equal(order[:, 0], (64 * warp + lane).int())  # before the __syncwarp
+    assert torch.equal(order[:, 1], (64 * warp + 32 + lane).int())  # right after it, before the next warp

@@ -64,7 +64,8 @@ def test_topk_matches_reference(backend, dtype, relu_first):
     assert torch.equal(dense.cpu(), codes.to_dense().cpu())
 
 
-@pytest.mark.parametrize("k", (5, 40, 100, 200))  # register slots per lane: 1, 2, 4, 8
+# register slots per lane: 1, 2, 4, 8; k = 32: the k-th rank in lane 31 (one slot), k = 33: in slot 0 of lane 16
+@pytest.mark.parametrize("k", (5, 32, 33, 40, 100, 200))
 @pytest.mark.parametrize("d_sae", (256, 301))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
 def test_topk_every_k_class(backend, k, d_sae, dtype):

@@ -111,7 +111,10 @@ def test_expanded_and_batched_inputs(backend):
     assert s.hoyer.shape == (3, 70) and (s.var == 0).all() and torch.isnan(s.kurtosis).all()
 
 
-@pytest.mark.parametrize("rows,d", [(1, 1), (6, 1), (1, 3), (33, 3), (2, 4097)])
+# (70, 517): scalar loads, chunks of 32 + 32 + 6 rows (8, 8 and 2 batches of 4 and 2 rows), 2-3 rows
+# per ordered block, consecutive top-p sums of rows spread over every warp; (300, 260): 16-byte loads,
+# more chunks than row splits (a block takes two), 9-10 rows per ordered block.
+@pytest.mark.parametrize("rows,d", [(1, 1), (6, 1), (1, 3), (33, 3), (2, 4097), (70, 517), (300, 260)])
 def test_odd_shapes(backend, rows, d):
     _check(_data((rows, d), torch.float32, backend.device, seed=rows + d), top_p=TOP_P)
 
@@ -141,6 +144,13 @@ def test_long_rows_fall_back_to_sorted_input(backend, monkeypatch):
     monkeypatch.setattr(sparsity_ops, "PRESORT_CHUNK_BYTES", 1)
     _check(_data((2, 8200), torch.float32, backend.device, seed=3), top_p=(0.001, 0.3))
     _check(_data((3, 4097), torch.float64, backend.device, seed=4), top_p=(0.001, 0.3))
+
+
+def test_presorted_long_rows_several_per_block(backend):
+    """Rows sorted by torch (d above the float64 sort buffer) in one launch of more rows than blocks: a
+    block takes two rows; the two top-p sums of a row (all threads hold entries of both) are consecutive
+    block reductions through the same scratch."""
+    _check(_data((34, 4097), torch.float64, backend.device, seed=18), top_p=(0.3, 0.6))
 
 
 def test_ordered_false_is_the_one_read_subset(backend):

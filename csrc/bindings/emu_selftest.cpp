@@ -46,6 +46,47 @@ void def_emu_selftest(py::module_& m) {
     py::gil_scoped_release release;
     st::planted_bug(st::Bug(bug), s.as<float>());
   });
+  m.def("selftest_static_smem", [](int blocks, const ViewArg& out) {
+    if (blocks < 1 || blocks > 1024) throw std::invalid_argument("blocks: expected 1..1024");
+    const TensorView o = view(out, "out");
+    o.expect(DType::Int32, {2, int64_t(blocks) * 64});
+    py::gil_scoped_release release;
+    st::static_smem_poison(blocks, o.as<int32_t>());
+  });
+  m.def("selftest_coverage_loop", [](int blocks, int iterations, const ViewArg& out) {
+    if (blocks < 1 || blocks > 1024 || iterations < 0) throw std::invalid_argument("blocks/iterations: out of range");
+    const TensorView o = view(out, "out");
+    o.expect(DType::Int32, {int64_t(blocks) * 64});
+    py::gil_scoped_release release;
+    st::coverage_loop(blocks, iterations, o.as<int32_t>());
+  });
+  m.def("selftest_run_ahead", [](int warps, const ViewArg& order) {
+    if (warps < 1 || warps > 32) throw std::invalid_argument("warps: expected 1..32");
+    const TensorView o = view(order, "order");
+    o.expect(DType::Int32, {int64_t(warps) * 32, 2});
+    py::gil_scoped_release release;
+    st::run_ahead(warps, o.as<int32_t>());
+  });
+  m.def(
+      "coverage",
+      [] {
+        py::list out;
+        for (const st::CoverageRecord& e : st::coverage())
+          out.append(py::make_tuple(e.kernel, e.file, e.line, e.what, e.function, e.max_passes));
+        return out;
+      },
+      "Barrier and warp-collective passes since the last reset_coverage(): a list of (kernel, file, line, what, "
+      "function, max_passes), one per kernel and call-site instantiation; max_passes = the most times one thread of "
+      "one block passed it.");
+  m.def("reset_coverage", [] { st::reset_coverage(); });
+  m.def(
+      "shared_regions",
+      [] {
+        py::list out;
+        for (const st::SharedRegionRecord& r : st::shared_regions()) out.append(py::make_tuple(r.file, r.line, r.name));
+        return out;
+      },
+      "The RK_SHARED arrays poisoned so far: a list of (file, line, name).");
 }
 
 }  // namespace repkern::bindings

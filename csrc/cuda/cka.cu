@@ -62,9 +62,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   constexpr int V = kVec16<A>, CR = kChunkRows<A>, kLanesPerRow = kCols / V;
   constexpr int kChunks = kCols / CR;                // work items per sub-tile
   constexpr int kPerThread = CR * kCols / kThreads;  // entries per thread in the pair products
-  __shared__ A tile[kMaxMats][CR][kCols + 1];        // +1: row and column reads without bank conflicts
-  __shared__ double partial[kWarps][kMaxPairs];
-  __shared__ int slot_mat[kMaxMats], slot_a[kMaxPairs], slot_b[kMaxPairs];
+  RK_SHARED(A, tile, [kMaxMats][CR][kCols + 1]);  // +1: row and column reads without bank conflicts
+  RK_SHARED(double, partial, [kWarps][kMaxPairs]);
+  RK_SHARED(int, slot_mat, [kMaxMats]);
+  RK_SHARED(int, slot_a, [kMaxPairs]);
+  RK_SHARED(int, slot_b, [kMaxPairs]);
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   if (tid == 0) {

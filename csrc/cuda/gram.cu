@@ -35,10 +35,12 @@ __global__ void __launch_bounds__(kTile* kRowsPerPass)
                          const double* __restrict__ totals,  // [B] or null
                          int64_t batch, int64_t n,
                          double inv_n) {  // 1/n from the host: no device division
-  __shared__ A tile[kTile][kTile + 1];  // +1: column reads without bank conflicts
-  __shared__ A aux_r[kTile], aux_c[kTile];
-  __shared__ A mean_r[kTile], mean_c[kTile];
-  __shared__ double col_part[kRowsPerPass][kTile];
+  RK_SHARED(A, tile, [kTile][kTile + 1]);  // +1: column reads without bank conflicts
+  RK_SHARED(A, aux_r, [kTile]);
+  RK_SHARED(A, aux_c, [kTile]);
+  RK_SHARED(A, mean_r, [kTile]);
+  RK_SHARED(A, mean_c, [kTile]);
+  RK_SHARED(double, col_part, [kRowsPerPass][kTile]);
 
   unsigned ti, tj;
   if (!tile_pair(blockIdx.x, unsigned((n + kTile - 1) / kTile), ti, tj)) return;  // whole block

@@ -88,8 +88,9 @@ __global__ void __launch_bounds__(kThreads)
                     double* __restrict__ row_totals) {   // [kRowTotals, rows], accumulated
   using A = acc_t<T>;
   constexpr int V = kVecWidth<T>;
-  __shared__ int red_counts[kWarps][kBatch];  // finite count | L0 << 16 (each <= kThreads·V <= 2048)
-  __shared__ double red_l1[kWarps][kBatch], red_l2sq[kWarps][kBatch];
+  RK_SHARED(int, red_counts, [kWarps][kBatch]);  // finite count | L0 << 16 (each <= kThreads·V <= 2048)
+  RK_SHARED(double, red_l1, [kWarps][kBatch]);
+  RK_SHARED(double, red_l2sq, [kWarps][kBatch]);
 
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int64_t col0 = int64_t(blockIdx.x) * (kThreads * V) + int64_t(tid) * V;
@@ -317,9 +318,9 @@ __global__ void __launch_bounds__(kOrderedThreads)
                    double* __restrict__ sums) {            // [ordered_sums(num_top_p), rows]
   using A = acc_t<T>;
   constexpr int V = kVecWidth<T>;
-  __shared__ A sorted_smem[kSource == Source::Presorted ? 1 : kSortCapacity<A>];
-  __shared__ double scratch4[kOrderedWarps][kSumTopP];
-  __shared__ double scratch2[kOrderedWarps][2];
+  RK_SHARED(A, sorted_smem, [kSource == Source::Presorted ? 1 : kSortCapacity<A>]);
+  RK_SHARED(double, scratch4, [kOrderedWarps][kSumTopP]);
+  RK_SHARED(double, scratch2, [kOrderedWarps][2]);
   const int tid = int(threadIdx.x);
 
   for (int64_t r = row_begin + blockIdx.x; r < row_end; r += gridDim.x) {

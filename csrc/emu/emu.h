@@ -5,15 +5,34 @@
 // Model:
 //  * blocks run one after another (order set by the schedule); the threads of a
 //    block are fibers on the calling OS thread. A fiber runs until it reaches a
-//    rendezvous (__syncthreads, __syncwarp, warp shuffles/votes) or returns.
+//    rendezvous (__syncthreads, __syncwarp, warp shuffles/votes) or returns; then
+//    the first runnable fiber in schedule order runs. A warp collective completes
+//    as soon as its last lane arrives, so the warp goes on at once: between two
+//    barriers the warps run one after another, lowest first (forward) or highest
+//    first (reverse). A fast warp therefore reaches the next loop iteration (and
+//    overwrites shared scratch) before a slow one has read it, which a missing
+//    barrier must not allow.
 //  * schedules (env REPKERN_EMU_SCHEDULE, read at every launch):
 //      forward | reverse | random[:seed]
 //    set the order in which runnable fibers (and blocks) are resumed, because a
-//    missing barrier often passes in one order and fails in another.
-//  * static __shared__ variables are function-local statics: shared by the
-//    threads of the running block, persisting between blocks (not poisoned: GCC
-//    gives template statics their own COMDAT sections, so they cannot be found).
-//    Dynamic shared memory is poisoned with 0xFF bytes (NaN / -1) before each block.
+//    missing barrier often passes in one order and fails in another (random picks
+//    a random runnable fiber at every switch).
+//  * shared memory is poisoned with 0xFF bytes (NaN / -1) before each block, the
+//    static arrays as well as the dynamic buffer, so that a read before the write
+//    (a missing barrier) sees garbage instead of the previous block's values.
+//    Static shared arrays MUST be declared with RK_SHARED(type, name, dims)
+//    (common/macros.h): each call site (and each template instantiation) is a
+//    static array plus a region record; the first thread of a block that passes
+//    the declaration poisons it (every thread passes the declaration before it
+//    can touch the array). The plain `__shared__` keyword is a compile error here
+//    (GCC places template statics in their own COMDAT sections, so a bare static
+//    could never be found and poisoned).
+//  * coverage: every pass of a barrier or warp collective is counted per call
+//    site (file:line and enclosing function, template arguments included) and
+//    launched kernel: coverage() gives, per (kernel, site), the most times one
+//    thread of one block passed it; reset_coverage() clears it. Test runs use it
+//    to show that every rendezvous ran, and ran twice in one block where it sits
+//    in a loop (tests/emu_coverage.py).
 //  * errors are reported with file:line as repkern_emu::EmuError:
 //      - threads that exit or wait at a different __syncthreads while others of
 //        the block wait at one;
@@ -61,7 +80,9 @@
 #define __forceinline__ inline
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
-#define __shared__ static
+// Plain `__shared__` cannot be poisoned between blocks: declare with RK_SHARED (common/macros.h).
+#define __shared__ \
+  _Pragma("GCC error \"use RK_SHARED(type, name, dims) from common/macros.h instead of __shared__ (the emulator poisons it before each block)\"")
 #define __align__(n) alignas(n)
 
 struct uint3 {
@@ -142,12 +163,45 @@ inline const char* coll_name(Coll c) {
   return "?";
 }
 
+// One barrier or warp-collective call site: a static in a lambda at the call (see
+// RK_EMU_SITE), so each template instantiation of the enclosing function has its own.
+struct SiteRecord;
+struct Site {
+  const char* file;
+  int line;
+  const char* function;  // __PRETTY_FUNCTION__ of the lambda: the enclosing function and its template arguments
+  uint64_t launch = 0;           // launch whose record `record` is
+  SiteRecord* record = nullptr;  // coverage record of (kernel, this site) for that launch
+  constexpr Site(const char* f, int l, const char* fn) : file(f), line(l), function(fn) {}
+};
+
+// Passes of one site within one kernel (launch name).
+struct SiteRecord {
+  std::string kernel;
+  const Site* site = nullptr;
+  const char* what = "";           // __syncthreads or the collective's name
+  uint64_t max_passes = 0;         // most passes by one thread of one block, over all blocks and launches
+  uint64_t block = 0;              // block serial that `passes` counts
+  std::vector<uint32_t> passes;    // per thread of that block
+};
+
+// One static shared array (RK_SHARED): poisoned by the first thread of each block that passes the declaration.
+struct SharedRegion {
+  const char* file;
+  int line;
+  const char* name;
+  uint64_t block = 0;  // block serial it was last poisoned for
+  bool registered = false;
+  constexpr SharedRegion(const char* f, int l, const char* n) : file(f), line(l), name(n) {}
+};
+
 struct Fiber {
   uint3 thread_idx{};
   int linear = 0, warp = 0, lane = 0;
   Wait wait = Wait::Runnable;
   const char* file = "";
   int line = 0;
+  Site* site = nullptr;  // rendezvous it waits at
   // Pending warp collective.
   Coll coll = Coll::SyncWarp;
   unsigned mask = 0;
@@ -187,6 +241,13 @@ struct State {
   void* sched_fake_stack = nullptr;
   std::map<const void*, size_t> dynamic_smem_optin;  // per kernel function
   uint64_t launches = 0;
+  // Serials (never reset): launch_serial invalidates Site::record caches, block_serial
+  // tells SharedRegion and SiteRecord that a new block began.
+  uint64_t launch_serial = 0;
+  uint64_t block_serial = 0;
+  const char* kernel = "";
+  std::map<std::pair<std::string, const Site*>, SiteRecord> coverage;
+  std::vector<const SharedRegion*> shared_regions;  // every RK_SHARED array seen, in first-use order
 };
 
 inline State& state() {
@@ -271,12 +332,36 @@ inline void yield_to_scheduler() {
   fiber_exit_to_scheduler();
 }
 
-inline void wait_at(Wait kind, const char* file, int line) {
+inline void wait_at(Wait kind, Site& site) {
   Fiber& f = current();
   f.wait = kind;
-  f.file = file;
-  f.line = line;
+  f.site = &site;
+  f.file = site.file;
+  f.line = site.line;
   yield_to_scheduler();
+}
+
+// Counts one pass of `f` through the rendezvous it waited at (called when it is released).
+inline void record_pass(const Fiber& f, const char* what) {
+  State& s = state();
+  Site& site = *f.site;
+  if (site.launch != s.launch_serial || site.record == nullptr) {
+    SiteRecord& rec = s.coverage[{std::string(s.kernel), &site}];
+    if (rec.site == nullptr) {
+      rec.kernel = s.kernel;
+      rec.site = &site;
+      rec.what = what;
+    }
+    site.record = &rec;
+    site.launch = s.launch_serial;
+  }
+  SiteRecord& rec = *site.record;
+  if (rec.block != s.block_serial) {
+    rec.block = s.block_serial;
+    rec.passes.assign(s.fibers.size(), 0);
+  }
+  const uint32_t n = ++rec.passes[size_t(f.linear)];
+  if (n > rec.max_passes) rec.max_passes = n;
 }
 
 // Called by the scheduler: run fiber `f` until it parks or finishes.
@@ -438,46 +523,43 @@ inline void complete_collective(std::vector<Fiber>& fibers, int warp_base, const
     if (mask >> l & 1u) fibers[size_t(warp_base + l)].wait = Wait::Runnable;
 }
 
-// Releases every warp collective whose named lanes have all arrived at the same
-// collective with the same mask. With `report`, throws for the first one that
-// can never complete.
-inline bool resolve_collectives(std::vector<Fiber>& fibers, bool report) {
-  bool released = false;
+// Whether the warp collective that `f` waits at can complete: every lane its mask
+// names waits at the same kind of collective with the same mask and operand size
+// (else `why` says which lane does not).
+inline bool collective_ready(const std::vector<Fiber>& fibers, const Fiber& f, std::string* why) {
   const int n = int(fibers.size());
-  for (int i = 0; i < n; ++i) {
-    Fiber& f = fibers[size_t(i)];
-    if (f.wait != Wait::Warp) continue;
-    const int warp_base = f.warp * kWarpSize;
-    bool complete = true;
-    std::string why;
-    for (int l = 0; l < kWarpSize && complete; ++l) {
-      if (!(f.mask >> l & 1u)) continue;
-      const int t = warp_base + l;
-      if (t >= n) {
-        complete = false;
-        why = "lane " + std::to_string(l) + " does not exist (the block has " + std::to_string(n) + " threads)";
-        break;
-      }
-      const Fiber& g = fibers[size_t(t)];
-      if (g.wait == Wait::Warp && g.coll == f.coll && g.mask == f.mask && g.bytes == f.bytes) continue;
-      complete = false;
-      why = "lane " + std::to_string(l) + " " + describe_lane(g);
+  const int warp_base = f.warp * kWarpSize;
+  for (int l = 0; l < kWarpSize; ++l) {
+    if (!(f.mask >> l & 1u)) continue;
+    const int t = warp_base + l;
+    if (t >= n) {
+      if (why) *why = "lane " + std::to_string(l) + " does not exist (the block has " + std::to_string(n) + " threads)";
+      return false;
     }
-    if (complete) {
-      complete_collective(fibers, warp_base, f);
-      released = true;
-    } else if (report) {
-      std::ostringstream os;
-      os << coll_name(f.coll) << " at " << where(f.file, f.line) << " in " << block_name() << ", warp " << f.warp
-         << ": mask " << hex(f.mask) << " names lanes that are absent or elsewhere: " << why;
-      throw EmuError(os.str());
-    }
+    const Fiber& g = fibers[size_t(t)];
+    if (g.wait == Wait::Warp && g.coll == f.coll && g.mask == f.mask && g.bytes == f.bytes) continue;
+    if (why) *why = "lane " + std::to_string(l) + " " + describe_lane(g);
+    return false;
   }
-  return released;
+  return true;
 }
 
-// Releases __syncthreads when every live thread has arrived at the same one.
-inline bool resolve_barrier(std::vector<Fiber>& fibers, bool report) {
+// Throws for the first warp collective that can never complete (called when the block is stuck).
+inline void report_stuck_collectives(const std::vector<Fiber>& fibers) {
+  for (const Fiber& f : fibers) {
+    if (f.wait != Wait::Warp) continue;
+    std::string why;
+    if (collective_ready(fibers, f, &why)) continue;
+    std::ostringstream os;
+    os << coll_name(f.coll) << " at " << where(f.file, f.line) << " in " << block_name() << ", warp " << f.warp
+       << ": mask " << hex(f.mask) << " names lanes that are absent or elsewhere: " << why;
+    throw EmuError(os.str());
+  }
+}
+
+// Whether every thread waits at the same __syncthreads; with `report`, throws when
+// some wait at one while others exited or wait elsewhere.
+inline bool barrier_ready(const std::vector<Fiber>& fibers, bool report) {
   const Fiber* first = nullptr;
   const Fiber* exited = nullptr;
   const Fiber* elsewhere = nullptr;
@@ -486,20 +568,16 @@ inline bool resolve_barrier(std::vector<Fiber>& fibers, bool report) {
       if (first == nullptr) {
         first = &f;
       } else if (f.line != first->line || std::strcmp(f.file, first->file) != 0) {
-        elsewhere = &f;
+        elsewhere = elsewhere ? elsewhere : &f;
       }
     } else if (f.wait == Wait::Done) {
       exited = exited ? exited : &f;
     } else {
-      if (!report) return false;
       elsewhere = elsewhere ? elsewhere : &f;
     }
   }
   if (first == nullptr) return false;
-  if (exited == nullptr && elsewhere == nullptr) {
-    for (Fiber& f : fibers) f.wait = Wait::Runnable;
-    return true;
-  }
+  if (exited == nullptr && elsewhere == nullptr) return true;
   if (!report) return false;
   std::ostringstream os;
   os << "__syncthreads at " << where(first->file, first->line) << " in " << block_name() << ": "
@@ -512,10 +590,51 @@ inline bool resolve_barrier(std::vector<Fiber>& fibers, bool report) {
   throw EmuError(os.str());
 }
 
+// Runnable fibers as a bit set, picked in schedule order.
+class ReadySet {
+ public:
+  explicit ReadySet(size_t n) : words_((n + 63) / 64, 0) {}
+  void set(size_t i) { words_[i / 64] |= uint64_t(1) << (i % 64); }
+  void clear(size_t i) { words_[i / 64] &= ~(uint64_t(1) << (i % 64)); }
+  // Lowest (forward), highest (reverse) or a random runnable fiber; -1 if none.
+  long pick(const Schedule& sch, std::mt19937_64& rng) const {
+    if (sch.kind == ScheduleKind::Forward) {
+      for (size_t w = 0; w < words_.size(); ++w)
+        if (words_[w]) return long(w * 64 + size_t(__builtin_ctzll(words_[w])));
+      return -1;
+    }
+    if (sch.kind == ScheduleKind::Reverse) {
+      for (size_t w = words_.size(); w-- > 0;)
+        if (words_[w]) return long(w * 64 + 63 - size_t(__builtin_clzll(words_[w])));
+      return -1;
+    }
+    size_t count = 0;
+    for (uint64_t word : words_) count += size_t(__builtin_popcountll(word));
+    if (count == 0) return -1;
+    size_t k = size_t(rng() % count);
+    for (size_t w = 0; w < words_.size(); ++w) {
+      uint64_t word = words_[w];
+      const size_t c = size_t(__builtin_popcountll(word));
+      if (k >= c) {
+        k -= c;
+        continue;
+      }
+      for (; k > 0; --k) word &= word - 1;  // drop the k lowest set bits
+      return long(w * 64 + size_t(__builtin_ctzll(word)));
+    }
+    return -1;
+  }
+
+ private:
+  std::vector<uint64_t> words_;
+};
+
 inline void run_block(const Schedule& sch, std::mt19937_64& rng) {
   State& s = state();
+  ++s.block_serial;
   const size_t nthreads = size_t(s.block_dim.x) * s.block_dim.y * s.block_dim.z;
   s.fibers.assign(nthreads, Fiber{});
+  ReadySet ready(nthreads);
   for (size_t t = 0; t < nthreads; ++t) {
     Fiber& f = s.fibers[t];
     f.linear = int(t);
@@ -524,29 +643,49 @@ inline void run_block(const Schedule& sch, std::mt19937_64& rng) {
     f.thread_idx.x = unsigned(t % s.block_dim.x);
     f.thread_idx.y = unsigned((t / s.block_dim.x) % s.block_dim.y);
     f.thread_idx.z = unsigned(t / (size_t(s.block_dim.x) * s.block_dim.y));
+    ready.set(t);
   }
   if (s.dynamic_smem != nullptr) std::memset(s.dynamic_smem, 0xFF, s.dynamic_smem_storage.size() - 16);
-  std::vector<size_t> order;
+  size_t at_barrier = 0, done = 0;
+  std::vector<int> warp_waiting((nthreads + kWarpSize - 1) / kWarpSize, 0);  // lanes parked at a collective
   for (;;) {
-    bool ran = false;
-    order_indices(order, nthreads, sch, rng);
-    for (size_t i : order) {
-      Fiber& f = s.fibers[i];
-      if (f.wait != Wait::Runnable) continue;
-      resume(f, s.stacks[i]);
-      ran = true;
-      if (!f.error.empty()) throw EmuError(f.error);
-    }
-    bool all_done = true;
-    for (const Fiber& f : s.fibers) all_done = all_done && f.wait == Wait::Done;
-    if (all_done) return;
-    bool released = resolve_collectives(s.fibers, false);
-    released = resolve_barrier(s.fibers, false) || released;
-    if (!ran && !released) {
+    const long next = ready.pick(sch, rng);
+    if (next < 0) {
+      if (done == nthreads) return;
+      if (at_barrier == nthreads && barrier_ready(s.fibers, false)) {
+        for (size_t t = 0; t < nthreads; ++t) {
+          Fiber& f = s.fibers[t];
+          record_pass(f, "__syncthreads");
+          f.wait = Wait::Runnable;
+          ready.set(t);
+        }
+        at_barrier = 0;
+        continue;
+      }
       // Stuck: name the first rendezvous that can never complete.
-      resolve_collectives(s.fibers, true);
-      resolve_barrier(s.fibers, true);
+      report_stuck_collectives(s.fibers);
+      barrier_ready(s.fibers, true);
       throw EmuError("emulator: block " + block_name() + " cannot make progress");
+    }
+    Fiber& f = s.fibers[size_t(next)];
+    ready.clear(size_t(next));
+    resume(f, s.stacks[size_t(next)]);
+    if (!f.error.empty()) throw EmuError(f.error);
+    if (f.wait == Wait::Done) {
+      ++done;
+    } else if (f.wait == Wait::Barrier) {
+      ++at_barrier;
+    } else if (f.wait == Wait::Warp && ++warp_waiting[size_t(f.warp)] >= __builtin_popcount(f.mask) &&
+               collective_ready(s.fibers, f, nullptr)) {
+      // The last lane arrived: complete now, so the warp runs on before other warps start.
+      complete_collective(s.fibers, f.warp * kWarpSize, f);
+      for (int l = 0; l < kWarpSize; ++l) {
+        if (!(f.mask >> l & 1u)) continue;
+        const size_t t = size_t(f.warp * kWarpSize + l);
+        record_pass(s.fibers[t], coll_name(f.coll));
+        ready.set(t);
+        --warp_waiting[size_t(f.warp)];
+      }
     }
   }
 }
@@ -580,6 +719,8 @@ inline void launch(const char* name, const void* func, dim3 grid, dim3 block, si
   const Schedule sch = schedule_from_env();
   std::mt19937_64 rng(sch.seed * 0x9E3779B97F4A7C15ull + s.launches);
   ++s.launches;
+  ++s.launch_serial;
+  s.kernel = name;
   s.grid_dim = grid;
   s.block_dim = block;
   s.body = &body;
@@ -611,26 +752,73 @@ inline void set_max_dynamic_smem(const void* func, size_t bytes) {
   detail::state().dynamic_smem_optin[func] = bytes;
 }
 
+// Coverage of the barriers and warp collectives since the last reset: one entry per
+// (kernel launch name, call site instantiation).
+struct CoverageEntry {
+  std::string kernel;      // launch name, e.g. "sparsity_ordered"
+  std::string file;        // __FILE__ of the call
+  int line = 0;
+  std::string what;        // "__syncthreads", "__shfl_sync", ...
+  std::string function;    // enclosing function with template arguments (GCC's __PRETTY_FUNCTION__)
+  uint64_t max_passes = 0; // most times one thread of one block passed it
+};
+
+inline std::vector<CoverageEntry> coverage() {
+  std::lock_guard<std::mutex> lock(detail::launch_mutex());
+  std::vector<CoverageEntry> out;
+  for (const auto& [key, rec] : detail::state().coverage) {
+    CoverageEntry e;
+    e.kernel = rec.kernel;
+    e.file = rec.site->file;
+    e.line = rec.site->line;
+    e.what = rec.what;
+    e.function = rec.site->function;
+    e.max_passes = rec.max_passes;
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
+inline void reset_coverage() {
+  std::lock_guard<std::mutex> lock(detail::launch_mutex());
+  detail::State& s = detail::state();
+  s.coverage.clear();
+  ++s.launch_serial;  // drops every Site's cached record
+}
+
+// The RK_SHARED arrays the emulator has poisoned so far: (file, line, name).
+struct SharedRegionInfo {
+  std::string file;
+  int line = 0;
+  std::string name;
+};
+inline std::vector<SharedRegionInfo> shared_regions() {
+  std::lock_guard<std::mutex> lock(detail::launch_mutex());
+  std::vector<SharedRegionInfo> out;
+  for (const detail::SharedRegion* r : detail::state().shared_regions) out.push_back({r->file, r->line, r->name});
+  return out;
+}
+
 namespace detail {
 
-inline void sync_threads(const char* file, int line) { wait_at(Wait::Barrier, file, line); }
+inline void sync_threads(Site& site) { wait_at(Wait::Barrier, site); }
 
-inline void check_mask(const char* what, const char* file, int line, unsigned mask) {
+inline void check_mask(const char* what, const Site& site, unsigned mask) {
   Fiber& f = current();
   if (!(mask >> f.lane & 1u)) {
-    fiber_fail(std::string(what) + " at " + where(file, line) + ": " + thread_name(f) + " (lane " +
+    fiber_fail(std::string(what) + " at " + where(site.file, site.line) + ": " + thread_name(f) + " (lane " +
                std::to_string(f.lane) + ") calls it with mask " + hex(mask) + ", which does not include itself");
   }
 }
 
 template <typename T>
-inline T warp_collective(const char* file, int line, Coll coll, unsigned mask, T value, int arg, int width) {
+inline T warp_collective(Site& site, Coll coll, unsigned mask, T value, int arg, int width) {
   static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 16, "unsupported shuffle type");
   Fiber& f = current();
-  check_mask(coll_name(coll), file, line, mask);
+  check_mask(coll_name(coll), site, mask);
   if (width < 1 || width > kWarpSize || (width & (width - 1)) != 0)
-    fiber_fail(std::string(coll_name(coll)) + " at " + where(file, line) + ": width " + std::to_string(width) +
-               " is not a power of two in [1, 32]");
+    fiber_fail(std::string(coll_name(coll)) + " at " + where(site.file, site.line) + ": width " +
+               std::to_string(width) + " is not a power of two in [1, 32]");
   f.coll = coll;
   f.mask = mask;
   f.arg = arg;
@@ -638,17 +826,29 @@ inline T warp_collective(const char* file, int line, Coll coll, unsigned mask, T
   f.bytes = sizeof(T);
   std::memset(f.in, 0, sizeof(f.in));
   std::memcpy(f.in, &value, sizeof(T));
-  wait_at(Wait::Warp, file, line);
+  wait_at(Wait::Warp, site);
   T result;
   std::memcpy(&result, f.out, sizeof(T));
   return result;
 }
 
-inline void sync_warp(const char* file, int line, unsigned mask = 0xffffffffu) {
-  warp_collective<int>(file, line, Coll::SyncWarp, mask, 0, 0, kWarpSize);
+inline void sync_warp(Site& site, unsigned mask = 0xffffffffu) {
+  warp_collective<int>(site, Coll::SyncWarp, mask, 0, 0, kWarpSize);
 }
 
 inline unsigned char* dynamic_smem() { return state().dynamic_smem; }
+
+// RK_SHARED: poisons the array when the first thread of a block passes its declaration.
+inline void touch_shared(SharedRegion& region, void* p, size_t bytes) {
+  State& s = state();
+  if (region.block == s.block_serial) return;
+  region.block = s.block_serial;
+  if (!region.registered) {
+    region.registered = true;
+    s.shared_regions.push_back(&region);
+  }
+  std::memset(p, 0xFF, bytes);
+}
 
 }  // namespace detail
 }  // namespace repkern_emu
@@ -662,36 +862,42 @@ inline unsigned char* dynamic_smem() { return state().dynamic_smem; }
 #define gridDim (static_cast<const dim3&>(::repkern_emu::detail::state().grid_dim))
 #define warpSize 32
 
-#define __syncthreads() ::repkern_emu::detail::sync_threads(__FILE__, __LINE__)
-#define __syncwarp(...) ::repkern_emu::detail::sync_warp(__FILE__, __LINE__, ##__VA_ARGS__)
-#define __shfl_sync(mask, var, src, ...)                                                                   \
-  ::repkern_emu::detail::shfl(__FILE__, __LINE__, ::repkern_emu::detail::Coll::ShflIdx, mask, var, src, \
+// The call site of a rendezvous: a static Site in a lambda, i.e. one per source
+// location and per instantiation of the enclosing template (coverage, messages).
+#define RK_EMU_SITE()                                                                            \
+  ([]() -> ::repkern_emu::detail::Site& {                                                        \
+    static ::repkern_emu::detail::Site rk_emu_site_{__FILE__, __LINE__, __PRETTY_FUNCTION__}; \
+    return rk_emu_site_;                                                                         \
+  }())
+
+#define __syncthreads() ::repkern_emu::detail::sync_threads(RK_EMU_SITE())
+#define __syncwarp(...) ::repkern_emu::detail::sync_warp(RK_EMU_SITE(), ##__VA_ARGS__)
+#define __shfl_sync(mask, var, src, ...) \
+  ::repkern_emu::detail::shfl(RK_EMU_SITE(), ::repkern_emu::detail::Coll::ShflIdx, mask, var, src, ##__VA_ARGS__)
+#define __shfl_up_sync(mask, var, delta, ...) \
+  ::repkern_emu::detail::shfl(RK_EMU_SITE(), ::repkern_emu::detail::Coll::ShflUp, mask, var, delta, ##__VA_ARGS__)
+#define __shfl_down_sync(mask, var, delta, ...)                                                          \
+  ::repkern_emu::detail::shfl(RK_EMU_SITE(), ::repkern_emu::detail::Coll::ShflDown, mask, var, delta, \
                               ##__VA_ARGS__)
-#define __shfl_up_sync(mask, var, delta, ...)                                                             \
-  ::repkern_emu::detail::shfl(__FILE__, __LINE__, ::repkern_emu::detail::Coll::ShflUp, mask, var, delta, \
-                              ##__VA_ARGS__)
-#define __shfl_down_sync(mask, var, delta, ...)                                                             \
-  ::repkern_emu::detail::shfl(__FILE__, __LINE__, ::repkern_emu::detail::Coll::ShflDown, mask, var, delta, \
-                              ##__VA_ARGS__)
-#define __shfl_xor_sync(mask, var, lane_mask, ...)                                                             \
-  ::repkern_emu::detail::shfl(__FILE__, __LINE__, ::repkern_emu::detail::Coll::ShflXor, mask, var, lane_mask, \
+#define __shfl_xor_sync(mask, var, lane_mask, ...)                                                          \
+  ::repkern_emu::detail::shfl(RK_EMU_SITE(), ::repkern_emu::detail::Coll::ShflXor, mask, var, lane_mask, \
                               ##__VA_ARGS__)
 #define __ballot_sync(mask, pred) \
-  ::repkern_emu::detail::vote<unsigned>(__FILE__, __LINE__, ::repkern_emu::detail::Coll::Ballot, mask, pred)
+  ::repkern_emu::detail::vote<unsigned>(RK_EMU_SITE(), ::repkern_emu::detail::Coll::Ballot, mask, pred)
 #define __any_sync(mask, pred) \
-  ::repkern_emu::detail::vote<int>(__FILE__, __LINE__, ::repkern_emu::detail::Coll::Any, mask, pred)
+  ::repkern_emu::detail::vote<int>(RK_EMU_SITE(), ::repkern_emu::detail::Coll::Any, mask, pred)
 #define __all_sync(mask, pred) \
-  ::repkern_emu::detail::vote<int>(__FILE__, __LINE__, ::repkern_emu::detail::Coll::All, mask, pred)
+  ::repkern_emu::detail::vote<int>(RK_EMU_SITE(), ::repkern_emu::detail::Coll::All, mask, pred)
 
 namespace repkern_emu {
 namespace detail {
 template <typename T>
-inline T shfl(const char* file, int line, Coll coll, unsigned mask, T var, int arg, int width = kWarpSize) {
-  return warp_collective<T>(file, line, coll, mask, var, arg, width);
+inline T shfl(Site& site, Coll coll, unsigned mask, T var, int arg, int width = kWarpSize) {
+  return warp_collective<T>(site, coll, mask, var, arg, width);
 }
 template <typename R>
-inline R vote(const char* file, int line, Coll coll, unsigned mask, int pred) {
-  const int r = warp_collective<int>(file, line, coll, mask, pred != 0 ? 1 : 0, 0, kWarpSize);
+inline R vote(Site& site, Coll coll, unsigned mask, int pred) {
+  const int r = warp_collective<int>(site, coll, mask, pred != 0 ? 1 : 0, 0, kWarpSize);
   R out;
   std::memcpy(&out, &r, sizeof(R));
   return out;

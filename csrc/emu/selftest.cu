@@ -10,7 +10,7 @@ namespace {
 auto no_shape = [] { return std::string("selftest"); };
 
 __global__ void block_sum_kernel(const float* x, float* out, int n, bool with_barrier) {
-  __shared__ float s[1024];
+  RK_SHARED(float, s, [1024]);
   const int t = threadIdx.x;
   s[t] = x[t];
   if (with_barrier) __syncthreads();
@@ -47,6 +47,38 @@ __global__ void warp_ops_kernel(int32_t* out_i, float* out_f, double* out_d, flo
 __global__ void schedule_order_kernel(int32_t* order, int32_t* counter) {
   const int slot = atomicAdd(counter, 1);
   order[slot] = int32_t(blockIdx.x * blockDim.x + threadIdx.x);
+}
+
+template <int Words>
+__global__ void static_smem_kernel(int32_t* out) {
+  RK_SHARED(int32_t, words, [Words]);
+  const int t = threadIdx.x;
+  out[blockIdx.x * blockDim.x + t] = t < Words ? words[t] : -1;  // before any write of this block
+  __syncthreads();
+  if (t < Words) words[t] = int32_t(blockIdx.x) * 1000 + t;
+}
+
+__global__ void coverage_loop_kernel(int iterations, int32_t* out) {
+  RK_SHARED(int32_t, s, [64]);
+  const int t = threadIdx.x;
+  int32_t acc = 0;
+  for (int i = 0; i < iterations; ++i) {
+    s[t] = i + t;
+    __syncthreads();
+    acc += __shfl_xor_sync(0xffffffffu, s[t], 1);
+    acc += int32_t(__popc(__ballot_sync(0xffffffffu, t & 1)) - 16);  // 16 odd lanes: adds 0
+    __syncthreads();
+  }
+  __syncthreads();
+  if (t < 32) __syncwarp();
+  out[blockIdx.x * blockDim.x + t] = acc;
+}
+
+__global__ void run_ahead_kernel(int32_t* order, int32_t* counter) {
+  const int t = threadIdx.x;
+  order[2 * t] = atomicAdd(counter, 1);
+  __syncwarp();
+  order[2 * t + 1] = atomicAdd(counter, 1);
 }
 
 __global__ void bug_shfl_partial(float* scratch) {
@@ -101,6 +133,43 @@ void warp_ops(int blocks, int32_t* out_i, float* out_f, double* out_d, float* su
   shape.block = dim3(32);
   shape.dynamic_smem = 32 * sizeof(int32_t);
   launch_kernel("warp_ops", no_shape, warp_ops_kernel, shape, out_i, out_f, out_d, sum_f, sum_d);
+}
+
+void static_smem_poison(int blocks, int32_t* out) {
+  LaunchShape shape;
+  shape.grid = dim3(unsigned(blocks));
+  shape.block = dim3(64);
+  launch_kernel("static_smem", no_shape, static_smem_kernel<32>, shape, out);
+  launch_kernel("static_smem", no_shape, static_smem_kernel<64>, shape, out + blocks * 64);
+}
+
+void coverage_loop(int blocks, int iterations, int32_t* out) {
+  LaunchShape shape;
+  shape.grid = dim3(unsigned(blocks));
+  shape.block = dim3(64);
+  launch_kernel("coverage_loop", no_shape, coverage_loop_kernel, shape, iterations, out);
+}
+
+void run_ahead(int warps, int32_t* order) {
+  int32_t counter = 0;
+  LaunchShape shape;
+  shape.block = dim3(unsigned(32 * warps));
+  launch_kernel("run_ahead", no_shape, run_ahead_kernel, shape, order, &counter);
+}
+
+std::vector<CoverageRecord> coverage() {
+  std::vector<CoverageRecord> out;
+  for (const repkern_emu::CoverageEntry& e : repkern_emu::coverage())
+    out.push_back({e.kernel, e.file, e.line, e.what, e.function, e.max_passes});
+  return out;
+}
+
+void reset_coverage() { repkern_emu::reset_coverage(); }
+
+std::vector<SharedRegionRecord> shared_regions() {
+  std::vector<SharedRegionRecord> out;
+  for (const repkern_emu::SharedRegionInfo& r : repkern_emu::shared_regions()) out.push_back({r.file, r.line, r.name});
+  return out;
 }
 
 void schedule_order(int blocks, int threads, int32_t* order) {

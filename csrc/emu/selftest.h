@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace repkern::emu_selftest {
 
@@ -20,6 +22,38 @@ void warp_ops(int blocks, int32_t* out_i, float* out_f, double* out_d, float* su
 
 // order[k] = linear id (block * threads + thread) of the k-th thread to start.
 void schedule_order(int blocks, int threads, int32_t* order);
+
+// Static shared memory is poisoned before every block: `blocks` blocks of 64 threads of
+// two instantiations (32 and 64 words of RK_SHARED int32); each thread records what it
+// reads before any write of its block: out [2, blocks * 64], all -1 (0xFFFFFFFF bytes).
+// Each block then writes its own values, which the next block must not see.
+void static_smem_poison(int blocks, int32_t* out);
+
+// Coverage counting: `blocks` blocks of 64 threads run a loop `iterations` times with a
+// barrier, a shuffle and a ballot in it; outside it one barrier and (warp 0) one __syncwarp.
+// out [blocks * 64]: Σ over iterations of the neighbour lane's value (proof that it ran).
+void coverage_loop(int blocks, int iterations, int32_t* out);
+
+// Warps run ahead: one block of 32·warps threads; each thread takes a ticket (atomic counter)
+// before and after a __syncwarp: order [threads, 2].
+void run_ahead(int warps, int32_t* order);
+
+// The emulator's coverage of barriers and warp collectives (emu.h: repkern_emu::coverage),
+// exposed here because bindings.cpp is not compiled against emu.h.
+struct CoverageRecord {
+  std::string kernel, file;
+  int line = 0;
+  std::string what, function;
+  uint64_t max_passes = 0;  // most times one thread of one block passed the site
+};
+std::vector<CoverageRecord> coverage();
+void reset_coverage();
+struct SharedRegionRecord {
+  std::string file;
+  int line = 0;
+  std::string name;
+};
+std::vector<SharedRegionRecord> shared_regions();
 
 // Planted bugs; each must raise an error naming its kind and file:line.
 enum class Bug : int {
