@@ -123,7 +123,7 @@ def pwcca_from_stats(sx: so.Spectrum, sy: so.Spectrum, c: Tensor) -> Tensor:
 
 
 def pwcca(x: Tensor, y: Tensor) -> Tensor:
-    """Projection-weighted CCA (Morcos et al. 2018), weights from x's canonical variates.
+    r"""Projection-weighted CCA (Morcos et al. 2018), weights from x's canonical variates.
 
     With the canonical correlations ρ_i (i = 1..k, as :func:`cca`) and x's canonical variates h_i = X̄a_i
     (unit norm, h_i and ρ_i paired), α_i = Σ_j \|⟨h_i, x_j⟩\| over the d1 centered columns (units) x_j of

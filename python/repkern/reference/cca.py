@@ -75,7 +75,7 @@ def svcca(x: torch.Tensor, y: torch.Tensor, *, dims=None, keep: float = 0.99) ->
 
 
 def pwcca(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """PWCCA of x (n, d1), y (n, d2) -> (): Σ α_i ρ_i / Σ α_i with α_i = Σ_j \|⟨h_i, x̄_j⟩\| for x's canonical
+    r"""PWCCA of x (n, d1), y (n, d2) -> (): Σ α_i ρ_i / Σ α_i with α_i = Σ_j \|⟨h_i, x̄_j⟩\| for x's canonical
     variates h_i (unit norm) and the centered columns x̄_j of x."""
     check_cca_args(x, y, "pwcca")
     if not _finite(x, y):
