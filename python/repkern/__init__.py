@@ -71,3 +71,8 @@ __all__ = ["gram", "hsic", "cka", "cka_from_grams", "cka_matrix", "cka_plan", "C
            "SparsityAccumulator", "SparsityStats", "sae_encode", "sae_decode", "SAE", "SparseCodes", "CsrCodes",
            "capture", "compare_models", "profile_sparsity", "CkaResult", "SparsityProfile", "load_result",
            "build_info", "reference", "__version__"]
+
+# k-nearest-neighbour alignment: kNN lists without the n × n similarity, mutual/cycle kNN, CKNNA.
+from repkern.ops.knn import cknna, cycle_knn, knn, mutual_knn  # noqa: E402
+
+__all__ += ["knn", "mutual_knn", "cycle_knn", "cknna"]

@@ -18,3 +18,7 @@ __all__ = ["JumpReLU", "center_gram", "cka", "cka_from_grams", "cka_matrix", "ck
            "gram", "hsic", "hsic_from_grams", "kernel_gram", "median_squared_distance", "minibatch_cka",
            "sae_decode", "sae_encode", "sae_pre_activations", "sparsity_feature_state", "sparsity_rows",
            "sparsity_stats", "squared_distances"]
+
+from repkern.reference.knn import cknna, cycle_knn, hsic_unbiased, knn, mutual_knn  # noqa: E402
+
+__all__ += ["cknna", "cycle_knn", "hsic_unbiased", "knn", "mutual_knn"]
