@@ -194,6 +194,18 @@ def test_knn_register_slot_classes(backend, dtype, k):
     _check_lists(vals, idx, x.cpu(), k, "euclidean", exact_indices=dtype == torch.float64)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_knn_wide_tiles(backend, dtype):
+    """Tiles of 128 (float32) or 80 (float64) columns: the CPU columns' merge screens 64
+    columns at once against rows that already hold neighbours (3 or 5 blocks), and holds
+    bands of several groups; the last block is narrower."""
+    n = 333
+    x = _randn(n, 6, dtype, seed=13).to(backend.device)
+    for metric, k in (("cosine", 5), ("euclidean", 40)):
+        vals, idx = repkern.knn(x, k, metric=metric, tile_bytes=128 * 128 * 4)
+        _check_lists(vals, idx, x.cpu(), k, metric, exact_indices=dtype == torch.float64)
+
+
 def test_knn_large_k_merges_in_torch(backend):
     """k > 256: the torch fallback of the merge (same contract), several tiles."""
     n, k = 301, 280
