@@ -228,6 +228,7 @@ GPU_SHAPES = {
     "cka": ("cka[rbf tiled median=sampled]", "n=65536 d=1024", "float32"),
     "streaming": ("StreamingCKA[linear]", "4+4 layers N=262144 d=1024 b=16384", "float32"),
     "cka_test": ("cka_test[linear 1000 permutations]", "n=16384 d=256/128", "float32"),
+    "knn": ("knn[cosine]", "n=65536 d=4096 k=10", "float32"),
 }
 
 

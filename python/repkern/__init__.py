@@ -74,5 +74,6 @@ __all__ = ["gram", "hsic", "cka", "cka_from_grams", "cka_matrix", "cka_plan", "C
 
 # k-nearest-neighbour alignment: kNN lists without the n × n similarity, mutual/cycle kNN, CKNNA.
 from repkern.ops.knn import cknna, cycle_knn, knn, mutual_knn  # noqa: E402
+from repkern.results.knn import Neighbors  # noqa: E402
 
-__all__ += ["knn", "mutual_knn", "cycle_knn", "cknna"]
+__all__ += ["knn", "mutual_knn", "cycle_knn", "cknna", "Neighbors"]

@@ -33,6 +33,7 @@ from repkern import _common, _native, _validation, reference
 from repkern._constants import KNN_MAX_K
 from repkern._validation.knn import check_cknna_args, check_knn_args, check_knn_pair_args
 from repkern.reference.knn import unit_rows
+from repkern.results.knn import Neighbors
 
 __all__ = ["knn", "mutual_knn", "cycle_knn", "cknna", "DEFAULT_TILE_BYTES"]
 
@@ -61,13 +62,13 @@ def _finite_row_mean(xa: Tensor, block: int) -> Tensor:
     """Column mean of the rows of xa (n, d) that hold only finite values (zeros if none);
     summed block by block, no n × d temporary."""
     total = xa.new_zeros(xa.shape[1])
-    count = 0
+    count = xa.new_zeros(())
     for r0 in range(0, xa.shape[0], block):
         rows = xa[r0 : r0 + block]
         finite = torch.isfinite(rows).all(1, keepdim=True)
         total += torch.where(finite, rows, 0).sum(0)
-        count += int(finite.sum())
-    return total / max(count, 1)
+        count += finite.sum()
+    return total / count.clamp_min(1)
 
 
 def ranking_rows(xa: Tensor, metric: str, block: int) -> tuple[Tensor, Tensor]:
@@ -171,7 +172,7 @@ def _(x, k, metric, tile):
 # ---- public functions -------------------------------------------------------------------------
 
 
-def knn(x: Tensor, k: int, *, metric: str = "cosine", tile_bytes: Optional[int] = None) -> tuple[Tensor, Tensor]:
+def knn(x: Tensor, k: int, *, metric: str = "cosine", tile_bytes: Optional[int] = None) -> Neighbors:
     """The k nearest other rows of each row of x, best first.
 
     Args:
@@ -183,7 +184,7 @@ def knn(x: Tensor, k: int, *, metric: str = "cosine", tile_bytes: Optional[int] 
             the blocks have t rows, t² · 4 (8 for float64) <= tile_bytes, t a multiple of 16.
 
     Returns:
-        (values, indices), both (n, k): values in the accumulation dtype (float32, float64 for
+        :class:`~repkern.results.knn.Neighbors` (values, indices), both (n, k): values in the accumulation dtype (float32, float64 for
         float64 input): the similarities, or the distances for euclidean; indices int64, the
         neighbours' row numbers. Row i lists its neighbours best first: largest similarity
         (smallest distance) first, equal values in increasing index order; i itself never
@@ -208,7 +209,7 @@ def knn(x: Tensor, k: int, *, metric: str = "cosine", tile_bytes: Optional[int] 
     budget = tile_budget(tile_bytes)
     if _native.use_reference():
         return reference.knn(x, k, metric=metric)
-    return _knn_op(x.detach(), k, metric, tile_rows(budget, _common.acc_dtype(x.dtype).itemsize))
+    return Neighbors(*_knn_op(x.detach(), k, metric, tile_rows(budget, _common.acc_dtype(x.dtype).itemsize)))
 
 
 class _Edges:

@@ -11,6 +11,7 @@ import torch
 
 from repkern._common import acc_dtype, stat_dtype
 from repkern._validation.knn import check_cknna_args, check_knn_args, check_knn_pair_args
+from repkern.results.knn import Neighbors
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -43,13 +44,13 @@ def rank_order(s: torch.Tensor, descending: bool) -> torch.Tensor:
     return order.gather(1, torch.sort(cls.gather(1, order), dim=1, stable=True).indices)
 
 
-def knn(x: torch.Tensor, k: int, *, metric: str = "cosine") -> tuple[torch.Tensor, torch.Tensor]:
-    """The k nearest other rows of x (n, d): (values (n, k) in the accumulation dtype,
-    indices (n, k) int64), best first. See :func:`repkern.knn`."""
+def knn(x: torch.Tensor, k: int, *, metric: str = "cosine") -> Neighbors:
+    """The k nearest other rows of x (n, d): Neighbors(values (n, k) in the accumulation
+    dtype, indices (n, k) int64), best first. See :func:`repkern.knn`."""
     k = check_knn_args(x, k, metric)
     s = similarities(x, metric)
     idx = rank_order(s, descending=metric != "euclidean")[:, :k]
-    return s.gather(1, idx), idx
+    return Neighbors(s.gather(1, idx), idx)
 
 
 def neighbour_mask(idx: torch.Tensor) -> torch.Tensor:
