@@ -231,6 +231,7 @@ GPU_SHAPES = {
     "shape": ("StreamingAlignment[shape_distance alpha=0.5]", "N=1000000 d=1024/768 b=16384", "float32"),
     "cca": ("cca", "n=32768 d=1024/768", "float32"),
     "rsa": ("rdm[correlation]", "n=4096 d=4096", "float32"),
+    "knn": ("knn[cosine]", "n=65536 d=4096 k=10", "float32"),
 }
 
 

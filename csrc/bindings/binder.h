@@ -146,6 +146,7 @@ void def_sae(py::module_& m);
 void def_cka(py::module_& m);
 void def_cka_test(py::module_& m);
 void def_sparsity(py::module_& m);
+void def_knn(py::module_& m);
 void def_emu_selftest(py::module_& m);  // repkern._emu only
 
 }  // namespace repkern::bindings

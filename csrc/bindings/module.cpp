@@ -24,6 +24,7 @@ void def_common(py::module_& m) {
   def_cka(m);
   def_cka_test(m);
   def_sparsity(m);
+  def_knn(m);
 }
 
 #if !defined(REPKERN_MODULE_EMU)

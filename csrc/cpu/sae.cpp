@@ -10,6 +10,7 @@
 
 #include "common/parallel.h"
 #include "common/sae_math.h"
+#include "cpu/topk.h"
 
 namespace repkern::cpu::REPKERN_ISA_NS {
 namespace {
@@ -70,33 +71,6 @@ void sparsify(const A* pre, const A* bias, const float* theta, int64_t* counts, 
     }
   });
 }
-
-// Running top-k of one row: keys/columns sorted by rank, `size` slots filled.
-template <typename A>
-struct RowTopK {
-  using K = sae_key_t<A>;
-  std::vector<K> keys;
-  std::vector<int32_t> cols;
-  int size = 0;
-
-  explicit RowTopK(int k) : keys(size_t(k)), cols(size_t(k)) {}
-
-  bool full() const { return size == int(keys.size()); }
-  // Rank of the last kept entry: a candidate must rank before it.
-  bool admits(K key, int32_t col) const {
-    return !full() || sae_ranks_before(key, col, keys[size_t(size - 1)], cols[size_t(size - 1)]);
-  }
-  void insert(K key, int32_t col) {
-    int i = full() ? size - 1 : size++;
-    while (i > 0 && sae_ranks_before(key, col, keys[size_t(i - 1)], cols[size_t(i - 1)])) {
-      keys[size_t(i)] = keys[size_t(i - 1)];
-      cols[size_t(i)] = cols[size_t(i - 1)];
-      --i;
-    }
-    keys[size_t(i)] = key;
-    cols[size_t(i)] = col;
-  }
-};
 
 template <typename A, bool ReluFirst>
 void topk_merge(const A* pre, const A* bias, A* top_vals, int64_t* top_cols, int64_t rows, int64_t cols,

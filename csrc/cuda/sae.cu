@@ -16,6 +16,7 @@
 #include "common/sae_math.h"
 #include "cuda/packed.cuh"
 #include "cuda/reduce.cuh"
+#include "cuda/warp_topk.cuh"
 
 namespace repkern::cuda {
 namespace {
@@ -159,46 +160,6 @@ __global__ void __launch_bounds__(kThreads, 2)
 // rank by a warp sum, the shift by one shuffle-up). Ties: lower column first.
 // Minimum traffic: rows·cols·sizeof(A) + 2·rows·k·(sizeof(A) + 8) bytes; ~3 FLOPs
 // per element plus O(k) per insertion (about k·ln(d_sae/k) insertions per row).
-template <typename K, int R>
-__device__ __forceinline__ void broadcast_kth(const K (&key)[R], const int32_t (&col)[R], int kth_lane, int kth_slot,
-                                              K& kth_key, int32_t& kth_col) {
-  K mine_key = key[0];
-  int32_t mine_col = col[0];
-#pragma unroll
-  for (int s = 1; s < R; ++s) {
-    if (s == kth_slot) {
-      mine_key = key[s];
-      mine_col = col[s];
-    }
-  }
-  kth_key = __shfl_sync(kFullMask, mine_key, kth_lane);
-  kth_col = __shfl_sync(kFullMask, mine_col, kth_lane);
-}
-
-template <typename K, int R>
-__device__ __forceinline__ void warp_insert(K (&key)[R], int32_t (&col)[R], K new_key, int32_t new_col, int lane,
-                                            int k) {
-  int before = 0;  // kept entries of this lane that outrank the candidate
-#pragma unroll
-  for (int s = 0; s < R; ++s) before += (lane * R + s < k && sae_ranks_before(key[s], col[s], new_key, new_col)) ? 1 : 0;
-  const int rank = warp_sum(before);
-  const K up_key = __shfl_up_sync(kFullMask, key[R - 1], 1);
-  const int32_t up_col = __shfl_up_sync(kFullMask, col[R - 1], 1);
-#pragma unroll
-  for (int s = R - 1; s >= 0; --s) {
-    const int q = lane * R + s;
-    const K prev_key = s > 0 ? key[s > 0 ? s - 1 : 0] : up_key;
-    const int32_t prev_col = s > 0 ? col[s > 0 ? s - 1 : 0] : up_col;
-    if (q > rank) {
-      key[s] = prev_key;
-      col[s] = prev_col;
-    } else if (q == rank) {
-      key[s] = new_key;
-      col[s] = new_col;
-    }
-  }
-}
-
 template <typename A, int R, int Vec>
 __global__ void __launch_bounds__(kThreads, 2)
     sae_topk_merge_kernel(const A* __restrict__ pre,   // [rows, cols]
@@ -235,15 +196,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         const A v = A(h.v[j] + b.v[j]);
         const K my_key = sae_order_key(relu_first ? sae_activation(v, 0.0f) : v);
         const int32_t my_col = int32_t(col0 + c + j);
-        bool pending = c + j < cols && sae_ranks_before(my_key, my_col, kth_key, kth_col);
-        for (unsigned mask = __ballot_sync(kFullMask, pending); mask != 0; mask = __ballot_sync(kFullMask, pending)) {
-          const int src = __ffs(int(mask)) - 1;
-          const K new_key = __shfl_sync(kFullMask, my_key, src);
-          const int32_t new_col = __shfl_sync(kFullMask, my_col, src);
-          warp_insert(key, col, new_key, new_col, lane, k);
-          broadcast_kth(key, col, kth_lane, kth_slot, kth_key, kth_col);
-          pending = pending && lane != src && sae_ranks_before(my_key, my_col, kth_key, kth_col);
-        }
+        const bool pending = c + j < cols && sae_ranks_before(my_key, my_col, kth_key, kth_col);
+        warp_offer(key, col, kth_key, kth_col, my_key, my_col, pending, lane, k, kth_lane, kth_slot);
       }
     }
 #pragma unroll

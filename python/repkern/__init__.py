@@ -18,13 +18,18 @@ from repkern import reference  # noqa: F401
 from repkern._native import has_emulator as _has_emulator
 from repkern.capture import capture
 from repkern.nn import SAE
+from repkern.ops.cca import cca, pwcca, svcca
 from repkern.ops.cka import cka, cka_from_grams, cka_matrix, cka_plan, hsic
 from repkern.ops.cka_test import cka_test
 from repkern.ops.gram import gram
+from repkern.ops.knn import cknna, cycle_knn, knn, mutual_knn
+from repkern.ops.rsa import rdm, rsa
 from repkern.ops.sae import sae_decode, sae_encode
+from repkern.ops.shape import shape_distance
 from repkern.ops.sparsity import SparsityAccumulator, sparsity_stats
 from repkern.ops.streaming import MinibatchCKA, StreamingCKA
-from repkern.results import (CkaPlan, CkaResult, CkaTestResult, CsrCodes, SparseCodes, SparsityProfile,
+from repkern.ops.streaming_alignment import StreamingAlignment
+from repkern.results import (CkaPlan, CkaResult, CkaTestResult, CsrCodes, Neighbors, SparseCodes, SparsityProfile,
                              SparsityStats, load_result)
 from repkern.workflows import compare_models, profile_sparsity
 
@@ -70,13 +75,5 @@ __all__ = ["gram", "hsic", "cka", "cka_from_grams", "cka_matrix", "cka_plan", "C
            "MinibatchCKA", "cka_test", "CkaTestResult", "sparsity_stats",
            "SparsityAccumulator", "SparsityStats", "sae_encode", "sae_decode", "SAE", "SparseCodes", "CsrCodes",
            "capture", "compare_models", "profile_sparsity", "CkaResult", "SparsityProfile", "load_result",
-           "build_info", "reference", "__version__"]
-
-# Representation alignment beyond CKA: shape metrics, the CCA family, RSA, and all second-order metrics
-# from one streaming pass.
-from repkern.ops.cca import cca, pwcca, svcca  # noqa: E402
-from repkern.ops.rsa import rdm, rsa  # noqa: E402
-from repkern.ops.shape import shape_distance  # noqa: E402
-from repkern.ops.streaming_alignment import StreamingAlignment  # noqa: E402
-
-__all__ += ["shape_distance", "cca", "svcca", "pwcca", "rdm", "rsa", "StreamingAlignment"]
+           "knn", "Neighbors", "mutual_knn", "cycle_knn", "cknna", "shape_distance", "cca", "svcca", "pwcca", "rdm",
+           "rsa", "StreamingAlignment", "build_info", "reference", "__version__"]

@@ -28,6 +28,7 @@ REPLICATE_CHANNELS = {ReplicateMode(mode): channels for mode, channels in _C.REP
 DTYPE_CODES = dict(_C.DTYPE_CODES)  # dtype name -> code of the tensor views
 
 SAE_MAX_TOPK = _C.SAE_MAX_TOPK  # largest k of the native top-k merge; larger k merge in torch
+KNN_MAX_K = _C.KNN_MAX_K  # largest k of the native kNN merge; larger k merge in torch
 
 SPARSITY_FEATURE_FIELDS = tuple(_C.SPARSITY_FEATURE_FIELDS)  # rows of the per-feature state
 SPARSITY_ROW_CHANNELS = tuple(_C.SPARSITY_ROW_CHANNELS)  # row outputs, then top_p_l1[P], top_p_l2[P]

@@ -47,7 +47,7 @@ from repkern.bench.timing import (
     measure_ceilings,
 )
 
-SUITES = ("gram", "sae", "cka", "cka_test", "sparsity", "streaming", "shape", "cca", "rsa")  # repkern.bench.<suite>.cases(device, quick, dtypes, full)
+SUITES = ("gram", "sae", "cka", "cka_test", "sparsity", "streaming", "knn", "shape", "cca", "rsa")  # repkern.bench.<suite>.cases(device, quick, dtypes, full)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 CSV_FIELDS = (

@@ -3,9 +3,10 @@ the workflows (one module per op family)."""
 
 from repkern.results.cka import CkaPlan
 from repkern.results.cka_test import CkaTestResult
+from repkern.results.knn import Neighbors
 from repkern.results.sae import CsrCodes, SparseCodes
 from repkern.results.sparsity import SparsityStats
 from repkern.results.workflows import CkaResult, SparsityProfile, load_result
 
-__all__ = ["CkaPlan", "CkaResult", "CkaTestResult", "CsrCodes", "SparseCodes", "SparsityProfile", "SparsityStats",
-           "load_result"]
+__all__ = ["CkaPlan", "CkaResult", "CkaTestResult", "CsrCodes", "Neighbors", "SparseCodes", "SparsityProfile",
+           "SparsityStats", "load_result"]
