@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 import repkern
 from repkern import bench
 from repkern.__main__ import main
-from repkern.bench import Case, cli, report, timing
+from repkern.bench import Case, report, timing
 from repkern.bench.timing import Ceilings
 
 # ---- a real run: CPU, quick, one suite --------------------------------------------------------
