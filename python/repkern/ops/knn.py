@@ -241,7 +241,7 @@ def mutual_knn(x: Tensor, y: Tensor, k: int, *, metric: str = "cosine",
                tile_bytes: Optional[int] = None) -> Tensor:
     """Mutual k-nearest-neighbour alignment of two representations of the same n samples.
 
-    mean over i of |N_x(i) ∩ N_y(i)| / k, with N_x(i), N_y(i) the k neighbours of row i in x
+    mean over i of ``|N_x(i) ∩ N_y(i)| / k``, with N_x(i), N_y(i) the k neighbours of row i in x
     (n, d_x) and in y (n, d_y) by :func:`knn` (same metric; default cosine, i.e. on
     L2-normalized rows as platonic-rep's ``mutual_knn``). 1 when the neighbour sets agree
     everywhere; about k/(n − 1) for unrelated representations. 0-dim tensor, float32 (float64

@@ -64,7 +64,7 @@ def _pair_dtype(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
 
 
 def mutual_knn(x: torch.Tensor, y: torch.Tensor, k: int, *, metric: str = "cosine") -> torch.Tensor:
-    """mean over i of |N_x(i) ∩ N_y(i)| / k. See :func:`repkern.mutual_knn`."""
+    """mean over i of ``|N_x(i) ∩ N_y(i)| / k``. See :func:`repkern.mutual_knn`."""
     k = check_knn_pair_args(x, y, k, metric)
     shared = neighbour_mask(knn(x, k, metric=metric)[1]) & neighbour_mask(knn(y, k, metric=metric)[1])
     return (shared.sum(dtype=torch.float64) / (x.shape[0] * k)).to(_pair_dtype(x, y))
