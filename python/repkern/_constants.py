@@ -26,6 +26,7 @@ GramPass = _int_enum(_C.GramPass)
 ReplicateMode = _int_enum(_C.ReplicateMode)
 REPLICATE_CHANNELS = {ReplicateMode(mode): channels for mode, channels in _C.REPLICATE_CHANNELS.items()}
 DTYPE_CODES = dict(_C.DTYPE_CODES)  # dtype name -> code of the tensor views
+INDEX_ERRORS = dict(_C.INDEX_ERRORS)  # bit of the gathers' error word -> message (csrc/common/index_check.h)
 
 SAE_MAX_TOPK = _C.SAE_MAX_TOPK  # largest k of the native top-k merge; larger k merge in torch
 
