@@ -9,6 +9,7 @@
 
 #include "common/cka_test_math.h"
 #include "common/dtype.h"
+#include "common/index_check.h"
 #include "cpu/isa.h"
 
 namespace repkern {
@@ -18,9 +19,11 @@ struct ReplicateRowsParams {
   DType dtype;           // of a and b
   const void* a;         // [n, n] dtype, symmetric
   const void* b;         // [n, n] dtype, symmetric
-  const int32_t* index;  // [replicates, n] permutations of 0..n−1 (Permute) or null
+  const int32_t* index;  // [replicates, n] permutations of 0..n−1 (Permute) or null; each index is
+                         // checked to lie in [0, n) (common/index_check.h: kBadPermutation)
   const float* weight;   // [replicates, n] multinomial counts (Bootstrap) or null
   double* out;           // [replicates, n, replicate_channels(mode)] row sums, written
+  int32_t* error;        // [1] IndexError bits (CUDA kernel; the CPU launcher throws)
   int64_t replicates, n;
 };
 

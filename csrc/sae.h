@@ -11,11 +11,15 @@
 // Sparse codes and gradients use two gathers:
 //   sae_spmm   out[r] = Σ_{e in row r} vals[e] · dense[cols[e]] (+ bias)  (decode, x / W_enc grads)
 //   sae_sddmm  out[e] = a[rows[e]] · b[cols[e]]                          (decode grad of the values)
+// Index arrays (crow, cols, rows_of, cols_of, the sparsify offsets) are checked by every launcher
+// (common/index_check.h): the CPU ones throw, the CUDA kernels skip a bad index and OR its IndexError
+// bit into `error` ([1] int32, zero-filled), which the caller reads after the launch.
 #pragma once
 
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "common/index_check.h"
 #include "cpu/isa.h"
 
 namespace repkern {
@@ -39,10 +43,11 @@ struct SaeSparsifyParams {
   const void* bias;        // [cols] acc
   const float* theta;      // [cols] or null (ReLU)
   int64_t* counts;         // [rows] nonzeros per row (count pass), or null (write pass)
-  const int64_t* offsets;  // [rows] first output position per row (write pass)
+  const int64_t* offsets;  // [rows] first output position per row (write pass; each write is checked)
   int64_t* out_cols;       // [nnz] column (col0 + j) of each nonzero (write pass)
   void* out_vals;          // [nnz] acc, its value (write pass)
-  int64_t rows, cols, col0;
+  int32_t* error;          // [1] IndexError bits (write pass): kBadOffsets
+  int64_t rows, cols, col0, nnz;
 };
 
 struct SaeTopkMergeParams {
@@ -59,24 +64,26 @@ struct SaeTopkMergeParams {
 
 struct SaeSpmmParams {
   DType dtype;
-  const int64_t* crow;  // [rows + 1] CSR row pointers
-  const int64_t* cols;  // [nnz] column = row of `dense`
+  const int64_t* crow;  // [rows + 1] CSR row pointers: 0 = crow[0] <= ... <= crow[rows] = nnz (checked)
+  const int64_t* cols;  // [nnz] column = row of `dense`, in [0, K) (checked when dense is read)
   const void* vals;     // [nnz] dtype
   const void* dense;    // [K, D] dtype, or null (row sums only)
   const void* bias;     // [D] dtype or null
   void* out;            // [rows, D] dtype (with dense)
   void* row_sums;       // [rows] acc: Σ vals of each row, or null
-  int64_t rows, D;
+  int32_t* error;       // [1] IndexError bits: kBadCrow, kBadCols
+  int64_t rows, D, nnz, K;
 };
 
 struct SaeSddmmParams {
   DType dtype;
-  const int64_t* rows_of;  // [nnz] row of `a`
-  const int64_t* cols_of;  // [nnz] row of `b`
+  const int64_t* rows_of;  // [nnz] row of `a`, in [0, R) (checked)
+  const int64_t* cols_of;  // [nnz] row of `b`, in [0, K) (checked)
   const void* a;           // [R, D] dtype
   const void* b;           // [K, D] dtype
   void* out;               // [nnz] acc
-  int64_t nnz, D;
+  int32_t* error;          // [1] IndexError bits: kBadRowsOf, kBadColsOf
+  int64_t nnz, D, R, K;
 };
 
 namespace cpu {

@@ -25,6 +25,7 @@ struct SparsityStatsParams {
   bool ordered;
   double* feature_state;  // [kFeatureFields, d]
   void* row_out;          // [row_channels(num_top_p, ordered), rows] A
+  int64_t* row_counts;    // [kRowCounts, rows]
 };
 
 // state ∪= other: two per-feature states (a batch's into an accumulator's), merge_moments per feature.
@@ -34,19 +35,20 @@ struct SparsityMergeStatesParams {
   int64_t d;
 };
 
-// Per-row summaries of the row channels (what the accumulator keeps of each batch): per channel the
-// float64 sum and count of its non-NaN values and, where hist_divisor[c] > 0, the histogram on [0, 1] of
-// value / hist_divisor[c] (clamped; torch.histc's binning). The results package's row_summary_parts is
-// the same in torch.
+// Per-row summaries of the row counts and channels (what the accumulator keeps of each batch): per
+// summary channel c — the kRowCounts counts first, then the row channels — the float64 sum and count of
+// its non-NaN values and, where hist_divisor[c] > 0, the histogram on [0, 1] of value / hist_divisor[c]
+// (clamped; torch.histc's binning). The results package's row_summary_parts is the same in torch.
 struct SparsityRowSummariesParams {
-  DType dtype;          // of row_out: float32 or float64
-  const void* row_out;  // [channels, rows]
+  DType dtype;                // of row_out: float32 or float64
+  const int64_t* row_counts;  // [kRowCounts, rows]
+  const void* row_out;        // [channels, rows]
   int64_t channels, rows;
-  const double* hist_divisor;  // [channels]; 0 = no histogram
+  const double* hist_divisor;  // [kRowCounts + channels]; 0 = no histogram
   int64_t bins;
-  double* sums;      // [channels]
-  int64_t* defined;  // [channels]
-  int64_t* hist;     // [channels, bins]
+  double* sums;      // [kRowCounts + channels]
+  int64_t* defined;  // [kRowCounts + channels]
+  int64_t* hist;     // [kRowCounts + channels, bins]
 };
 
 // CUDA, one read of x: per-feature state, row totals (threshold included) and the sort-free row channels.
@@ -59,11 +61,13 @@ struct SparsityFeaturesParams {
   double* row_totals;     // [kRowTotals, rows], zero-filled by the caller
   double* feature_state;  // [kFeatureFields, d]
   void* row_out;          // [channels, rows] A; channels >= kRowSortFree
+  int64_t* row_counts;    // [kRowCounts, rows]
   int64_t channels;
 };
 
 // CUDA, the ordered row channels (kRowGini..) of rows [row_begin, row_end): Gini, thresholded L0,
-// effective ranks, top-p masses. Reads x (or `sorted`) and the row totals of sparsity_features.
+// effective ranks, top-p masses. Reads x (or `sorted`) and the row totals of sparsity_features (a
+// row's finite count is clamped to [0, d]: the kernel never reads past a row).
 struct SparsityOrderedParams {
   DType dtype;
   const void* x;       // [rows, d] dtype, rows ld apart

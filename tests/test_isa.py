@@ -95,13 +95,15 @@ _QEMU_SCRIPT = textwrap.dedent("""
     top = np.array([0.1, 0.5], dtype=np.float64)
     state = np.zeros((fields, 150), dtype=np.float64)
     rows = np.zeros((channels, 203), dtype=np.float32)
-    C.sparsity_stats_cpu(view(x, 0), 1e-6, view(top, 1), True, view(state, 1), view(rows, 0), 2)
+    counts = np.zeros((2, 203), dtype=np.int64)
+    C.sparsity_stats_cpu(view(x, 0), 1e-6, view(top, 1), True, view(state, 1), view(rows, 0), view(counts, 5), 2)
     g = rng.integers(-4, 5, (70, 9)).astype(np.float32)  # small integers: BLAS-independent exact products
     inner = (g @ g.T)[None].copy()
     out = np.zeros_like(inner)
     C.gram_epilogue_cpu(0, 0, view(inner, 0), None, view(out, 0), None, None, None, 2)
     print(json.dumps({"isa": C.cpu_isa(), "supported": C.build_info()["cpu_isas_supported"],
-                      "state": state.tolist(), "rows": rows.tolist(), "gram": out.ravel().tolist()}))
+                      "state": state.tolist(), "rows": rows.tolist(), "counts": counts.tolist(),
+                      "gram": out.ravel().tolist()}))
 """)
 
 # qemu-user CPU models: (model, the level it must select). TCG emulates AVX2 (qemu >= 7.2), no AVX-512.
@@ -133,7 +135,7 @@ def test_copies_run_on_cpus_without_the_higher_levels(model, level):
     native = _run_script({"REPKERN_CPU_ISA": level})  # the same copy on this CPU: the same bits
     assert native.returncode == 0, native.stderr[-2000:]
     want = json.loads(native.stdout.strip().splitlines()[-1])
-    for key in ("state", "rows", "gram"):
+    for key in ("state", "rows", "counts", "gram"):
         np.testing.assert_array_equal(np.array(got[key]), np.array(want[key]), err_msg=key)
 
 

@@ -367,9 +367,9 @@ def test_opcheck():
     for args in [(x, 0.0, [0.1, 0.5], True), (x, 0.2, [], False), (x.float(), 0.0, [0.05], True),
                  (x.bfloat16(), 0.0, [0.25], True)]:
         torch.library.opcheck(torch.ops.repkern.sparsity_stats.default, args)
-    out = torch.ops.repkern.sparsity_stats(x.float(), 0.0, [0.05], True)[1]
-    divisor = torch.tensor([9.0] + [0.0] * 3 + [1.0] * (out.shape[0] - 4), dtype=torch.float64)
-    torch.library.opcheck(torch.ops.repkern.sparsity_row_summaries.default, (out, divisor, 7))
+    _, out, counts = torch.ops.repkern.sparsity_stats(x.float(), 0.0, [0.05], True)
+    divisor = torch.tensor([9.0] + [0.0] * 3 + [1.0] * (out.shape[0] - 2), dtype=torch.float64)
+    torch.library.opcheck(torch.ops.repkern.sparsity_row_summaries.default, (counts, out, divisor, 7))
 
 
 def test_torch_compile_fullgraph():
@@ -515,11 +515,12 @@ def test_native_row_summaries_match_the_torch_form(ordered, dtype):
     out = torch.rand((channels, rows), generator=g, dtype=torch.float64) * 1.1 - 0.05
     out[:, :21] = torch.arange(21, dtype=torch.float64) / 20  # bin edges, 1.0 included
     out[:, 30:40] = math.nan
-    out[0] = torch.randint(0, d + 1, (rows,), generator=g).double()  # l0: counts
-    out[0, 0], out[0, 1] = 0, d
     out = out.to(dtype)
-    native = ops._native_row_summaries(out, top_p, ordered, d, bins)
-    torch_form = sr.row_summary_parts(ops._row_dict(out, top_p, ordered), d, bins)
+    counts = torch.randint(0, d + 1, (2, rows), generator=g)  # l0, nonfinite
+    counts[0, 0], counts[0, 1] = 0, d
+    counts[0, 2:22] = torch.arange(20) * d // 20  # l0 / d on bin edges where d allows
+    native = ops._native_row_summaries(out, counts, top_p, ordered, d, bins)
+    torch_form = sr.row_summary_parts(ops._row_dict(out, counts, top_p, ordered), d, bins)
     for got, want in zip(native, torch_form):
         assert list(got) == list(want)
         for name in want:
@@ -550,9 +551,12 @@ def test_native_state_merge_matches_the_torch_form():
 def test_row_channels_layout_matches_native():
     """The Python view of the native row outputs (names and order) is the one the kernels write."""
     a = _data((5, 7), torch.float64, "cpu", seed=50)
-    _, out = torch.ops.repkern.sparsity_stats(a, 0.0, [0.2, 0.7], True)
-    assert out.shape == (sparsity_row_channels(2, True), 5)
+    a[2, 3], a[4, 0] = math.nan, -math.inf
+    _, out, counts = torch.ops.repkern.sparsity_stats(a, 0.0, [0.2, 0.7], True)
+    assert out.shape == (sparsity_row_channels(2, True), 5) and counts.shape == (2, 5)
+    assert counts.dtype == torch.int64
     ref = reference.sparsity_rows(a, 0.0, (0.2, 0.7), True)
-    rows = sparsity_ops._row_dict(out, (0.2, 0.7), True)
+    rows = sparsity_ops._row_dict(out, counts, (0.2, 0.7), True)
+    assert set(rows) == set(ref)
     for name, value in ref.items():
         torch.testing.assert_close(rows[name].to(value.dtype), value, equal_nan=True, msg=name)

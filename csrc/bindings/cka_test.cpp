@@ -7,7 +7,8 @@ namespace repkern::bindings {
 namespace {
 
 ReplicateRowsParams make_replicate_rows(const int& mode_code, const ViewArg& a_arg, const ViewArg& b_arg,
-                                        const ViewArg& columns_arg, const ViewArg& out_arg) {
+                                        const ViewArg& columns_arg, const ViewArg& out_arg,
+                                        const ViewArg& error_arg) {
   if (mode_code != int(ReplicateMode::Permute) && mode_code != int(ReplicateMode::Bootstrap))
     throw std::invalid_argument("mode: unsupported for replicate_rows");
   ReplicateRowsParams p{};
@@ -22,18 +23,19 @@ ReplicateRowsParams make_replicate_rows(const int& mode_code, const ViewArg& a_a
   if (columns.sizes.size() != 2 || columns.sizes[1] != p.n)
     throw std::invalid_argument("columns: expected shape [R, n]");
   p.replicates = columns.sizes[0];
-  // Permutation indices are not range-checked here (a device array): the Python op builds them.
+  // Permutation indices are device memory for the CUDA entry: the kernels check them (cka_test.h).
   if (p.mode == ReplicateMode::Permute) {
     p.index = columns.expect(DType::Int32, {p.replicates, p.n}).as<const int32_t>();
   } else {
     p.weight = columns.expect(DType::Float32, {p.replicates, p.n}).as<const float>();
   }
   p.out = view(out_arg, "out").expect(DType::Float64, {p.replicates, p.n, replicate_channels(p.mode)}).as<double>();
+  p.error = view(error_arg, "error").expect(DType::Int32, {1}).as<int32_t>();
   return p;
 }
 
-const Binder<ReplicateRowsParams, int, ViewArg, ViewArg, ViewArg, ViewArg> kReplicateRows(
-    "replicate_rows", make_replicate_rows, {"mode", "a", "b", "columns", "out"});
+const Binder<ReplicateRowsParams, int, ViewArg, ViewArg, ViewArg, ViewArg, ViewArg> kReplicateRows(
+    "replicate_rows", make_replicate_rows, {"mode", "a", "b", "columns", "out", "error"});
 
 }  // namespace
 

@@ -2,6 +2,7 @@
 // again with REPKERN_MODULE_EMU, repkern._emu (the CUDA launchers on the CPU emulator, and its
 // self-tests). Each op family binds its kernels, enums and constants in csrc/bindings/<op>.cpp.
 #include "bindings/binder.h"
+#include "common/index_check.h"
 #include "cpu/isa.h"
 #if defined(REPKERN_WITH_CUDA)
 #include "cuda_runtime_info.h"
@@ -19,6 +20,9 @@ void def_common(py::module_& m) {
   codes["int32"] = int(DType::Int32);
   codes["int64"] = int(DType::Int64);
   m.attr("DTYPE_CODES") = codes;
+  py::dict index_errors;  // IndexError bit -> message: the error word of the gathers (common/index_check.h)
+  for (const IndexErrorMessage& e : kIndexErrorMessages) index_errors[py::int_(int(e.bit))] = e.message;
+  m.attr("INDEX_ERRORS") = index_errors;
   def_gram(m);
   def_sae(m);
   def_cka(m);

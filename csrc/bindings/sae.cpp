@@ -28,7 +28,7 @@ SaeActivateParams make_sae_activate(const ViewArg& pre_arg, const ViewArg& bias_
 
 SaeSparsifyParams make_sae_sparsify(const ViewArg& pre_arg, const ViewArg& bias_arg, const OptView& theta_arg,
                                     const OptView& counts_arg, const OptView& offsets_arg, const OptView& cols_arg,
-                                    const OptView& vals_arg, const int64_t& col0) {
+                                    const OptView& vals_arg, const OptView& error_arg, const int64_t& col0) {
   SaeSparsifyParams p{};
   const TensorView pre = view(pre_arg, "pre");
   if (pre.sizes.size() != 2) throw std::invalid_argument("pre: expected [rows, cols]");
@@ -43,13 +43,15 @@ SaeSparsifyParams make_sae_sparsify(const ViewArg& pre_arg, const ViewArg& bias_
     p.counts = opt_data<int64_t>(counts_arg, "counts", DType::Int64, {p.rows});
     return p;
   }
-  if (!offsets_arg || !cols_arg || !vals_arg)
-    throw std::invalid_argument("sae_sparsify: either counts or offsets, out_cols and out_vals");
+  if (!offsets_arg || !cols_arg || !vals_arg || !error_arg)
+    throw std::invalid_argument("sae_sparsify: either counts or offsets, out_cols, out_vals and error");
   p.offsets = opt_data<const int64_t>(offsets_arg, "offsets", DType::Int64, {p.rows});
   const TensorView c = view(*cols_arg, "out_cols");
   if (c.sizes.size() != 1) throw std::invalid_argument("out_cols: expected [nnz]");
+  p.nnz = c.sizes[0];
   p.out_cols = c.expect(DType::Int64, c.sizes).as<int64_t>();
   p.out_vals = view(*vals_arg, "out_vals").expect(p.acc_dtype, c.sizes).data;
+  p.error = opt_data<int32_t>(error_arg, "error", DType::Int32, {1});
   return p;
 }
 
@@ -81,7 +83,7 @@ SaeTopkMergeParams make_sae_topk_merge(const ViewArg& pre_arg, const ViewArg& bi
 
 SaeSpmmParams make_sae_spmm(const ViewArg& crow_arg, const ViewArg& cols_arg, const ViewArg& vals_arg,
                             const OptView& dense_arg, const OptView& bias_arg, const OptView& out_arg,
-                            const OptView& sums_arg) {
+                            const OptView& sums_arg, const ViewArg& error_arg) {
   SaeSpmmParams p{};
   const TensorView crow = view(crow_arg, "crow"), vals = view(vals_arg, "vals");
   if (crow.sizes.size() != 1 || crow.sizes[0] < 1) throw std::invalid_argument("crow: expected [rows + 1]");
@@ -90,10 +92,13 @@ SaeSpmmParams make_sae_spmm(const ViewArg& crow_arg, const ViewArg& cols_arg, co
   if (vals.sizes.size() != 1) throw std::invalid_argument("vals: expected [nnz]");
   p.dtype = vals.dtype;
   p.vals = vals.expect(vals.dtype, vals.sizes).data;
+  p.nnz = vals.sizes[0];
   p.cols = view(cols_arg, "cols").expect(DType::Int64, vals.sizes).as<const int64_t>();
+  p.error = view(error_arg, "error").expect(DType::Int32, {1}).as<int32_t>();
   if (dense_arg) {
     const TensorView dense = view(*dense_arg, "dense");
     if (dense.sizes.size() != 2) throw std::invalid_argument("dense: expected [K, D]");
+    p.K = dense.sizes[0];
     p.D = dense.sizes[1];
     p.dense = dense.expect(p.dtype, dense.sizes).data;
     p.bias = opt_data<const void>(bias_arg, "bias", p.dtype, {p.D});
@@ -105,7 +110,7 @@ SaeSpmmParams make_sae_spmm(const ViewArg& crow_arg, const ViewArg& cols_arg, co
 }
 
 SaeSddmmParams make_sae_sddmm(const ViewArg& rows_arg, const ViewArg& cols_arg, const ViewArg& a_arg,
-                              const ViewArg& b_arg, const ViewArg& out_arg) {
+                              const ViewArg& b_arg, const ViewArg& out_arg, const ViewArg& error_arg) {
   SaeSddmmParams p{};
   const TensorView rows_of = view(rows_arg, "rows_of"), a = view(a_arg, "a"), b = view(b_arg, "b");
   if (rows_of.sizes.size() != 1) throw std::invalid_argument("rows_of: expected [nnz]");
@@ -114,25 +119,28 @@ SaeSddmmParams make_sae_sddmm(const ViewArg& rows_arg, const ViewArg& cols_arg, 
   p.cols_of = view(cols_arg, "cols_of").expect(DType::Int64, {p.nnz}).as<const int64_t>();
   if (a.sizes.size() != 2) throw std::invalid_argument("a: expected [R, D]");
   p.dtype = a.dtype;
+  p.R = a.sizes[0];
   p.D = a.sizes[1];
   p.a = a.expect(p.dtype, a.sizes).data;
   if (b.sizes.size() != 2 || b.sizes[1] != p.D) throw std::invalid_argument("b: expected [K, D]");
+  p.K = b.sizes[0];
   p.b = b.expect(p.dtype, b.sizes).data;
   p.out = view(out_arg, "out").expect(accumulation_dtype(p.dtype), {p.nnz}).data;
+  p.error = view(error_arg, "error").expect(DType::Int32, {1}).as<int32_t>();
   return p;
 }
 
 const Binder<SaeActivateParams, ViewArg, ViewArg, OptView, ViewArg, OptView> kSaeActivate(
     "sae_activate", make_sae_activate, {"pre", "bias", "theta", "out", "fire_counts"});
-const Binder<SaeSparsifyParams, ViewArg, ViewArg, OptView, OptView, OptView, OptView, OptView, int64_t> kSaeSparsify(
-    "sae_sparsify", make_sae_sparsify, {"pre", "bias", "theta", "counts", "offsets", "out_cols", "out_vals", "col0"});
+const Binder<SaeSparsifyParams, ViewArg, ViewArg, OptView, OptView, OptView, OptView, OptView, OptView, int64_t>
+    kSaeSparsify("sae_sparsify", make_sae_sparsify,
+                 {"pre", "bias", "theta", "counts", "offsets", "out_cols", "out_vals", "error", "col0"});
 const Binder<SaeTopkMergeParams, ViewArg, ViewArg, ViewArg, ViewArg, int64_t, bool, bool> kSaeTopkMerge(
     "sae_topk_merge", make_sae_topk_merge, {"pre", "bias", "top_vals", "top_cols", "col0", "first", "relu_first"});
-const Binder<SaeSpmmParams, ViewArg, ViewArg, ViewArg, OptView, OptView, OptView, OptView> kSaeSpmm(
-    "sae_spmm", make_sae_spmm, {"crow", "cols", "vals", "dense", "bias", "out", "row_sums"});
-const Binder<SaeSddmmParams, ViewArg, ViewArg, ViewArg, ViewArg, ViewArg> kSaeSddmm("sae_sddmm", make_sae_sddmm,
-                                                                                    {"rows_of", "cols_of", "a", "b",
-                                                                                     "out"});
+const Binder<SaeSpmmParams, ViewArg, ViewArg, ViewArg, OptView, OptView, OptView, OptView, ViewArg> kSaeSpmm(
+    "sae_spmm", make_sae_spmm, {"crow", "cols", "vals", "dense", "bias", "out", "row_sums", "error"});
+const Binder<SaeSddmmParams, ViewArg, ViewArg, ViewArg, ViewArg, ViewArg, ViewArg> kSaeSddmm(
+    "sae_sddmm", make_sae_sddmm, {"rows_of", "cols_of", "a", "b", "out", "error"});
 
 }  // namespace
 

@@ -45,7 +45,8 @@ int top_p_count(const ViewArg& arg) {
 }
 
 SparsityStatsParams make_sparsity_stats(const ViewArg& x_arg, const double& eps, const ViewArg& top_p_arg,
-                                        const bool& ordered, const ViewArg& state_arg, const ViewArg& rows_out_arg) {
+                                        const bool& ordered, const ViewArg& state_arg, const ViewArg& rows_out_arg,
+                                        const ViewArg& counts_arg) {
   const Rows x = rows_of(x_arg, "x");
   SparsityStatsParams p{};
   x.fill(p);
@@ -57,6 +58,7 @@ SparsityStatsParams make_sparsity_stats(const ViewArg& x_arg, const double& eps,
   p.row_out = view(rows_out_arg, "row_out")
                   .expect(accumulation_dtype(x.v.dtype), {row_channels(p.num_top_p, ordered), x.rows})
                   .data;
+  p.row_counts = view(counts_arg, "row_counts").expect(DType::Int64, {kRowCounts, x.rows}).as<int64_t>();
   return p;
 }
 
@@ -70,9 +72,9 @@ SparsityMergeStatesParams make_sparsity_merge_states(const ViewArg& state_arg, c
   return p;
 }
 
-SparsityRowSummariesParams make_sparsity_row_summaries(const ViewArg& rows_out_arg, const ViewArg& divisor_arg,
-                                                       const ViewArg& sums_arg, const ViewArg& defined_arg,
-                                                       const ViewArg& hist_arg) {
+SparsityRowSummariesParams make_sparsity_row_summaries(const ViewArg& counts_arg, const ViewArg& rows_out_arg,
+                                                       const ViewArg& divisor_arg, const ViewArg& sums_arg,
+                                                       const ViewArg& defined_arg, const ViewArg& hist_arg) {
   const TensorView row_out = view(rows_out_arg, "row_out");
   if (row_out.sizes.size() != 2) throw std::invalid_argument("row_out: expected a [channels, rows] tensor");
   SparsityRowSummariesParams p{};
@@ -80,28 +82,31 @@ SparsityRowSummariesParams make_sparsity_row_summaries(const ViewArg& rows_out_a
   p.channels = row_out.sizes[0];
   p.rows = row_out.sizes[1];
   p.row_out = row_out.expect(p.dtype, {p.channels, p.rows}).data;
+  p.row_counts = view(counts_arg, "row_counts").expect(DType::Int64, {kRowCounts, p.rows}).as<const int64_t>();
+  const int64_t summaries = kRowCounts + p.channels;
   const TensorView hist = view(hist_arg, "hist");
-  if (hist.sizes.size() != 2 || hist.sizes[1] < 1) throw std::invalid_argument("hist: expected [channels, bins]");
+  if (hist.sizes.size() != 2 || hist.sizes[1] < 1) throw std::invalid_argument("hist: expected [summaries, bins]");
   p.bins = hist.sizes[1];
-  p.hist = hist.expect(DType::Int64, {p.channels, p.bins}).as<int64_t>();
-  p.hist_divisor = view(divisor_arg, "hist_divisor").expect(DType::Float64, {p.channels}).as<const double>();
-  p.sums = view(sums_arg, "sums").expect(DType::Float64, {p.channels}).as<double>();
-  p.defined = view(defined_arg, "defined").expect(DType::Int64, {p.channels}).as<int64_t>();
+  p.hist = hist.expect(DType::Int64, {summaries, p.bins}).as<int64_t>();
+  p.hist_divisor = view(divisor_arg, "hist_divisor").expect(DType::Float64, {summaries}).as<const double>();
+  p.sums = view(sums_arg, "sums").expect(DType::Float64, {summaries}).as<double>();
+  p.defined = view(defined_arg, "defined").expect(DType::Int64, {summaries}).as<int64_t>();
   return p;
 }
 
-const Binder<SparsityStatsParams, ViewArg, double, ViewArg, bool, ViewArg, ViewArg> kSparsityStats(
-    "sparsity_stats", make_sparsity_stats, {"x", "eps", "top_p", "ordered", "feature_state", "row_out"});
+const Binder<SparsityStatsParams, ViewArg, double, ViewArg, bool, ViewArg, ViewArg, ViewArg> kSparsityStats(
+    "sparsity_stats", make_sparsity_stats, {"x", "eps", "top_p", "ordered", "feature_state", "row_out", "row_counts"});
 const Binder<SparsityMergeStatesParams, ViewArg, ViewArg> kSparsityMergeStates("sparsity_merge_states",
                                                                                make_sparsity_merge_states,
                                                                                {"state", "other"});
-const Binder<SparsityRowSummariesParams, ViewArg, ViewArg, ViewArg, ViewArg, ViewArg> kSparsityRowSummaries(
-    "sparsity_row_summaries", make_sparsity_row_summaries, {"row_out", "hist_divisor", "sums", "defined", "hist"});
+const Binder<SparsityRowSummariesParams, ViewArg, ViewArg, ViewArg, ViewArg, ViewArg, ViewArg> kSparsityRowSummaries(
+    "sparsity_row_summaries", make_sparsity_row_summaries,
+    {"row_counts", "row_out", "hist_divisor", "sums", "defined", "hist"});
 
 #if REPKERN_CUDA_LAUNCHERS
 SparsityFeaturesParams make_sparsity_features(const ViewArg& x_arg, const double& eps, const ViewArg& partials_arg,
                                               const ViewArg& totals_arg, const ViewArg& state_arg,
-                                              const ViewArg& rows_out_arg) {
+                                              const ViewArg& rows_out_arg, const ViewArg& counts_arg) {
   const Rows x = rows_of(x_arg, "x");
   SparsityFeaturesParams p{};
   x.fill(p);
@@ -117,6 +122,7 @@ SparsityFeaturesParams make_sparsity_features(const ViewArg& x_arg, const double
                                 ", rows]");
   p.channels = row_out.sizes[0];
   p.row_out = row_out.expect(acc, {p.channels, x.rows}).data;
+  p.row_counts = view(counts_arg, "row_counts").expect(DType::Int64, {kRowCounts, x.rows}).as<int64_t>();
   return p;
 }
 
@@ -140,8 +146,9 @@ SparsityOrderedParams make_sparsity_ordered(const ViewArg& x_arg, const OptView&
   return p;
 }
 
-const Binder<SparsityFeaturesParams, ViewArg, double, ViewArg, ViewArg, ViewArg, ViewArg> kSparsityFeatures(
-    "sparsity_features", make_sparsity_features, {"x", "eps", "partials", "row_totals", "feature_state", "row_out"});
+const Binder<SparsityFeaturesParams, ViewArg, double, ViewArg, ViewArg, ViewArg, ViewArg, ViewArg> kSparsityFeatures(
+    "sparsity_features", make_sparsity_features,
+    {"x", "eps", "partials", "row_totals", "feature_state", "row_out", "row_counts"});
 const Binder<SparsityOrderedParams, ViewArg, OptView, int64_t, int64_t, ViewArg, ViewArg, ViewArg, ViewArg>
     kSparsityOrdered("sparsity_ordered", make_sparsity_ordered,
                      {"x", "sorted", "row_begin", "row_end", "top_p", "row_totals", "ordered_sums", "row_out"});
@@ -156,8 +163,10 @@ DType dtype_arg(int code) {
 
 void def_sparsity(py::module_& m) {
   std::vector<std::string> fields(std::begin(kFeatureFieldNames), std::end(kFeatureFieldNames));
+  std::vector<std::string> counts(std::begin(kRowCountNames), std::end(kRowCountNames));
   std::vector<std::string> channels(std::begin(kRowChannelNames), std::end(kRowChannelNames));
   m.attr("SPARSITY_FEATURE_FIELDS") = py::tuple(py::cast(fields));
+  m.attr("SPARSITY_ROW_COUNTS") = py::tuple(py::cast(counts));      // int64 row counts
   m.attr("SPARSITY_ROW_CHANNELS") = py::tuple(py::cast(channels));  // then top_p_l1[P], top_p_l2[P]
   m.attr("SPARSITY_SORT_FREE_CHANNELS") = int(kRowSortFree);
   m.attr("SPARSITY_ROW_TOTALS") = int(kRowTotals);

@@ -4,7 +4,9 @@
 //  - feature state [kFeatureFields, d] float64: per feature (column) count of finite values, count fired
 //    (|a| > eps), NaN count, mean and central moment sums M2, M3, M4 (Pébay), min, max, Σ|a|, all over
 //    the finite values. Partial states merge exactly (up to rounding) in any order: merge_moments.
-//  - row outputs [row_channels(P, ordered), rows] in the accumulation type, channels RowField.
+//  - row outputs [row_channels(P, ordered), rows] in the accumulation type, channels RowField, and the
+//    per-row counts [kRowCounts, rows] int64 (RowCount): exact integers from the kernels' accumulators to
+//    the Python result (a float32 channel would round l0 above 2^24).
 // Non-finite entries are excluded everywhere: per row, n = number of finite entries replaces d.
 #pragma once
 
@@ -19,9 +21,10 @@ namespace repkern {
 
 enum FeatureField : int { kCount, kFired, kNan, kMean, kM2, kM3, kM4, kMin, kMax, kAbsSum, kFeatureFields };
 
+// Per-row counts ([kRowCounts, rows] int64): L0 = #{finite |a| > eps}, non-finite entries.
+enum RowCount : int { kCountL0, kCountNonfinite, kRowCounts };
+
 enum RowField : int {
-  kRowL0,
-  kRowNonfinite,
   kRowL1,
   kRowL2,
   kRowHoyer,
@@ -39,11 +42,12 @@ enum RowTotal : int { kTotFinite, kTotL0, kTotL1, kTotL2Sq, kTotThreshold, kRowT
 // Σ|a| ln|a|, Σa² ln|a|, Gini sum, then Σ and Σ² of the top-p entries for each p.
 enum OrderedSum : int { kSumAbove, kSumALogA, kSumA2LogA, kSumGini, kSumTopP };
 
-// Names of the fields and row channels above, in order (exported to Python by the bindings).
+// Names of the fields, counts and row channels above, in order (exported to Python by the bindings).
 inline constexpr const char* kFeatureFieldNames[kFeatureFields] = {"count", "fired", "nan", "mean", "m2",
                                                                    "m3",    "m4",    "min", "max",  "abs_sum"};
+inline constexpr const char* kRowCountNames[kRowCounts] = {"l0", "nonfinite"};
 inline constexpr const char* kRowChannelNames[kRowTopP] = {
-    "l0", "nonfinite", "l1", "l2", "hoyer", "gini", "thresholded_l0", "effective_rank_l1", "effective_rank_l2"};
+    "l1", "l2", "hoyer", "gini", "thresholded_l0", "effective_rank_l1", "effective_rank_l2"};
 
 constexpr int kMaxTopP = 8;
 // top p = the ceil(p·n − kTopKTolerance) largest |a|: a p·n that is an integer up to rounding (0.07·100) gives it.
@@ -114,7 +118,8 @@ RK_HD double abs_threshold(double n, double l1, double l2sq) {
   return mean + sqrt(var > 0.0 ? var : 0.0);
 }
 
-// Number of largest entries in "top p": ceil(p·n) (1e-9 tolerance), at least 1.
+// Number of largest entries in "top p": ceil(p·n) (1e-9 tolerance), at least 1. n must be a count in
+// [0, 2^53] (kernels pass their clamped count_in_range, not a raw total: NaN would not convert).
 RK_HD int64_t top_k_count(double p, double n) {
   const double k = ceil(p * n - kTopKTolerance);
   return k < 1.0 ? 1 : int64_t(k);
@@ -187,15 +192,25 @@ RK_HD double effective_rank(double total, double sum_w_log_w) {
   return total > 0.0 ? exp_poly(log_poly(total) - sum_w_log_w / total) : nan_value();
 }
 
-// Sort-free channels of row r from its totals (n finite entries, l0, l1 = Σ|a|, l2sq = Σa²).
+// A count the caller holds in a float64 (exact below 2^53) as an int64 in [0, limit]; NaN gives 0. Kernels
+// that loop over a row by such a count never run past the row, whatever the count says.
+RK_HD int64_t count_in_range(double count, int64_t limit) {
+  if (!(count >= 0.0)) return 0;  // negative or NaN
+  const int64_t c = count < 0x1p53 ? int64_t(count) : limit;  // a constant bound: no int64 -> double conversion
+  return c < limit ? c : limit;
+}
+
+// Sort-free channels and the counts of row r from its totals (n finite entries out of d, l0, l1 = Σ|a|,
+// l2sq = Σa²).
 template <typename A>
-RK_HD void write_sort_free_row(A* out,  // [channels, rows]
-                               int64_t rows, int64_t r, double d, double n, double l0, double l1, double l2sq) {
-  out[kRowL0 * rows + r] = A(l0);
-  out[kRowNonfinite * rows + r] = A(d - n);
+RK_HD void write_sort_free_row(A* out,            // [channels, rows]
+                               int64_t* counts,   // [kRowCounts, rows]
+                               int64_t rows, int64_t r, int64_t d, int64_t n, int64_t l0, double l1, double l2sq) {
+  counts[kCountL0 * rows + r] = l0;
+  counts[kCountNonfinite * rows + r] = d - n;
   out[kRowL1 * rows + r] = A(l1);
   out[kRowL2 * rows + r] = A(sqrt(l2sq));
-  out[kRowHoyer * rows + r] = A(hoyer(n, l1, l2sq));
+  out[kRowHoyer * rows + r] = A(hoyer(double(n), l1, l2sq));
 }
 
 // Ordered channels of row r except top-p, from the sums over its finite entries: `above` = #{|a| >

@@ -79,6 +79,7 @@ void replicate_rows(const ReplicateRowsParams& p, int num_threads) {
   dispatch_replicate(p.mode, p.dtype, [&]<ReplicateMode M, typename T>() {
     const T *a_t = static_cast<const T*>(p.a), *b_t = static_cast<const T*>(p.b);
     if constexpr (M == ReplicateMode::Permute) {
+      check_indices(p.index, p.replicates * p.n, p.n, kBadPermutation);
       run_permute<T>(a_t, b_t, p.index, p.out, p.replicates, p.n, num_threads);
     } else {
       run_bootstrap<T>(a_t, b_t, p.weight, p.out, p.replicates, p.n, num_threads);

@@ -48,7 +48,8 @@ void activate(const A* pre, int64_t ld_pre, const A* bias, const float* theta, O
 
 template <typename A>
 void sparsify(const A* pre, const A* bias, const float* theta, int64_t* counts, const int64_t* offsets,
-              int64_t* out_cols, A* out_vals, int64_t rows, int64_t cols, int64_t col0, int num_threads) {
+              int64_t* out_cols, A* out_vals, int64_t rows, int64_t cols, int64_t col0, int64_t nnz,
+              int num_threads) {
   parallel_for(rows, num_threads, kMinRowsPerTask, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const A* p = pre + r * cols;
@@ -62,6 +63,7 @@ void sparsify(const A* pre, const A* bias, const float* theta, int64_t* counts, 
         for (int64_t c = 0; c < cols; ++c) {
           const A v = activated(p, bias, theta, c);
           if (v != A(0)) {
+            if (pos < 0 || pos >= nnz) throw_index_error(kBadOffsets);  // parallel_for rethrows it
             out_cols[pos] = col0 + c;
             out_vals[pos] = v;
             ++pos;
@@ -181,7 +183,7 @@ void sae_sparsify(const SaeSparsifyParams& p, int num_threads) {
   switch_acc(p.acc_dtype, "sae_sparsify", [&](auto tag) {
     using A = typename decltype(tag)::type;
     sparsify(static_cast<const A*>(p.pre), static_cast<const A*>(p.bias), p.theta, p.counts, p.offsets, p.out_cols,
-             static_cast<A*>(p.out_vals), p.rows, p.cols, p.col0, num_threads);
+             static_cast<A*>(p.out_vals), p.rows, p.cols, p.col0, p.nnz, num_threads);
   });
 }
 
@@ -198,6 +200,8 @@ void sae_topk_merge(const SaeTopkMergeParams& p, int num_threads) {
 
 void sae_spmm(const SaeSpmmParams& p, int num_threads) {
   if (p.rows == 0) return;
+  check_csr(p.crow, p.rows, p.nnz);
+  if (p.dense) check_indices(p.cols, p.nnz, p.K, kBadCols);
   switch_dtype(p.dtype, "sae_spmm", [&](auto tag) {
     using T = typename decltype(tag)::type;
     spmm(p.crow, p.cols, static_cast<const T*>(p.vals), static_cast<const T*>(p.dense), static_cast<const T*>(p.bias),
@@ -207,6 +211,8 @@ void sae_spmm(const SaeSpmmParams& p, int num_threads) {
 
 void sae_sddmm(const SaeSddmmParams& p, int num_threads) {
   if (p.nnz == 0) return;
+  check_indices(p.rows_of, p.nnz, p.R, kBadRowsOf);
+  check_indices(p.cols_of, p.nnz, p.K, kBadColsOf);
   switch_dtype(p.dtype, "sae_sddmm", [&](auto tag) {
     using T = typename decltype(tag)::type;
     sddmm(p.rows_of, p.cols_of, static_cast<const T*>(p.a), static_cast<const T*>(p.b), static_cast<acc_t<T>*>(p.out),

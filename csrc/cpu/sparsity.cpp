@@ -5,7 +5,9 @@
 // 256 rows, each block in column tiles small enough that the tile's per-feature accumulators stay in L1
 // and the tile itself in L2 (with `ordered`, the block's whole rows):
 //   pass A (from memory, rows 16 ahead prefetched from inside the arithmetic): per-feature
-//           count/sum/min/max/Σ|a|/fired/NaN of the tile and per-row partial n, L0, Σ|a|, Σa², in A;
+//           count/sum/min/max/Σ|a|/fired/NaN of the tile and per-row partial n, L0, Σ|a|, Σa², in A
+//           (the tile's counts are exact in A: at most tile_cols per row, kMaxBlockRows per column; the
+//           rows' counts add up across tiles in int64, the per-feature ones in the float64 state);
 //           first without NaN/Inf masks, four rows per step in SIMD vectors (the column
 //           accumulators are loaded and stored once per step), redone row by row with masks if the tile
 //           has any;
@@ -80,16 +82,22 @@ void radix_sort(K* keys, K* tmp, int64_t n) {
   if (src != keys) std::memcpy(keys, src, size_t(n) * sizeof(K));
 }
 
-// Per-feature float64 state of one part of the rows ([kFeatureFields, d], sparsity_math.h).
+// Per-feature float64 state of one part of the rows ([kFeatureFields, d], sparsity_math.h), in `into`
+// (the kernel's output, for the first part: no second d-sized copy) or in storage of its own.
 struct PartState {
-  std::vector<double> f;
+  std::vector<double> storage;
+  double* f;
   int64_t d;
-  explicit PartState(int64_t d_) : f(size_t(kFeatureFields * d_), 0.0), d(d_) {
+  PartState(int64_t d_, double* into)
+      : storage(into ? 0 : size_t(kFeatureFields * d_)), f(into ? into : storage.data()), d(d_) {
+    std::fill_n(f, kFeatureFields * d, 0.0);
     std::fill_n(field(kMin), d, std::numeric_limits<double>::infinity());
     std::fill_n(field(kMax), d, -std::numeric_limits<double>::infinity());
   }
-  double* field(int k) { return f.data() + k * d; }
-  const double* field(int k) const { return f.data() + k * d; }
+  PartState(PartState&&) noexcept = default;  // a moved vector keeps its buffer: f stays valid
+  PartState(const PartState&) = delete;
+  double* field(int k) { return f + k * d; }
+  const double* field(int k) const { return f + k * d; }
 };
 
 // Columns [0, w) of dst ∪= src; field k of column j lies at dst[k * dst_stride + j] (src alike): a
@@ -189,14 +197,16 @@ struct Stats {
   const double* top_p;
   int num_top_p;
   bool ordered;
-  A* row_out;  // [channels, rows]
+  A* row_out;           // [channels, rows]
+  int64_t* row_counts;  // [kRowCounts, rows]
   int64_t tile_cols, block_rows;
 
   // Scratch of one part (one thread).
   struct Scratch {
     std::vector<A> tile_storage;  // tile accumulators [kFeatureFields, tile_cols] (kMean holds the tile mean)
     A* tile;                      // ... from a 64-byte boundary: vector loads/stores of them never split
-    std::vector<A> row_n, row_l0, row_l1, row_l2sq;  // per row of the block, summed over the tiles
+    std::vector<int64_t> row_n, row_l0;  // per row of the block, summed over the tiles: exact counts
+    std::vector<A> row_l1, row_l2sq;
     std::vector<K> keys, keys_tmp;
     Scratch(int64_t tile_cols, int64_t d, bool ordered)
         : tile_storage(size_t(kFeatureFields * tile_cols) + 64 / sizeof(A)),
@@ -377,18 +387,20 @@ struct Stats {
       tile_central<true>(acc, r0, nr, c0, w);
     }
     for (int64_t r = 0; r < nr; ++r) {
-      s.row_n[size_t(r)] += row_acc[r];
-      s.row_l0[size_t(r)] += row_acc[kMaxBlockRows + r];
+      s.row_n[size_t(r)] += int64_t(row_acc[r]);  // an integer <= tile_cols, exact in A
+      s.row_l0[size_t(r)] += int64_t(row_acc[kMaxBlockRows + r]);
       s.row_l1[size_t(r)] += row_acc[2 * kMaxBlockRows + r];
       s.row_l2sq[size_t(r)] += row_acc[3 * kMaxBlockRows + r];
     }
-    merge_columns(state.f.data() + c0, d, s.tile, tile_cols, w);
+    merge_columns(state.f + c0, d, s.tile, tile_cols, w);
   }
 
-  // Every channel of one row given n and L0: sortable keys of |a| (non-finite last), radix sort, then
-  // all statistics from the n sorted finite values (vectorized loops over L1-resident data). Σ|a| and
-  // Σa² are recomputed here in float64: the thresholded L0 compares entries with a threshold made of them.
-  void ordered_row(Scratch& s, int64_t row_index, double n, double l0) const {
+  // Every channel of one row given n (finite entries) and L0: sortable keys of |a| (non-finite last), radix
+  // sort, then all statistics from the n sorted finite values (vectorized loops over L1-resident data).
+  // Σ|a| and Σa² are recomputed here in float64: the thresholded L0 compares entries with a threshold made
+  // of them.
+  void ordered_row(Scratch& s, int64_t row_index, int64_t count, int64_t l0) const {
+    const double n = double(count);
     const T* row = x + row_index * ld;
     K* keys = s.keys.data();
 #pragma omp simd
@@ -406,8 +418,9 @@ struct Stats {
       sorted += key != 0;
     }
     if (sorted > 1) radix_sort(keys, s.keys_tmp.data(), sorted);
-    const int64_t count = int64_t(n), zeros = d - sorted;
-    const int64_t nonzero = count - zeros;  // finite nonzero values, ascending in keys[0, nonzero)
+    const int64_t zeros = d - sorted;
+    // Finite nonzero values, ascending in keys[0, nonzero); the clamp only guards the reads.
+    const int64_t nonzero = std::clamp<int64_t>(count - zeros, 0, sorted);
     auto value = [keys](int64_t i) { return bit_cast_rk<A>(keys[i]); };
     double l1 = 0, l2sq = 0, gini_sum = 0;
 #pragma omp simd reduction(+ : l1, l2sq, gini_sum)
@@ -436,7 +449,7 @@ struct Stats {
         lo = mid + 1;
       }
     }
-    write_sort_free_row(row_out, rows, row_index, double(d), n, l0, l1, l2sq);
+    write_sort_free_row(row_out, row_counts, rows, row_index, d, count, l0, l1, l2sq);
     write_ordered_row(row_out, rows, row_index, n, l1, l2sq, double(nonzero - lo), sum_a_log_a, sum_a2_log_a,
                       gini_sum);
     for (int p = 0; p < num_top_p; ++p) {
@@ -455,15 +468,15 @@ struct Stats {
     Scratch s(tile_cols, d, ordered);
     for (int64_t r0 = begin; r0 < end; r0 += block_rows) {
       const int64_t nr = std::min(block_rows, end - r0);
-      for (auto* v : {&s.row_n, &s.row_l0, &s.row_l1, &s.row_l2sq}) std::fill_n(v->begin(), nr, A(0));
+      for (auto* v : {&s.row_n, &s.row_l0}) std::fill_n(v->begin(), nr, int64_t(0));
+      for (auto* v : {&s.row_l1, &s.row_l2sq}) std::fill_n(v->begin(), nr, A(0));
       for (int64_t c0 = 0; c0 < d; c0 += tile_cols) tile_pass(state, s, r0, nr, c0, std::min(tile_cols, d - c0));
       for (int64_t r = 0; r < nr; ++r) {
-        const int64_t i = r0 + r;
-        const double n = double(s.row_n[size_t(r)]), l0 = double(s.row_l0[size_t(r)]);
+        const int64_t i = r0 + r, n = s.row_n[size_t(r)], l0 = s.row_l0[size_t(r)];
         if (ordered) {
           ordered_row(s, i, n, l0);
         } else {
-          write_sort_free_row(row_out, rows, i, double(d), n, l0, double(s.row_l1[size_t(r)]),
+          write_sort_free_row(row_out, row_counts, rows, i, d, n, l0, double(s.row_l1[size_t(r)]),
                               double(s.row_l2sq[size_t(r)]));
         }
       }
@@ -473,7 +486,7 @@ struct Stats {
 
 template <typename T>
 void run(const T* x, int64_t rows, int64_t d, int64_t ld, double eps, const double* top_p, int num_top_p,
-         bool ordered, double* feature_state, acc_t<T>* row_out, int num_threads) {
+         bool ordered, double* feature_state, acc_t<T>* row_out, int64_t* row_counts, int num_threads) {
   using A = acc_t<T>;
   const int64_t tile_cols =
       std::min<int64_t>(d, std::max<int64_t>(16, kTileAccBytes / int64_t(kFeatureFields * sizeof(A)) / 16 * 16));
@@ -481,18 +494,16 @@ void run(const T* x, int64_t rows, int64_t d, int64_t ld, double eps, const doub
   const int64_t block_bytes_per_row = (ordered ? d : tile_cols) * int64_t(sizeof(T));
   const int64_t block_rows = std::clamp<int64_t>((ordered ? kOrderedBlockBytes : kTileBytes) / block_bytes_per_row,
                                                  kMinBlockRows, kMaxBlockRows);
-  const Stats<T> stats{x, rows, d, ld, A(eps), top_p, num_top_p, ordered, row_out, tile_cols, block_rows};
+  const Stats<T> stats{x, rows, d, ld, A(eps), top_p, num_top_p, ordered, row_out, row_counts, tile_cols, block_rows};
   const int64_t parts =
       std::clamp<int64_t>((rows + kMinRowsPerPart - 1) / kMinRowsPerPart, 1, std::max(1, num_threads));
   std::vector<PartState> states;
   states.reserve(size_t(parts));
-  for (int64_t p = 0; p < parts; ++p) states.emplace_back(d);
+  for (int64_t p = 0; p < parts; ++p) states.emplace_back(d, p == 0 ? feature_state : nullptr);
   parallel_for(parts, num_threads, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) stats.run_part(states[size_t(p)], rows * p / parts, rows * (p + 1) / parts);
   });
-  PartState& total = states[0];
-  for (int64_t p = 1; p < parts; ++p) merge_columns(total.f.data(), d, states[size_t(p)].f.data(), d, d);
-  std::memcpy(feature_state, total.f.data(), total.f.size() * sizeof(double));
+  for (int64_t p = 1; p < parts; ++p) merge_columns(feature_state, d, states[size_t(p)].f, d, d);
 }
 
 // Sum and count of the non-NaN values of one channel and, for divisor > 0, the histogram of value / divisor
@@ -523,17 +534,20 @@ void sparsity_merge_states(const SparsityMergeStatesParams& p, int /*num_threads
 }
 
 void sparsity_row_summaries(const SparsityRowSummariesParams& p, int num_threads) {
-  std::fill_n(p.hist, p.channels * p.bins, int64_t(0));
-  parallel_for(p.channels, num_threads, 1, [&](int64_t c0, int64_t c1) {
+  const int64_t summaries = kRowCounts + p.channels;  // the counts, then the row channels
+  std::fill_n(p.hist, summaries * p.bins, int64_t(0));
+  parallel_for(summaries, num_threads, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       auto summarize = [&](const auto* values) {
-        summarize_channel(values + c * p.rows, p.rows, p.hist_divisor[c], p.bins, p.sums + c, p.defined + c,
-                          p.hist + c * p.bins);
+        summarize_channel(values, p.rows, p.hist_divisor[c], p.bins, p.sums + c, p.defined + c, p.hist + c * p.bins);
       };
-      if (p.dtype == DType::Float64) {
-        summarize(static_cast<const double*>(p.row_out));
+      const int64_t channel = c - kRowCounts;
+      if (channel < 0) {
+        summarize(p.row_counts + c * p.rows);
+      } else if (p.dtype == DType::Float64) {
+        summarize(static_cast<const double*>(p.row_out) + channel * p.rows);
       } else {
-        summarize(static_cast<const float*>(p.row_out));
+        summarize(static_cast<const float*>(p.row_out) + channel * p.rows);
       }
     }
   });
@@ -544,7 +558,7 @@ void sparsity_stats(const SparsityStatsParams& p, int num_threads) {
   switch_dtype(p.dtype, "sparsity_stats x", [&](auto tag) {
     using T = typename decltype(tag)::type;
     run<T>(static_cast<const T*>(p.x), p.rows, p.d, p.ld, p.eps, p.top_p, p.num_top_p, p.ordered, p.feature_state,
-           static_cast<acc_t<T>*>(p.row_out), num_threads);
+           static_cast<acc_t<T>*>(p.row_out), p.row_counts, num_threads);
   });
 }
 

@@ -7,6 +7,9 @@
 // reads A's row from DRAM once for kWarps replicates. Grid: kBlocksPerSM blocks per SM,
 // grid-stride over the n·R items.
 //
+// Permute checks every index it reads (common/index_check.h): an item whose row index π_r(i) is
+// outside [0, n) is written as 0, a column index outside it adds nothing; both set kBadPermutation.
+//
 // Minimum traffic: A and B once (2·n²·sizeof(T); B's gathered rows come from cache after
 // their first read), the R·n indices or weights (4 bytes each) and R·n·C float64 outputs.
 // Reads through the cache per launch: R·n²·(sizeof(T) + 4 + sizeof(T)) (Permute) or
@@ -34,6 +37,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
                           const T* __restrict__ b,             // [n, n]
                           const void* __restrict__ companion,  // [R, n] int32 π (Permute) or float w (Bootstrap)
                           double* __restrict__ out,            // [R, n, C]
+                          int32_t* __restrict__ error,         // [1]
                           int64_t replicates, int64_t n) {
   constexpr int C = replicate_channels(M);
   constexpr int V = Vec ? kVec16<T> : 1;
@@ -45,7 +49,18 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
     const int64_t i = item / replicates, r = item % replicates;
     const T* a_row = a + i * n;
     const Companion* col = static_cast<const Companion*>(companion) + r * n;  // π_r or w_r
-    const T* b_row = b + (M == ReplicateMode::Permute ? int64_t(col[i]) : i) * n;
+    int64_t b_index = i;
+    if constexpr (M == ReplicateMode::Permute) {
+      b_index = int64_t(col[i]);  // warp-uniform
+      if (b_index < 0 || b_index >= n) {
+        if (lane == 0) {
+          atomicOr(error, int32_t(kBadPermutation));
+          out[(r * n + i) * C] = 0.0;
+        }
+        continue;
+      }
+    }
+    const T* b_row = b + b_index * n;
     double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
     for (int64_t j0 = int64_t(lane) * V; j0 < n; j0 += int64_t(32) * V * kUnroll) {
       Packed<T, V> av[kUnroll] = {};
@@ -67,7 +82,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
 #pragma unroll
           for (int v = 0; v < V; ++v) {
             if constexpr (M == ReplicateMode::Permute) {
-              replicate_add<M>(s0, s1, s2, s3, s4, double(av[u].v[v]), double(b_row[cv[u].v[v]]), 1.0);
+              const int32_t c = cv[u].v[v];
+              const bool ok = c >= 0 && int64_t(c) < n;
+              if (!ok) atomicOr(error, int32_t(kBadPermutation));
+              replicate_add<M>(s0, s1, s2, s3, s4, double(av[u].v[v]), ok ? double(b_row[c]) : 0.0, 1.0);
             } else {
               replicate_add<M>(s0, s1, s2, s3, s4, double(av[u].v[v]), double(bv[u].v[v]), double(cv[u].v[v]));
             }
@@ -85,8 +103,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
 }
 
 template <ReplicateMode M, typename T>
-void launch(const T* a, const T* b, const int32_t* index, const float* weight, double* out, int64_t replicates,
-            int64_t n, void* stream) {
+void launch(const T* a, const T* b, const int32_t* index, const float* weight, double* out, int32_t* error,
+            int64_t replicates, int64_t n, void* stream) {
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   const bool vec = n % kVec16<T> == 0 && aligned(a) && aligned(b) && aligned(index) && aligned(weight);
   const int64_t items = n * replicates;
@@ -99,7 +117,7 @@ void launch(const T* a, const T* b, const int32_t* index, const float* weight, d
   };
   const void* companion = M == ReplicateMode::Permute ? static_cast<const void*>(index) : weight;
   auto run = [&](auto kernel) {
-    launch_kernel("replicate_rows", describe, kernel, shape, a, b, companion, out, replicates, n);
+    launch_kernel("replicate_rows", describe, kernel, shape, a, b, companion, out, error, replicates, n);
   };
   switch_value<bool, false, true>(vec, "replicate_rows vector loads",
                                   [&](auto vec_c) { run(replicate_rows_kernel<M, T, decltype(vec_c)::value>); });
@@ -110,8 +128,8 @@ void launch(const T* a, const T* b, const int32_t* index, const float* weight, d
 void replicate_rows(const ReplicateRowsParams& p, void* stream) {
   if (p.replicates == 0 || p.n == 0) return;
   dispatch_replicate(p.mode, p.dtype, [&]<ReplicateMode M, typename T>() {
-    launch<M, T>(static_cast<const T*>(p.a), static_cast<const T*>(p.b), p.index, p.weight, p.out, p.replicates, p.n,
-                 stream);
+    launch<M, T>(static_cast<const T*>(p.a), static_cast<const T*>(p.b), p.index, p.weight, p.out, p.error,
+                 p.replicates, p.n, stream);
   });
 }
 

@@ -90,7 +90,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 // ---- sae_sparsify: CSR pieces -------------------------------------------------------
 // One warp per row, lanes sweep the row with Vec-wide loads. Count pass: nonzeros
 // per row (warp sum). Write pass: a warp prefix sum over the lanes' nonzeros gives
-// each one its position, so the row's pieces come out in column order.
+// each one its position, so the row's pieces come out in column order; a position
+// outside [0, nnz) is not written and sets kBadOffsets in `error`.
 // Minimum traffic per pass: rows·cols·sizeof(A) read; the write pass writes
 // nnz·(8 + sizeof(A)). ~3 FLOPs per element.
 template <typename A, int Vec, bool Write>
@@ -102,7 +103,8 @@ __global__ void __launch_bounds__(kThreads, 2)
                         const int64_t* __restrict__ offsets, // [rows] (write pass)
                         int64_t* __restrict__ out_cols,      // [nnz] (write pass)
                         A* __restrict__ out_vals,            // [nnz] (write pass)
-                        int64_t rows, int64_t cols, int64_t col0) {
+                        int32_t* __restrict__ error,         // [1] (write pass)
+                        int64_t rows, int64_t cols, int64_t col0, int64_t nnz) {
   const int lane = int(threadIdx.x & 31);
   for (int64_t r = global_warp(); r < rows; r += warp_count()) {
     const A* p = pre + r * cols;
@@ -134,8 +136,12 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
         for (int j = 0; j < Vec; ++j) {
           if (v[j] != A(0)) {
-            out_cols[at] = col0 + c + j;
-            out_vals[at] = v[j];
+            if (at >= 0 && at < nnz) {
+              out_cols[at] = col0 + c + j;
+              out_vals[at] = v[j];
+            } else {
+              atomicOr(error, int32_t(kBadOffsets));
+            }
             ++at;
           }
         }
@@ -216,6 +222,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 // read 32 at a time (one per lane) and broadcast by shuffles; four gathered rows are
 // in flight per step. Minimum traffic: nnz·(8 + sizeof(T)) + nnz·D·sizeof(T) (gathered
 // rows) + rows·D·sizeof(T) (written); 2·nnz·D FLOPs.
+// Checks (common/index_check.h): a row whose pointers are not 0 <= crow[r] <= crow[r+1] <= nnz
+// (crow[0] = 0, crow[rows] = nnz) is written as empty and sets kBadCrow; an entry whose column is
+// outside [0, K) adds nothing and sets kBadCols. No out-of-range address is ever read.
 template <typename T, int Vec>
 __global__ void __launch_bounds__(kThreads, 2)
     sae_spmm_kernel(const int64_t* __restrict__ crow,  // [rows + 1]
@@ -225,12 +234,17 @@ __global__ void __launch_bounds__(kThreads, 2)
                     const T* __restrict__ bias,        // [D] or null
                     T* __restrict__ out,               // [rows, D]
                     acc_t<T>* __restrict__ row_sums,   // [rows] or null
-                    int64_t rows, int64_t D) {
+                    int32_t* __restrict__ error,       // [1]
+                    int64_t rows, int64_t D, int64_t nnz, int64_t K) {
   using A = acc_t<T>;
   constexpr int kInFlight = 4;
   const int lane = int(threadIdx.x & 31);
   for (int64_t r = global_warp(); r < rows; r += warp_count()) {
-    const int64_t e0 = crow[r], e1 = crow[r + 1];
+    int64_t e0 = crow[r], e1 = crow[r + 1];  // warp-uniform
+    if (e0 < 0 || e1 < e0 || e1 > nnz || (r == 0 && e0 != 0) || (r == rows - 1 && e1 != nnz)) {
+      if (lane == 0) atomicOr(error, int32_t(kBadCrow));
+      e0 = e1 = 0;
+    }
     if (row_sums) {
       A sum = A(0);
       for (int64_t e = e0 + lane; e < e1; e += 32) sum += to_acc(vals[e]);
@@ -244,8 +258,13 @@ __global__ void __launch_bounds__(kThreads, 2)
       A acc[Vec] = {};
       for (int64_t eb = e0; eb < e1; eb += 32) {
         const int n = int(e1 - eb < 32 ? e1 - eb : 32);
-        const int64_t my_col = lane < n ? cols[eb + lane] : 0;
-        const A my_val = lane < n ? to_acc(vals[eb + lane]) : A(0);
+        int64_t my_col = lane < n ? cols[eb + lane] : 0;
+        A my_val = lane < n ? to_acc(vals[eb + lane]) : A(0);
+        if (lane < n && (my_col < 0 || my_col >= K)) {  // skipped: column −1, value 0
+          atomicOr(error, int32_t(kBadCols));
+          my_col = -1;
+          my_val = A(0);
+        }
         int t = 0;
         for (; t + kInFlight <= n; t += kInFlight) {
           Packed<T, Vec> g[kInFlight] = {};
@@ -254,7 +273,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           for (int u = 0; u < kInFlight; ++u) {
             const int64_t c = __shfl_sync(kFullMask, my_col, t + u);
             v[u] = __shfl_sync(kFullMask, my_val, t + u);
-            if (active) g[u] = load_packed<Vec>(dense + c * D + d);
+            if (active && c >= 0) g[u] = load_packed<Vec>(dense + c * D + d);
           }
 #pragma unroll
           for (int u = 0; u < kInFlight; ++u)
@@ -264,7 +283,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (; t < n; ++t) {
           const int64_t c = __shfl_sync(kFullMask, my_col, t);
           const A v = __shfl_sync(kFullMask, my_val, t);
-          if (active) {
+          if (active && c >= 0) {
             const Packed<T, Vec> g = load_packed<Vec>(dense + c * D + d);
 #pragma unroll
             for (int j = 0; j < Vec; ++j) acc[j] += v * to_acc(g.v[j]);
@@ -284,7 +303,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 // ---- sae_sddmm: one dot product per entry --------------------------------------------
 // One warp per entry; lanes cover D with Vec-wide loads of both rows, warp sum.
 // Minimum traffic: nnz·(16 + 2·D·sizeof(T)) bytes (rows of `a` repeat across a row's
-// entries and come from cache); 2·nnz·D FLOPs.
+// entries and come from cache); 2·nnz·D FLOPs. An entry with rows_of outside [0, R) or
+// cols_of outside [0, K) gives 0 and sets kBadRowsOf / kBadColsOf.
 template <typename T, int Vec>
 __global__ void __launch_bounds__(kThreads, 2)
     sae_sddmm_kernel(const int64_t* __restrict__ rows_of,  // [nnz]
@@ -292,12 +312,22 @@ __global__ void __launch_bounds__(kThreads, 2)
                      const T* __restrict__ a,              // [R, D]
                      const T* __restrict__ b,              // [K, D]
                      acc_t<T>* __restrict__ out,           // [nnz]
-                     int64_t nnz, int64_t D) {
+                     int32_t* __restrict__ error,          // [1]
+                     int64_t nnz, int64_t D, int64_t R, int64_t K) {
   using A = acc_t<T>;
   const int lane = int(threadIdx.x & 31);
   for (int64_t e = global_warp(); e < nnz; e += warp_count()) {
-    const T* x = a + rows_of[e] * D;
-    const T* y = b + cols_of[e] * D;
+    const int64_t i = rows_of[e], j = cols_of[e];  // warp-uniform
+    const bool bad_i = i < 0 || i >= R, bad_j = j < 0 || j >= K;
+    if (bad_i || bad_j) {
+      if (lane == 0) {
+        atomicOr(error, int32_t((bad_i ? kBadRowsOf : 0) | (bad_j ? kBadColsOf : 0)));
+        out[e] = A(0);
+      }
+      continue;
+    }
+    const T* x = a + i * D;
+    const T* y = b + j * D;
     A dot = A(0);
 #pragma unroll 2
     for (int64_t d = lane * Vec; d < D; d += 32 * Vec) {
@@ -378,7 +408,7 @@ void sae_sparsify(const SaeSparsifyParams& p, void* stream) {
         launch_kernel(
             "sae_sparsify", [&] { return dims(p.rows, p.cols); }, kernel, warp_shape(p.rows, stream),
             static_cast<const A*>(p.pre), static_cast<const A*>(p.bias), p.theta, p.counts, p.offsets, p.out_cols,
-            static_cast<A*>(p.out_vals), p.rows, p.cols, p.col0);
+            static_cast<A*>(p.out_vals), p.error, p.rows, p.cols, p.col0, p.nnz);
       };
       if (p.counts) {
         run(sae_sparsify_kernel<A, Vec, false>);
@@ -420,7 +450,7 @@ void sae_spmm(const SaeSpmmParams& p, void* stream) {
       launch_kernel(
           "sae_spmm", [&] { return dims(p.rows, p.D); }, sae_spmm_kernel<T, Vec>, warp_shape(p.rows, stream), p.crow,
           p.cols, static_cast<const T*>(p.vals), static_cast<const T*>(p.dense), static_cast<const T*>(p.bias),
-          static_cast<T*>(p.out), static_cast<acc_t<T>*>(p.row_sums), p.rows, p.D);
+          static_cast<T*>(p.out), static_cast<acc_t<T>*>(p.row_sums), p.error, p.rows, p.D, p.nnz, p.K);
     });
   });
 }
@@ -433,7 +463,8 @@ void sae_sddmm(const SaeSddmmParams& p, void* stream) {
       constexpr int Vec = decltype(vec_c)::value;
       launch_kernel(
           "sae_sddmm", [&] { return dims(p.nnz, p.D); }, sae_sddmm_kernel<T, Vec>, warp_shape(p.nnz, stream), p.rows_of,
-          p.cols_of, static_cast<const T*>(p.a), static_cast<const T*>(p.b), static_cast<acc_t<T>*>(p.out), p.nnz, p.D);
+          p.cols_of, static_cast<const T*>(p.a), static_cast<const T*>(p.b), static_cast<acc_t<T>*>(p.out), p.error,
+          p.nnz, p.D, p.R, p.K);
     });
   });
 }

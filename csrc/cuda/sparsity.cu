@@ -12,8 +12,9 @@
 //     FLOPs: ~25 per element (conversion, batch moments, merge amortized over kBatch rows, row sums).
 //   merge_kernel     per column, merges the split partials in float64 (fixed order: deterministic).
 //     bytes: splits·d·10·sizeof(A) read + 10·d·8 written. FLOPs: ~40 per partial.
-//   row_totals_kernel  per row: L0, non-finite count, L1, L2, Hoyer and the thresholded-L0 threshold
-//     from the totals. bytes: 4·rows·8 read + rows·(5·sizeof(A) + 8) written.
+//   row_totals_kernel  per row: L0 and non-finite count (int64: the float64 totals hold them exactly),
+//     L1, L2, Hoyer and the thresholded-L0 threshold from the totals.
+//     bytes: 4·rows·8 read + rows·(3·sizeof(A) + 3·8) written.
 // sparsity_ordered: per row (block per row, grid-stride), a second read of the row: |a| into shared
 //   memory (16-byte loads), threshold count and entropy sums on the way, bitonic sort of the next power
 //   of two ≥ d (padding +inf), Gini and top-p masses from the sorted row. Rows longer than the shared
@@ -239,11 +240,13 @@ template <typename A>
 __global__ void __launch_bounds__(kThreads)
     row_totals_kernel(double* __restrict__ totals,  // [kRowTotals, rows]; writes kTotThreshold
                       int64_t rows, int64_t d,
-                      A* __restrict__ out) {        // [channels, rows]
+                      A* __restrict__ out,          // [channels, rows]
+                      int64_t* __restrict__ counts) {  // [kRowCounts, rows]
   for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < rows; r += int64_t(gridDim.x) * blockDim.x) {
     const double n = totals[kTotFinite * rows + r], l1 = totals[kTotL1 * rows + r];
     const double l2sq = totals[kTotL2Sq * rows + r];
-    write_sort_free_row(out, rows, r, double(d), n, totals[kTotL0 * rows + r], l1, l2sq);
+    write_sort_free_row(out, counts, rows, r, d, count_in_range(n, d), count_in_range(totals[kTotL0 * rows + r], d),
+                        l1, l2sq);
     totals[kTotThreshold * rows + r] = abs_threshold(n, l1, l2sq);
   }
 }
@@ -324,8 +327,9 @@ __global__ void __launch_bounds__(kOrderedThreads)
   const int tid = int(threadIdx.x);
 
   for (int64_t r = row_begin + blockIdx.x; r < row_end; r += gridDim.x) {
-    const double n = totals[kTotFinite * rows + r], threshold = totals[kTotThreshold * rows + r];
-    const int64_t count = int64_t(n);
+    // The entries read below: never past the row, whatever the totals hold.
+    const int64_t count = count_in_range(totals[kTotFinite * rows + r], d);
+    const double n = double(count), threshold = totals[kTotThreshold * rows + r];
     double row_sums[kSumTopP] = {0.0, 0.0, 0.0, 0.0};  // OrderedSum order
     auto add_value = [&](A a) {              // a finite |value|
       const double ad = double(a), lg = double(log_poly(a));
@@ -437,7 +441,7 @@ void sparsity_features(const SparsityFeaturesParams& p, void* stream) {
     shape.grid = dim3(unsigned(grid_for(p.rows, kThreads, blocks)));
     if (p.rows > 0) {
       launch_kernel("sparsity_row_totals", describe, row_totals_kernel<A>, shape, p.row_totals, p.rows, p.d,
-                    static_cast<A*>(p.row_out));
+                    static_cast<A*>(p.row_out), p.row_counts);
     }
   });
 }

@@ -26,11 +26,13 @@ GramPass = _int_enum(_C.GramPass)
 ReplicateMode = _int_enum(_C.ReplicateMode)
 REPLICATE_CHANNELS = {ReplicateMode(mode): channels for mode, channels in _C.REPLICATE_CHANNELS.items()}
 DTYPE_CODES = dict(_C.DTYPE_CODES)  # dtype name -> code of the tensor views
+INDEX_ERRORS = dict(_C.INDEX_ERRORS)  # bit of the gathers' error word -> message (csrc/common/index_check.h)
 
 SAE_MAX_TOPK = _C.SAE_MAX_TOPK  # largest k of the native top-k merge; larger k merge in torch
 KNN_MAX_K = _C.KNN_MAX_K  # largest k of the native kNN merge; larger k merge in torch
 
 SPARSITY_FEATURE_FIELDS = tuple(_C.SPARSITY_FEATURE_FIELDS)  # rows of the per-feature state
+SPARSITY_ROW_COUNTS = tuple(_C.SPARSITY_ROW_COUNTS)  # rows of the int64 row counts (l0, nonfinite)
 SPARSITY_ROW_CHANNELS = tuple(_C.SPARSITY_ROW_CHANNELS)  # row outputs, then top_p_l1[P], top_p_l2[P]
 SPARSITY_SORT_FREE_CHANNELS = _C.SPARSITY_SORT_FREE_CHANNELS  # the one-read subset: the first channels
 SPARSITY_ROW_TOTALS = _C.SPARSITY_ROW_TOTALS

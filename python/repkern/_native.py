@@ -9,6 +9,11 @@ Each op module declares the kernels it calls with :func:`kernel` at import, so a
 build fails there, not at the first call. Tensors cross into C++ as ``(data_ptr, sizes, strides,
 dtype_code)``; torch allocates every output and workspace, and each tensor stays bound to a Python name
 until the native call returns.
+
+Kernels that read through index arrays check every index (csrc/common/index_check.h): the CPU entries raise
+ValueError themselves; the CUDA kernels (and the emulator) skip a bad index and set a bit in an int32 error
+word the op allocates with :func:`index_error_word` and reads with :func:`raise_index_errors` after the
+launch. On CUDA that read is one device-to-host synchronization per op call.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from repkern import _constants  # noqa: F401  (first: its ImportError explains a missing _C)
 from repkern import _C
 from repkern._constants import DTYPE_CODES as _DTYPE_NAME_CODES
+from repkern._constants import INDEX_ERRORS
 
 BACKENDS = ("auto", "reference", "emu")
 DTYPE_CODES = {getattr(torch, name): code for name, code in _DTYPE_NAME_CODES.items()}
@@ -118,6 +124,19 @@ def kernel(name: str, *, cpu: bool = True, cuda: bool = True) -> Kernel:
     k = Kernel(name, entries.get("cpu"), entries.get("cuda"), cuda)
     KERNELS[name] = k
     return k
+
+
+def index_error_word(device: torch.device) -> torch.Tensor:
+    """The zero-filled int32 error word ([1]) of a kernel that checks its indices."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def raise_index_errors(error: torch.Tensor) -> None:
+    """ValueError naming the arguments whose indices a CUDA kernel found out of range (the bits of `error`,
+    csrc/common/index_check.h). On CUDA, reading the word synchronizes with the device: one sync per call."""
+    flags = int(error.item())
+    if flags:
+        raise ValueError("; ".join(message for bit, message in sorted(INDEX_ERRORS.items()) if flags & bit))
 
 
 def view(t: Optional[torch.Tensor]):

@@ -16,10 +16,15 @@ Linear kernel in feature space (cost n·d1·d2 instead of n²(d1+d2)), X, Y
 column-centered: h = ‖YᵀX‖²_F, unbiased h = ‖YᵀX‖²_F − (n/(n−2)) aᵀb +
 (Σa)(Σb)/((n−1)(n−2)) with a_i = ‖x_i‖², b_i = ‖y_i‖².
 
-Scale: the linear paths center x and divide it by a power of two near max |x|
-(exact in every float format), so neither float32 products nor 16-bit inputs
-overflow; HSIC is scaled back in float64. RBF and cosine Grams are
-bounded by 1 and need no scaling.
+Scale: the linear paths divide x by a power of two near max |x| (exact in every
+float format, applied as two factors so that even a subnormal peak scales up),
+then center it twice: the second pass removes the rounding error of the first
+mean, which would otherwise stay behind as a common offset of every row (the
+feature path assumes exactly centered columns; data with |mean| ≫ std lost
+~1e-4 of CKA to it). Neither float32 products nor 16-bit inputs overflow or
+underflow; HSIC is scaled back in float64. Cosine rows are rescaled by powers of
+two (exact, cosine is invariant) so that their products stay in range; RBF
+Grams need no scaling.
 
 The HSIC terms, the custom ops every estimator is built on: for m symmetric n×n Gram matrices K_a and requested pairs p = (a, b), the op
 ``repkern::hsic_terms`` returns, in float64:
@@ -543,20 +548,29 @@ def acc_itemsize(dtype: torch.dtype) -> int:
 
 def prepare(x: Tensor, kernel: str) -> tuple[Tensor, Tensor]:
     """x (B, n, d) -> (x in the accumulation dtype ready for the Gram/feature path,
-    log2 of the factor it was divided by (B,) float64). Linear: centered and divided
-    by 2^round(log2(max |x|)) — exact (a power of two), and it bounds the entries of
-    x̂ by 2, so float32 products x̂ᵀx̂ and Σ K∘K stay far from overflow. Three passes:
-    min/max, mean, then centering and scaling fused."""
+    log2 of the factor it was divided by (B,) float64). Linear: divided by
+    2^round(log2(max |x|)) — exact (a power of two, as two factors so that a subnormal
+    peak's 2^149 is representable), which bounds the entries by 2, so float32 products
+    x̂ᵀx̂ and Σ K∘K stay far from overflow and underflow — then centered twice: the
+    first mean's rounding (an offset shared by every row, large against the spread when
+    |mean| ≫ std) is removed by the second, whose own rounding is relative to the
+    spread. Cosine: each row rescaled by a power of two (gram_ops.unit_rows). One
+    copy of x; min/max, two multiplies, two mean passes, two subtractions."""
     xa = x.to(_common.acc_dtype(x.dtype))
     zero = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    if kernel == "cosine":
+        return gram_ops.unit_rows(xa)[0], zero
     if kernel != "linear":
         return xa, zero
     with torch.no_grad():
         lo, hi = torch.aminmax(xa.detach().reshape(xa.shape[0], -1), dim=1)
-        peak = torch.maximum(-lo, hi).double()
-        log2 = torch.where(torch.isfinite(peak) & (peak > 0), torch.log2(peak).round(), zero)
-    scale = torch.exp2(-log2).to(xa.dtype)[:, None, None]
-    return torch.addcmul(-xa.mean(-2, keepdim=True) * scale, xa, scale), log2
+        exponent = gram_ops.pow2_exponent(torch.maximum(-lo, hi))
+    f1, f2 = gram_ops.pow2_factors(exponent[:, None, None], xa.dtype)
+    xs = xa * f1  # a new tensor: the in-place steps below never touch x
+    xs.mul_(f2)
+    xs.sub_(xs.mean(-2, keepdim=True))  # exact where the values lie within 2x of their mean (Sterbenz)
+    xs.sub_(xs.mean(-2, keepdim=True))  # the first mean's rounding error, shared by every row
+    return xs, -exponent
 
 
 def _numerators(cross: Tensor, row_sums: Tensor, diag: Tensor, pairs: Tensor, n: int, debiased: bool) -> Tensor:

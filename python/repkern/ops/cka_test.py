@@ -40,13 +40,12 @@ REPLICATE_BYTES = 32 << 20  # per launch: R·n·(4 + 8·channels) bytes of plans
 def _replicate_rows_op(a: Tensor, b: Tensor, columns: Tensor, mode: int) -> Tensor:
     """a, b: (n, n) float32/float64 symmetric. mode 0 (Permute): columns (R, n) int32
     permutations, returns (R, n, 1) Σ_j a_ij b_π(i)π(j); mode 1 (Bootstrap): columns (R, n)
-    float32 counts, returns (R, n, 5) Σ_j w_j (a b, a², b², a, b)_ij. float64."""
-    if mode == PERMUTE:
-        lo, hi = torch.aminmax(columns) if columns.numel() else (0, 0)
-        if int(lo) < 0 or int(hi) >= a.shape[0]:
-            raise ValueError(f"columns: permutation indices must lie in [0, {a.shape[0]})")
+    float32 counts, returns (R, n, 5) Σ_j w_j (a b, a², b², a, b)_ij. float64. ValueError for a
+    permutation index outside [0, n) (checked by the kernels; on CUDA one sync per call)."""
     out = torch.empty((columns.shape[0], a.shape[0], REPLICATE_CHANNELS[mode]), dtype=torch.float64, device=a.device)
-    _native.call(REPLICATE_ROWS, a.device, mode, a.contiguous(), b.contiguous(), columns.contiguous(), out)
+    error = _native.index_error_word(a.device)
+    _native.call(REPLICATE_ROWS, a.device, mode, a.contiguous(), b.contiguous(), columns.contiguous(), out, error)
+    _native.raise_index_errors(error)
     return out
 
 

@@ -70,6 +70,41 @@ def inner_products(x: Tensor) -> Tensor:
     return inner
 
 
+# ---- exact rescaling and non-finite rows ------------------------------------------------------
+
+
+def pow2_factors(exponent: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """2^exponent (float64 integers) as two factors in `dtype` whose product it is: each factor is a power
+    of two representable in dtype (float32 needs two for 2^149, the largest scale-up of a subnormal), so
+    multiplying by one, then the other, is exact unless the result itself overflows or underflows."""
+    half = torch.trunc(exponent / 2)
+    return torch.exp2(half).to(dtype), torch.exp2(exponent - half).to(dtype)
+
+
+def pow2_exponent(peak: Tensor) -> Tensor:
+    """−round(log2(peak)) (float64) where peak is finite and > 0, else 0: the power of two that brings
+    `peak` to [2^−½, 2^½]."""
+    peak = peak.double()
+    ok = torch.isfinite(peak) & (peak > 0)
+    return torch.where(ok, -torch.log2(torch.where(ok, peak, torch.ones_like(peak))).round(), torch.zeros_like(peak))
+
+
+def unit_rows(x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """x (..., n, d) with each finite nonzero row multiplied by the power of two that brings its largest
+    |entry| near 1 (exact; cosine similarity does not see it), and the two factors (..., n, 1) used: float32
+    products of the rows can then neither overflow (|x| ≈ 1e20) nor underflow (subnormal rows)."""
+    with torch.no_grad():
+        exponent = pow2_exponent(x.detach().abs().amax(-1, keepdim=True))
+    f1, f2 = pow2_factors(exponent, x.dtype)
+    return x * f1 * f2, (f1, f2)
+
+
+def nan_rows(x: Tensor) -> Tensor:
+    """x (..., n, d) with every row that holds NaN or ±Inf made all NaN: its Gram row and column are then NaN
+    whatever the kernel (an Inf row would give ±inf, or a cosine diagonal of 1)."""
+    return x.masked_fill(~torch.isfinite(x).all(-1, keepdim=True), math.nan)
+
+
 def row_factors(kind: GramKind, inner: Tensor) -> Optional[Tensor]:
     """(B, n) per-row factor of the epilogue (csrc/common/gram_math.h): g_ii for
     distances, 1/‖x_i‖ for cosine (0 for a zero row, NaN stays NaN)."""
@@ -183,6 +218,9 @@ def _gram_op(
     if batch == 0:
         return x.new_empty((batch, n, n)), x.new_zeros((batch,), dtype=acc), positions
     kind = KINDS[kernel]
+    x = nan_rows(x)
+    if kind == GramKind.COSINE:
+        x, _ = unit_rows(x)
     if kind == GramKind.LINEAR and center:  # H x xᵀ H = (Hx)(Hx)ᵀ: center x, exactly
         xa = x.to(acc)
         xc = xa - xa.mean(dim=1, keepdim=True)
@@ -242,14 +280,15 @@ def _gram_backward(ctx, grad, _grad_scale_used, _grad_positions):
         g = _double_center(g)
         k = torch.ops.repkern.gram(x, ctx.kernel, scale if ctx.kernel == "rbf" else None, "full", 1.0, False)[0]
     ka = k.to(acc)
-    if ctx.kernel == "cosine":
-        norms = xa.norm(dim=-1, keepdim=True)
+    if ctx.kernel == "cosine":  # on the rows rescaled as in the forward (xs = x·f): dL/dx = f·dL/dxs
+        xs, (f1, f2) = unit_rows(xa)
+        norms = xs.norm(dim=-1, keepdim=True)
         nonzero = norms > 0
         safe = torch.where(nonzero, norms, torch.ones_like(norms))
-        u = xa / safe
+        u = xs / safe
         gu = (g + g.mT) @ u
         gx = torch.where(nonzero, (gu - (gu * u).sum(-1, keepdim=True) * u) / safe, torch.zeros_like(gu))
-        return gx.to(x.dtype), None, None, None, None, None
+        return (gx * f1 * f2).to(x.dtype), None, None, None, None, None
     # rbf: K = exp(scale · D), D_ij = ‖x_i − x_j‖²
     finite = torch.isfinite(scale)  # σ = 0 limit: piecewise constant, zero gradient
     w = torch.where(finite[:, None, None], g * ka * scale[:, None, None], torch.zeros_like(g))  # dL/dD
@@ -287,7 +326,9 @@ def gram(
         x: ``(..., n, d)``: n samples of d features, any number of batch dims;
             float32, float64, float16 or bfloat16, CPU or CUDA.
         kernel: ``"linear"`` (x_i·x_j), ``"cosine"`` (x_i·x_j / ‖x_i‖‖x_j‖; a zero
-            row gives 0, including its diagonal) or ``"rbf"`` (exp(−‖x_i − x_j‖²/(2σ²))).
+            row gives 0, including its diagonal; each row is first rescaled by a power of
+            two, exactly, so rows at 1e20 or subnormal ones do not overflow or underflow)
+            or ``"rbf"`` (exp(−‖x_i − x_j‖²/(2σ²))).
         sigma: RBF bandwidth. ``None``: median heuristic σ² = threshold² · median
             of the squared distances (Kornblith et al.'s ``gram_rbf(x, threshold)``).
         threshold: scales the median heuristic (ignored when ``sigma`` is given).
@@ -299,8 +340,10 @@ def gram(
     Returns:
         ``(..., n, n)`` in x's dtype, accumulated in float32 (float64 for float64),
         exactly symmetric. If the median is 0 (σ = 0) the RBF Gram is the σ → 0
-        limit: 1 where two rows coincide, else 0. NaN in a row of x gives NaN in
-        that row and column. Differentiable w.r.t. x, through the median too.
+        limit: 1 where two rows coincide, else 0. NaN or ±Inf in a row of x gives
+        NaN in that row and column, diagonal included, for every kernel (with
+        ``center=True`` every entry is NaN: centering mixes all rows). Differentiable
+        w.r.t. x, through the median too.
     """
     sigma, threshold = _validation.check_gram_args(x, kernel, sigma, threshold, center, median)
     if _native.use_reference():

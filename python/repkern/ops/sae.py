@@ -190,16 +190,18 @@ def _csr_threshold(xa, W, bias, theta, budget):
     device = xa.device
     row_totals = torch.zeros(n, dtype=torch.int64, device=device)
     pieces = []  # (r0, c0, counts, cols, vals)
+    error = _native.index_error_word(device)  # of every write pass, read once at the end
     for r0, r1, c0, c1, pre in _chunks(xa, W, CHUNK_ALIGN, budget):
         th = theta[c0:c1] if theta is not None else None
         counts = torch.empty(r1 - r0, dtype=torch.int64, device=device)
-        _native.call(SAE_SPARSIFY, device, pre, bias[c0:c1], th, counts, None, None, None, c0)
+        _native.call(SAE_SPARSIFY, device, pre, bias[c0:c1], th, counts, None, None, None, None, c0)
         offsets = counts.cumsum(0) - counts
         nnz = int(counts.sum())
         cols = torch.empty(nnz, dtype=torch.int64, device=device)
         vals = torch.empty(nnz, dtype=xa.dtype, device=device)
-        _native.call(SAE_SPARSIFY, device, pre, bias[c0:c1], th, None, offsets, cols, vals, c0)
+        _native.call(SAE_SPARSIFY, device, pre, bias[c0:c1], th, None, offsets, cols, vals, error, c0)
         pieces.append((r0, counts, offsets, cols, vals))
+    _native.raise_index_errors(error)
     crow = torch.zeros(n + 1, dtype=torch.int64, device=device)
     for r0, counts, *_ in pieces:
         row_totals[r0 : r0 + counts.numel()] += counts
@@ -275,11 +277,16 @@ def _encode_sparse_setup(ctx, inputs, output):
 def _spmm_op(crow: Tensor, cols: Tensor, vals: Tensor, dense: Optional[Tensor], bias: Optional[Tensor]
              ) -> tuple[Tensor, Tensor]:
     """CSR rows × dense (K, D): (Σ_e vals[e] · dense[cols[e]] (+ bias) (rows, D) in vals'
-    dtype — (0, 0) without dense —, Σ_e vals[e] (rows,) in the accumulation dtype)."""
+    dtype — (0, 0) without dense —, Σ_e vals[e] (rows,) in the accumulation dtype).
+    ValueError unless crow rises from 0 to nnz and (with dense) cols lie in [0, K): checked by the
+    kernels, whatever the caller did (on CUDA the check costs one sync)."""
     rows = crow.numel() - 1
     out = vals.new_empty((rows, dense.shape[1]) if dense is not None else (0, 0))
     sums = vals.new_empty((rows,), dtype=_common.acc_dtype(vals.dtype))
-    _native.call(SAE_SPMM, vals.device, crow, cols, vals, dense, bias, out if dense is not None else None, sums)
+    error = _native.index_error_word(vals.device)
+    _native.call(SAE_SPMM, vals.device, crow, cols, vals, dense, bias, out if dense is not None else None, sums,
+                 error)
+    _native.raise_index_errors(error)
     return out, sums
 
 
@@ -292,9 +299,12 @@ def _(crow, cols, vals, dense, bias):
 
 @torch.library.custom_op("repkern::sae_sddmm", mutates_args=())
 def _sddmm_op(rows: Tensor, cols: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """a[rows[e]] · b[cols[e]] for each entry e -> (nnz,) in the accumulation dtype."""
+    """a[rows[e]] · b[cols[e]] for each entry e -> (nnz,) in the accumulation dtype. ValueError for
+    an index outside a's or b's rows (checked by the kernels; on CUDA one sync)."""
     out = a.new_empty(rows.shape, dtype=_common.acc_dtype(a.dtype))
-    _native.call(SAE_SDDMM, a.device, rows, cols, a, b, out)
+    error = _native.index_error_word(a.device)
+    _native.call(SAE_SDDMM, a.device, rows, cols, a, b, out, error)
+    _native.raise_index_errors(error)
     return out
 
 
@@ -438,8 +448,13 @@ _encode_dense_op.register_autograd(_encode_dense_backward, setup_context=_encode
 
 @torch.library.custom_op("repkern::sae_decode_sparse", mutates_args=())
 def _decode_sparse_op(crow: Tensor, cols: Tensor, vals: Tensor, W_dec: Tensor, b_dec: Optional[Tensor]) -> Tensor:
-    """Σ_e vals[e] · W_dec[cols[e]] + b_dec per CSR row -> (N, d_in); vals in W_dec's dtype."""
-    return _spmm_op(crow, cols, vals, W_dec, b_dec)[0]
+    """Σ_e vals[e] · W_dec[cols[e]] + b_dec per CSR row -> (N, d_in); vals in W_dec's dtype.
+    ValueError naming ``codes`` unless crow rises from 0 to nnz and cols lie in [0, d_sae): the
+    kernels check it (also under torch.compile, where sae_decode's own checks are skipped)."""
+    try:
+        return _spmm_op(crow, cols, vals, W_dec, b_dec)[0]
+    except ValueError as exc:
+        raise ValueError(f"codes: not valid sparse codes for W_dec of {W_dec.shape[0]} rows (d_sae): {exc}") from None
 
 
 @_decode_sparse_op.register_fake
@@ -579,7 +594,11 @@ def sae_decode(codes, W_dec: Tensor, b_dec: Optional[Tensor] = None) -> Tensor:
     accumulation (float64 for float64). Sparse codes: a gather-accumulate of the
     selected W_dec rows (embedding-bag style; its backward gives the values one dot
     product each and W_dec a gather over each feature's entries). Differentiable
-    w.r.t. the code values, W_dec and b_dec.
+    w.r.t. the code values, W_dec and b_dec. Indices outside ``[0, d_sae)``, and
+    :class:`CsrCodes` whose ``crow_indices`` do not rise from 0 to nnz, raise
+    ``ValueError`` naming ``codes`` — also under ``torch.compile``, where the Python
+    checks are skipped: the native kernels check every index they read (on CUDA at the
+    cost of one device sync per call).
     """
     _validation.check_sae_decode_args(codes, W_dec, b_dec)
     if _native.use_reference():

@@ -3,10 +3,12 @@
 Custom op (fake impl registered; no autograd: counts, thresholds and sorts have no useful gradient, so
 the public functions detach their input):
   repkern::sparsity_stats(x (N, d), eps, top_p (P floats), ordered)
-      -> (feature state (10, d) float64, row channels (C, N) in the accumulation dtype)
-  repkern::sparsity_row_summaries(row channels (C, N), histogram divisors (C,), bins)   [CPU]
-      -> (per channel: sum of the non-NaN values, their count, histogram on [0, 1]): what a batch adds to
-      the per-row summaries; results.sparsity.row_summary_parts is the torch form (CUDA, reference).
+      -> (feature state (10, d) float64, row channels (C, N) in the accumulation dtype,
+          row counts (2, N) int64: l0 and nonfinite, exact for any d)
+  repkern::sparsity_row_summaries(row counts (2, N), row channels (C, N), histogram divisors (2 + C,), bins)
+      [CPU] -> (per count and channel: sum of the non-NaN values, their count, histogram on [0, 1]): what a
+      batch adds to the per-row summaries; results.sparsity.row_summary_parts is the torch form (CUDA,
+      reference).
 The feature state holds, per feature, count / fired / NaN counts, mean and central moment sums M2..M4,
 min, max, Σ|a| (csrc/common/sparsity_math.h): partial states merge exactly (Chan/Pébay, float64), which
 is what the accumulator does across batches and processes.
@@ -27,7 +29,8 @@ from torch import Tensor
 
 from repkern import _common, _native, _validation, reference
 from repkern._constants import (SPARSITY_FEATURE_FIELDS, SPARSITY_ORDERED_SUMS, SPARSITY_ROW_CHANNELS,
-                                SPARSITY_ROW_TOTALS, SPARSITY_SORT_FREE_CHANNELS, sparsity_row_channels)
+                                SPARSITY_ROW_COUNTS, SPARSITY_ROW_TOTALS, SPARSITY_SORT_FREE_CHANNELS,
+                                sparsity_row_channels)
 from repkern._distributed import all_gather_states
 from repkern.results import sparsity as sr
 
@@ -66,25 +69,27 @@ def _ordered_cuda(x: Tensor, top: Tensor, totals: Tensor, out: Tensor) -> None:
 
 
 @torch.library.custom_op("repkern::sparsity_stats", mutates_args=())
-def _sparsity_op(x: Tensor, eps: float, top_p: Sequence[float], ordered: bool) -> tuple[Tensor, Tensor]:
-    """x (N, d) -> (feature state (10, d) float64, row channels (C, N) in the accumulation dtype)."""
+def _sparsity_op(x: Tensor, eps: float, top_p: Sequence[float], ordered: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """x (N, d) -> (feature state (10, d) float64, row channels (C, N) in the accumulation dtype, row
+    counts (2, N) int64)."""
     if x.shape[-1] > 1 and x.stride(-1) != 1:
         x = x.contiguous()
     rows, d = x.shape
     acc = _common.acc_dtype(x.dtype)
     state = torch.empty((len(FEATURE_FIELDS), d), dtype=torch.float64, device=x.device)
     out = torch.empty((sparsity_row_channels(len(top_p), ordered), rows), dtype=acc, device=x.device)
+    counts = torch.empty((len(SPARSITY_ROW_COUNTS), rows), dtype=torch.int64, device=x.device)
     top = torch.tensor(list(top_p), dtype=torch.float64, device=x.device)
     if _native.backend_for(x.device) == "cpu":
-        _native.call(SPARSITY_STATS, x.device, x, eps, top, ordered, state, out)
-        return state, out
+        _native.call(SPARSITY_STATS, x.device, x, eps, top, ordered, state, out, counts)
+        return state, out, counts
     _, splits = _native.call(SPARSITY_PLAN, x.device, _native.DTYPE_CODES[x.dtype], rows, d)
     partials = torch.empty((splits, len(FEATURE_FIELDS), d), dtype=acc, device=x.device)
     totals = torch.zeros((SPARSITY_ROW_TOTALS, rows), dtype=torch.float64, device=x.device)
-    _native.call(SPARSITY_FEATURES, x.device, x, eps, partials, totals, state, out)
+    _native.call(SPARSITY_FEATURES, x.device, x, eps, partials, totals, state, out, counts)
     if ordered and rows > 0:
         _ordered_cuda(x, top, totals, out)
-    return state, out
+    return state, out, counts
 
 
 @_sparsity_op.register_fake
@@ -92,7 +97,8 @@ def _(x, eps, top_p, ordered):
     rows, d = x.shape
     acc = _common.acc_dtype(x.dtype)
     return (x.new_empty((len(FEATURE_FIELDS), d), dtype=torch.float64),
-            x.new_empty((sparsity_row_channels(len(top_p), ordered), rows), dtype=acc))
+            x.new_empty((sparsity_row_channels(len(top_p), ordered), rows), dtype=acc),
+            x.new_empty((len(SPARSITY_ROW_COUNTS), rows), dtype=torch.int64))
 
 
 # ---- feature states and results ---------------------------------------------------------
@@ -137,7 +143,8 @@ def merge_feature_states_torch(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _channel_names(top_p: tuple, ordered: bool) -> list:
-    """Name of each row channel (row of the (C, N) output); the top-p ones repeat once per p."""
+    """Name of each row channel (row of the (C, N) floating output); the top-p ones repeat once per p.
+    The counts (l0, nonfinite) are the rows of the separate int64 output, SPARSITY_ROW_COUNTS."""
     names = list(SPARSITY_ROW_CHANNELS[:SPARSITY_SORT_FREE_CHANNELS])
     if ordered:
         names += list(SPARSITY_ROW_CHANNELS[SPARSITY_SORT_FREE_CHANNELS:]) + ["top_p_l1"] * len(top_p) + ["top_p_l2"] * len(top_p)
@@ -151,45 +158,48 @@ def _channels_of(names: list, name: str, num_top_p: int):
 
 
 @torch.library.custom_op("repkern::sparsity_row_summaries", mutates_args=())
-def _row_summaries_op(out: Tensor, histogram_divisor: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Row channels (C, N) on the CPU -> per channel (sum of the non-NaN values (C,) float64, their count
-    (C,) int64, histogram (C, bins) int64 of value / divisor on [0, 1] where divisor > 0)."""
-    channels = out.shape[0]
-    sums = torch.empty(channels, dtype=torch.float64)
-    defined = torch.empty(channels, dtype=torch.int64)
-    hist = torch.empty((channels, bins), dtype=torch.int64)
-    _native.call(SPARSITY_ROW_SUMMARIES, out.device, out, histogram_divisor, sums, defined, hist)
+def _row_summaries_op(counts: Tensor, out: Tensor, histogram_divisor: Tensor, bins: int
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """Row counts (2, N) int64 and row channels (C, N) on the CPU -> per count, then per channel (S = 2 + C):
+    (sum of the non-NaN values (S,) float64, their count (S,) int64, histogram (S, bins) int64 of value /
+    divisor on [0, 1] where divisor > 0)."""
+    summaries = counts.shape[0] + out.shape[0]
+    sums = torch.empty(summaries, dtype=torch.float64)
+    defined = torch.empty(summaries, dtype=torch.int64)
+    hist = torch.empty((summaries, bins), dtype=torch.int64)
+    _native.call(SPARSITY_ROW_SUMMARIES, out.device, counts, out, histogram_divisor, sums, defined, hist)
     return sums, defined, hist
 
 
 @_row_summaries_op.register_fake
-def _(out, histogram_divisor, bins):
-    channels = out.shape[0]
-    return (out.new_empty(channels, dtype=torch.float64), out.new_empty(channels, dtype=torch.int64),
-            out.new_empty((channels, bins), dtype=torch.int64))
+def _(counts, out, histogram_divisor, bins):
+    summaries = counts.shape[0] + out.shape[0]
+    return (out.new_empty(summaries, dtype=torch.float64), out.new_empty(summaries, dtype=torch.int64),
+            out.new_empty((summaries, bins), dtype=torch.int64))
 
 
-def _native_row_summaries(out: Tensor, top_p: tuple, ordered: bool, d: int, bins: int) -> tuple[dict, dict, dict]:
-    """sr.row_summary_parts of the row channels (C, N), in one native pass over them (CPU): the torch form
-    costs ~20 small torch calls, about as long as the kernel itself on a batch of a few hundred rows."""
-    names = _channel_names(top_p, ordered)
+def _native_row_summaries(out: Tensor, counts: Tensor, top_p: tuple, ordered: bool, d: int, bins: int
+                          ) -> tuple[dict, dict, dict]:
+    """sr.row_summary_parts of the row counts (2, N) and channels (C, N), in one native pass over them (CPU):
+    the torch form costs ~20 small torch calls, about as long as the kernel itself on a batch of a few
+    hundred rows."""
+    names = list(SPARSITY_ROW_COUNTS) + _channel_names(top_p, ordered)
     sources = {h: sr.row_histogram_source(h) for h in sr.ROW_HISTOGRAM_STATS}
     over_d = dict(sources.values())  # channel -> divided by d
     divisor = [(float(d) if over_d[n] else 1.0) if n in over_d else 0.0 for n in names]
     sums, defined, hist = torch.ops.repkern.sparsity_row_summaries(
-        out, torch.tensor(divisor, dtype=torch.float64), bins)
+        counts, out, torch.tensor(divisor, dtype=torch.float64), bins)
     stat = {n: _channels_of(names, n, len(top_p)) for n in sr.ROW_STATS if n in names}
     histogram = {h: stat[source] for h, (source, _) in sources.items() if source in stat}
     return ({n: sums[c] for n, c in stat.items()}, {n: defined[c] for n, c in stat.items()},
             {n: hist[c] for n, c in histogram.items()})
 
 
-def _row_dict(out: Tensor, top_p: tuple, ordered: bool) -> dict:
-    """Row channels (C, N) -> {name: (N,) or (N, P)}; counts as int64."""
+def _row_dict(out: Tensor, counts: Tensor, top_p: tuple, ordered: bool) -> dict:
+    """Row counts (2, N) int64 and channels (C, N) -> {name: (N,) or (N, P)}, the counts (int64) first."""
     names = _channel_names(top_p, ordered)
-    rows = {name: out[_channels_of(names, name, len(top_p))] for name in dict.fromkeys(names)}
-    rows["l0"] = rows["l0"].to(torch.int64)
-    rows["nonfinite"] = rows["nonfinite"].to(torch.int64)
+    rows = dict(zip(SPARSITY_ROW_COUNTS, counts.unbind(0)))
+    rows.update({name: out[_channels_of(names, name, len(top_p))] for name in dict.fromkeys(names)})
     for name in ("top_p_l1", "top_p_l2"):
         if name in rows:
             rows[name] = rows[name].T
@@ -204,10 +214,10 @@ def _run(a: Tensor, eps: float, top_p: tuple, ordered: bool, row_bins: int) -> t
     if _native.use_reference():
         per_row = reference.sparsity_rows(x, eps, top_p, ordered)
         return reference.sparsity_feature_state(x, eps), per_row, sr.row_summary_parts(per_row, d, row_bins)
-    state, out = torch.ops.repkern.sparsity_stats(x, eps, list(top_p), ordered)
-    per_row = _row_dict(out, top_p, ordered)
+    state, out, counts = torch.ops.repkern.sparsity_stats(x, eps, list(top_p), ordered)
+    per_row = _row_dict(out, counts, top_p, ordered)
     if _native.backend_for(out.device) == "cpu":
-        return state, per_row, _native_row_summaries(out, top_p, ordered, d, row_bins)
+        return state, per_row, _native_row_summaries(out, counts, top_p, ordered, d, row_bins)
     return state, per_row, sr.row_summary_parts(per_row, d, row_bins)
 
 
@@ -311,7 +321,8 @@ class SparsityAccumulator:
 
     def _empty_row_dict(self, device) -> dict:
         out = torch.empty((sparsity_row_channels(len(self.top_p), self.ordered), 0), dtype=torch.float64, device=device)
-        return _row_dict(out, self.top_p, self.ordered)
+        counts = torch.empty((len(SPARSITY_ROW_COUNTS), 0), dtype=torch.int64, device=device)
+        return _row_dict(out, counts, self.top_p, self.ordered)
 
     def _config(self) -> dict:
         return {"d": self.d, "eps": self.eps, "top_p": list(self.top_p), "dense_threshold": self.dense_threshold,

@@ -51,14 +51,20 @@ def gram(
     linear: K = x xᵀ. cosine: K_ij = x_i·x_j / (‖x_i‖‖x_j‖), 0 for zero rows.
     rbf: K_ij = exp(−‖x_i − x_j‖² / (2σ²)), σ given or σ² = threshold² · median
     of the squared distances. center: H K H with H = I − 11ᵀ/n.
+    A row holding NaN or ±Inf is taken as all NaN: NaN in its row and column of K.
+    Cosine divides each row by its largest |entry| first, so that ‖x_i‖ neither
+    overflows nor underflows.
     """
     sigma, threshold = check_gram_args(x, kernel, sigma, threshold, center, median)
     xa = x.to(acc_dtype(x.dtype))
+    xa = xa.masked_fill(~torch.isfinite(xa).all(-1, keepdim=True), torch.nan)
     if kernel == "linear":
         k = xa @ xa.mT
     elif kernel == "cosine":
+        tiny = torch.finfo(xa.dtype).tiny
+        xa = xa / xa.abs().amax(-1, keepdim=True).clamp_min(tiny)  # entries <= 1: the norm cannot overflow
         norms = xa.norm(dim=-1, keepdim=True)
-        u = xa / norms.clamp_min(torch.finfo(xa.dtype).tiny)
+        u = xa / norms.clamp_min(tiny)
         k = u @ u.mT
     else:
         d = squared_distances(xa)
