@@ -52,6 +52,95 @@ def _equal_states(a: dict, b: dict) -> bool:
     return True
 
 
+# ---- 5. every public op under torch.compile(dynamic=True, fullgraph=True) ----------------------------
+
+_W = _data(6, 10, seed=3)
+_B, _WD, _BD = _data(10, seed=4), _data(10, 6, seed=5), _data(6, seed=6)
+_THETA = _data(10, seed=7).abs()
+
+
+def _dense(codes):
+    return codes if isinstance(codes, torch.Tensor) else codes.to_dense()
+
+
+def _sparsity_fields(s):
+    fields = [s.l0, s.l1, s.l2, s.hoyer, s.count, s.fire_count, s.mean, s.var, s.min, s.max, s.n_dead,
+              s.density_histogram, s.nan_total]
+    if s.gini is not None:
+        fields += [s.gini, s.thresholded_l0, s.top_p_l1, s.effective_rank_l2]
+    return fields
+
+
+def _cka_test_fields(r):
+    return [r.cka, r.p_value, r.ci_low, r.ci_high, r.null, r.bootstrap]
+
+
+def _sae(activation, output, **kw):
+    return lambda x, y: _dense(repkern.sae_encode(x, _W, _B, b_dec=_BD, activation=activation, output=output, **kw))
+
+
+COMPILE_CASES = {
+    "gram linear": lambda x, y: repkern.gram(x, "linear"),
+    "gram cosine center": lambda x, y: repkern.gram(x, "cosine", center=True),
+    "gram rbf median": lambda x, y: repkern.gram(x, "rbf", threshold=0.7, median="offdiag"),
+    "gram rbf sigma": lambda x, y: repkern.gram(x, "rbf", sigma=1.3),
+    "gram batched": lambda x, y: repkern.gram(torch.stack([x, 2 * x]), "linear", center=True),
+    "hsic linear": lambda x, y: repkern.hsic(x, y),
+    "hsic rbf debiased": lambda x, y: repkern.hsic(x, y, "rbf", debiased=True),
+    "cka feature": lambda x, y: repkern.cka(x, y, method="feature"),
+    "cka gram debiased": lambda x, y: repkern.cka(x, y, debiased=True, method="gram"),
+    "cka tiled rbf": lambda x, y: repkern.cka(x, y, "rbf", method="tiled"),
+    "cka cosine batched": lambda x, y: repkern.cka(torch.stack([x, x + 1]), torch.stack([y, -y]), "cosine"),
+    "cka_from_grams": lambda x, y: repkern.cka_from_grams(x @ x.T, y @ y.T, debiased=True),
+    "cka_matrix": lambda x, y: repkern.cka_matrix([x, y, x[:, :2]], [y, x]),
+    "cka_matrix symmetric rbf": lambda x, y: repkern.cka_matrix([x, y], None, "rbf"),
+    "sae relu dense": _sae("relu", "dense"),
+    "sae relu sparse": _sae("relu", "sparse"),
+    "sae topk dense": _sae("topk", "dense", k=3),
+    "sae topk sparse relu_first": _sae("topk", "sparse", k=3, relu_first=True),
+    "sae jumprelu dense": _sae("jumprelu", "dense", threshold=_THETA),
+    "sae jumprelu sparse": _sae("jumprelu", "sparse", threshold=0.2),
+    "sae batchtopk dense": _sae("batchtopk", "dense", k=2.5),
+    "sae batchtopk sparse": _sae("batchtopk", "sparse", k=2.5),
+    "sae batchtopk threshold": _sae("batchtopk", "sparse", threshold=0.3),
+    "sae firings": lambda x, y: repkern.sae_encode(x, _W, _B, activation="topk", k=2, output="sparse",
+                                                   count_firings=True)[1],
+    "sae_decode dense": lambda x, y: repkern.sae_decode(torch.relu(x @ _W), _WD, _BD),
+    "sae_decode SparseCodes": lambda x, y: repkern.sae_decode(
+        repkern.sae_encode(x, _W, _B, activation="topk", k=4, output="sparse"), _WD, _BD),
+    "sae_decode CsrCodes": lambda x, y: repkern.sae_decode(repkern.sae_encode(x, _W, _B, output="sparse"), _WD),
+    "sparsity_stats": lambda x, y: _sparsity_fields(repkern.sparsity_stats(torch.relu(x), top_p=(0.2, 0.5))),
+    "sparsity_stats unordered 3-d": lambda x, y: _sparsity_fields(
+        repkern.sparsity_stats(x.reshape(1, -1, x.shape[-1]), ordered=False, eps=0.1)),
+    "cka_test": lambda x, y: _cka_test_fields(repkern.cka_test(x, y, n_permutations=7, n_bootstrap=5, seed=3)),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPILE_CASES))
+def test_every_op_compiles_fullgraph_with_dynamic_shapes(name):
+    """Before: every op failed at the argument checks (math.isfinite on a symbolic float); cka_test also
+    on its CPU generator and data-dependent branches. Three sample counts through one compiled function."""
+    fn = COMPILE_CASES[name]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", dynamic=True, fullgraph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for n in (9, 13, 20):
+            x, y = _data(n, 6, seed=n), _data(n, 4, seed=n + 1)
+            torch.testing.assert_close(compiled(x, y), fn(x, y), equal_nan=True)
+
+
+def test_compile_eager_backend_and_a_symbolic_float_argument():
+    """dynamic=True makes float arguments symbolic: the checks of sigma, threshold, eps take them."""
+    def fn(x, y, sigma, eps):
+        return repkern.cka(x, y, "rbf", sigma=sigma), repkern.sparsity_stats(x.abs(), eps=eps).l0
+
+    compiled = torch.compile(fn, backend="eager", dynamic=True, fullgraph=True)
+    for n, sigma, eps in ((8, 1.5, 0.1), (11, 2.5, 0.3)):
+        x, y = _data(n, 5, seed=n), _data(n, 3, seed=n + 1)
+        torch.testing.assert_close(compiled(x, y, sigma, eps), fn(x, y, sigma, eps))
+
+
 # ---- crash isolation -------------------------------------------------------------------------------
 
 
