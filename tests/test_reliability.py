@@ -52,6 +52,127 @@ def _equal_states(a: dict, b: dict) -> bool:
     return True
 
 
+# ---- 2. checkpoint loads are all or nothing; state dicts carry a format version ----------------------
+
+
+def _cka_accumulators():
+    xs, ys = _layers()
+    return [repkern.StreamingCKA().update(xs, ys), repkern.MinibatchCKA().update(xs, ys)]
+
+
+def _corruptions(sd: dict):
+    """(what, corrupted copy) pairs of a CKA accumulator's state dict."""
+    key = sorted(sd["stats"])[-1]
+    out = []
+    for what, change in [
+        ("a statistic of the wrong shape", lambda d: d["stats"].__setitem__(key, torch.zeros(1, dtype=torch.float64))),
+        ("a statistic of the wrong dtype", lambda d: d["stats"].__setitem__(key, d["stats"][key].float())),
+        ("a missing statistic", lambda d: d["stats"].pop(key)),
+        ("an extra statistic", lambda d: d["stats"].__setitem__("M/9,9", torch.zeros(1, dtype=torch.float64))),
+        ("negative samples", lambda d: d.__setitem__("samples", -3)),
+        ("a float count", lambda d: d.__setitem__("batches", 1.5)),
+        ("a missing key", lambda d: d.pop("samples")),
+        ("an unknown format version", lambda d: d.__setitem__("format_version", 99)),
+        ("a bad layout", lambda d: d.__setitem__("layout", {"xs": [0], "ys": None})),
+        ("stats that are not a dict", lambda d: d.__setitem__("stats", [1, 2])),
+    ]:
+        copy = {k: (dict(v) if isinstance(v, dict) else v) for k, v in sd.items()}
+        change(copy)
+        out.append((what, copy))
+    return out
+
+
+@pytest.mark.parametrize("index", (0, 1), ids=("StreamingCKA", "MinibatchCKA"))
+def test_rejected_cka_load_leaves_the_accumulator_unchanged(index):
+    """Before: load_state_dict reset the accumulator, then validated (samples 40 -> 0 on a rejected load)."""
+    donor = _cka_accumulators()[index]
+    for what, bad in _corruptions(donor.state_dict()):
+        target = _cka_accumulators()[index]
+        before = target.state_dict()
+        with pytest.raises((ValueError, TypeError), match="state_dict"):
+            target.load_state_dict(bad)
+        assert target.samples == 40, what
+        assert _equal_states(target.state_dict(), before), what
+        torch.testing.assert_close(target.compute(), _cka_accumulators()[index].compute())
+
+
+def test_over_budget_streaming_load_raises_and_keeps_the_old_state():
+    """Before: the budget was checked after the swap, so the over-budget state stayed loaded."""
+    xs, ys = _layers()
+    big = repkern.StreamingCKA().update(xs, ys).state_dict()
+    small = repkern.StreamingCKA(max_state_bytes=300)
+    with pytest.raises(ValueError, match="state_dict: StreamingCKA's exact statistics"):
+        small.load_state_dict(big)
+    assert small.samples == 0 and small.state_dict()["layout"] is None
+    fits = repkern.StreamingCKA(max_state_bytes=300).update([xs[0][:, :2]])
+    before = fits.state_dict()
+    with pytest.raises(ValueError, match="max_state_bytes"):
+        fits.load_state_dict(big)
+    assert _equal_states(fits.state_dict(), before)
+
+
+def test_rejected_sparsity_load_leaves_the_accumulator_unchanged():
+    """Before: feature state and rows were overwritten before the row summaries were checked (rows 60 -> 30,
+    old summaries with a new feature state)."""
+    a = _data(60, 5, seed=1).relu()
+    target = repkern.SparsityAccumulator(5).update(a)
+    donor = repkern.SparsityAccumulator(5).update(a[:30]).state_dict()
+    before = target.state_dict()
+    expected = target.compute()
+    corruptions = {
+        "row summary of the wrong shape": {"row_histogram/hoyer": torch.zeros(3, dtype=torch.int64)},
+        "row summary of the wrong dtype": {"row_sum/l1": torch.zeros((), dtype=torch.float32)},
+        "negative rows": {"rows": -1},
+        "rows not an int": {"rows": 30.0},
+        "an unknown stat_dtype": {"stat_dtype": "int8"},
+        "a stat_dtype that is a torch function": {"stat_dtype": "zeros"},
+        "an unknown format version": {"format_version": "2"},
+        "a feature state of the wrong shape": {"feature_state": torch.zeros(10, 4, dtype=torch.float64)},
+    }
+    for what, change in corruptions.items():
+        bad = dict(donor, **change)
+        with pytest.raises((ValueError, TypeError), match="state_dict"):
+            target.load_state_dict(bad)
+        assert target.compute().rows == 60, what
+        assert _equal_states(target.state_dict(), before), what
+    missing = dict(donor)
+    del missing["row_sum/l1"]
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['row_sum/l1'\]"):
+        target.load_state_dict(missing)
+    assert target.compute().rows == expected.rows == 60
+    torch.testing.assert_close(target.compute().mean, expected.mean)
+
+
+def test_sparsity_kept_rows_are_checked_before_a_load():
+    acc = repkern.SparsityAccumulator(4, keep_rows=True).update(_data(6, 4).relu()).update(_data(3, 4, seed=2))
+    sd = acc.state_dict()
+    restored = repkern.SparsityAccumulator(4, keep_rows=True)
+    restored.load_state_dict(sd)
+    assert _equal_states(restored.state_dict(), sd)
+    for bad_rows in ([], [sd["kept_rows"][0]], "rows", [{"l0": torch.zeros(9)}]):
+        target = repkern.SparsityAccumulator(4, keep_rows=True).update(_data(2, 4, seed=5))
+        before = target.state_dict()
+        with pytest.raises((ValueError, TypeError), match="kept_rows"):
+            target.load_state_dict(dict(sd, kept_rows=bad_rows))
+        assert _equal_states(target.state_dict(), before)
+
+
+def test_state_dicts_carry_a_format_version():
+    xs, ys = _layers()
+    accs = [*_cka_accumulators(), repkern.SparsityAccumulator(5).update(xs[0])]
+    for acc in accs:
+        sd = acc.state_dict()
+        assert sd["format_version"] == _validation.STATE_FORMAT_VERSION == 1
+        fresh = type(acc)() if not isinstance(acc, repkern.SparsityAccumulator) else repkern.SparsityAccumulator(5)
+        fresh.load_state_dict(sd)  # the current version is read
+        legacy = dict(sd)
+        del legacy["format_version"]  # written before the version was recorded: same layout, version 1
+        fresh.load_state_dict(legacy)
+        for version in (2, 0, "1", None, True):
+            with pytest.raises(ValueError, match=f"format_version {version!r} is not supported"):
+                fresh.load_state_dict(dict(sd, format_version=version))
+
+
 # ---- 5. every public op under torch.compile(dynamic=True, fullgraph=True) ----------------------------
 
 _W = _data(6, 10, seed=3)
