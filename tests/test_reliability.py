@@ -262,6 +262,57 @@ def test_compile_eager_backend_and_a_symbolic_float_argument():
         torch.testing.assert_close(compiled(x, y, sigma, eps), fn(x, y, sigma, eps))
 
 
+# ---- 6. accumulators first fed under torch.inference_mode() -----------------------------------------
+
+
+def _fed_in_inference_mode(make, feed):
+    with torch.inference_mode():
+        acc = make()
+        feed(acc)
+    return acc
+
+
+@pytest.mark.parametrize("kind", ("StreamingCKA", "MinibatchCKA"))
+def test_cka_accumulator_from_inference_mode_updates_and_merges_outside(kind):
+    """Before: the first update's statistics were inference tensors; the next in-place add outside
+    inference mode raised RuntimeError."""
+    cls = getattr(repkern, kind)
+    xs, ys = _layers()
+    xs2, ys2 = _layers(seed=10)
+    acc = _fed_in_inference_mode(cls, lambda a: a.update(xs, ys))
+    acc.update(xs2, ys2)  # outside
+    expected = cls().update(xs, ys).update(xs2, ys2)
+    torch.testing.assert_close(acc.compute(), expected.compute())
+    other = _fed_in_inference_mode(cls, lambda a: a.update(xs2, ys2))
+    plain = cls().update(xs, ys).merge(other)
+    torch.testing.assert_close(plain.compute(), expected.compute())
+    inferred = _fed_in_inference_mode(cls, lambda a: a.update(xs, ys))
+    inferred.merge(cls().update(xs2, ys2))
+    torch.testing.assert_close(inferred.compute(), expected.compute())
+    restored = cls()
+    restored.load_state_dict(_fed_in_inference_mode(cls, lambda a: a.update(xs, ys)).state_dict())
+    restored.update(xs2, ys2)
+    torch.testing.assert_close(restored.compute(), expected.compute())
+    with torch.inference_mode():  # and back inside
+        acc.update(xs, ys)
+    assert acc.samples == 120
+
+
+def test_sparsity_accumulator_from_inference_mode_updates_and_merges_outside():
+    a, b = _data(30, 6, seed=1).relu(), _data(20, 6, seed=2).relu()
+    expected = repkern.SparsityAccumulator(6, keep_rows=True).update(a).update(b).compute()
+    created = _fed_in_inference_mode(lambda: repkern.SparsityAccumulator(6, keep_rows=True), lambda acc: None)
+    fed = _fed_in_inference_mode(lambda: repkern.SparsityAccumulator(6, keep_rows=True), lambda acc: acc.update(a))
+    for acc in (created.update(a), fed):
+        acc.update(b)
+        got = acc.compute()
+        torch.testing.assert_close(got.mean, expected.mean)
+        torch.testing.assert_close(got.hoyer, expected.hoyer, equal_nan=True)
+    merged = repkern.SparsityAccumulator(6, keep_rows=True).update(a).merge(
+        _fed_in_inference_mode(lambda: repkern.SparsityAccumulator(6, keep_rows=True), lambda acc: acc.update(b)))
+    torch.testing.assert_close(merged.compute().var, expected.var)
+
+
 # ---- crash isolation -------------------------------------------------------------------------------
 
 

@@ -4,6 +4,9 @@ straight-through window. Plain PyTorch; imports no other repkern module."""
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 
@@ -56,3 +59,17 @@ def rectangle(u: torch.Tensor) -> torch.Tensor:
     """The straight-through window of JumpReLU's threshold gradient: 1 on (−½, ½), 0 elsewhere."""
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
+
+
+def outside_inference_mode(method):
+    """Runs an accumulator method with inference mode off, so the state it creates or updates holds normal
+    tensors: an accumulator first fed under ``torch.inference_mode()`` can still be updated, merged and
+    restored outside it (inference tensors cannot be modified in place there). Inputs made under inference
+    mode are fine: ops outside it read them."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return method(*args, **kwargs)
+
+    return wrapper

@@ -300,6 +300,7 @@ class SparsityAccumulator:
 
     # -- state ------------------------------------------------------------------------------
 
+    @_common.outside_inference_mode
     def _reset(self):
         device = self.device or torch.device("cpu")
         self._state = empty_feature_state(self.d, device)
@@ -344,6 +345,7 @@ class SparsityAccumulator:
 
     # -- public -----------------------------------------------------------------------------
 
+    @_common.outside_inference_mode
     def update(self, a: Tensor) -> "SparsityAccumulator":
         """Adds the rows of a ``(..., d)`` batch."""
         _validation.check_sparsity_args(a, self.eps, self.top_p, self.dense_threshold, self.density_bins,
@@ -361,6 +363,7 @@ class SparsityAccumulator:
         self._add(state, rows, sums, defined, hists, _common.stat_dtype(a.dtype), [per_row] if self.keep_rows else [])
         return self
 
+    @_common.outside_inference_mode
     def merge(self, other: "SparsityAccumulator") -> "SparsityAccumulator":
         """Adds the data of another accumulator with the same settings (in place; returns self)."""
         if not isinstance(other, SparsityAccumulator):
@@ -394,6 +397,7 @@ class SparsityAccumulator:
             sd["kept_rows"] = [{k: v.clone() for k, v in rows.items()} for rows in self._kept]
         return sd
 
+    @_common.outside_inference_mode
     def load_state_dict(self, state_dict: dict) -> None:
         """Restores a :meth:`state_dict` of an accumulator with the same settings, onto this accumulator's
         device if it has one. All or nothing: every entry is checked first (format version, settings,
@@ -476,6 +480,7 @@ class SparsityAccumulator:
             groups.append({k: take(group[k].shape, group[k].dtype) for k in sorted(group)})
         return state, int(rows), groups, torch.float64 if is64 else torch.float32
 
+    @_common.outside_inference_mode
     def all_reduce(self, group=None) -> "SparsityAccumulator":
         """Merges the accumulators of every process in ``group`` (torch.distributed, any backend whose
         all_gather supports the state's device: gloo on CPU, NCCL on CUDA). Collective: every rank must

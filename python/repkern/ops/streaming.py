@@ -145,6 +145,7 @@ class _LayerAccumulator:
 
     # -- public -------------------------------------------------------------------------------
 
+    @_common.outside_inference_mode
     def update(self, xs: Sequence[Tensor], ys: Optional[Sequence[Tensor]] = None):
         """Adds one batch: ``xs`` a sequence of ``(b, d_i)`` activations of the layers of
         model A, ``ys`` of ``(b, e_j)`` for model B, or ``None`` to compare xs with itself.
@@ -177,6 +178,7 @@ class _LayerAccumulator:
         self._add(stats, layout, b, 1, xs[0].dtype == torch.float64)
         return self
 
+    @_common.outside_inference_mode
     def merge(self, other):
         """Adds the data of another accumulator of the same class, settings and layers
         (in place; returns self). Merging in any order gives the same result up to rounding."""
@@ -253,6 +255,7 @@ class _LayerAccumulator:
     def _check_loaded_layout(self, layout: Layout) -> None:
         """Subclass hook: a restored layout this accumulator cannot hold raises here (before anything changes)."""
 
+    @_common.outside_inference_mode
     def load_state_dict(self, state_dict: dict) -> None:
         """Restores a :meth:`state_dict` of an accumulator with the same settings (exactly:
         the statistics are copied bit for bit), onto this accumulator's device if it has one.
@@ -322,6 +325,7 @@ class _LayerAccumulator:
         other._samples, other._batches, other._float64 = int(values[0]), int(values[1]), bool(values[2])
         return other
 
+    @_common.outside_inference_mode
     def all_reduce(self, group=None):
         """Merges the accumulators of every process of a torch.distributed ``group`` (gloo
         on CPU, NCCL on CUDA; every rank must call it). Afterwards each rank holds the
