@@ -313,6 +313,91 @@ def test_sparsity_accumulator_from_inference_mode_updates_and_merges_outside():
     torch.testing.assert_close(merged.compute().var, expected.var)
 
 
+# ---- 7. edge values: defined ----------------------------------------------------------------------
+
+
+def test_one_dimensional_input_is_one_row():
+    """Before: sparsity_stats(torch.rand(7)) raised TypeError in a reshape."""
+    a = _data(7).abs()
+    one = repkern.sparsity_stats(a)
+    as_row = repkern.sparsity_stats(a[None])
+    assert one.rows == 1 and one.l1.shape == () and one.top_p_l1.shape == (3,)
+    for field in ("l0", "l1", "hoyer", "gini", "top_p_l1", "effective_rank_l1"):
+        torch.testing.assert_close(getattr(one, field), getattr(as_row, field)[0])
+    torch.testing.assert_close(reference.sparsity_stats(a).l1, one.l1)
+    acc = repkern.SparsityAccumulator(7).update(a)
+    torch.testing.assert_close(acc.compute().mean, one.mean)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+@pytest.mark.parametrize("sigma", (1e-20, 1e-30, 1e-200, 1e200, 1e300))
+def test_extreme_sigma_gives_the_limits(backend, dtype, sigma):
+    """Before: σ = 1e-20 -> RuntimeError (float32 overflow), 1e-200 -> ZeroDivisionError, 1e200 ->
+    OverflowError. Now σ² underflowing (or −1/(2σ²) overflowing the dtype) is the σ → 0 limit (1 where
+    two rows coincide, else 0) and σ² overflowing is σ → ∞ (all ones), as in the reference."""
+    x = _data(7, 3, seed=2, dtype=dtype).to(backend.device)
+    x[4] = x[1]
+    k = repkern.gram(x, "rbf", sigma=sigma)
+    ref = reference.gram(x.cpu(), "rbf", sigma=sigma)
+    if sigma < 1:
+        expected = (reference.squared_distances(x.cpu().double()) == 0).to(dtype)
+        assert bool(k[1, 4] == 1) and bool(k[0, 1] == 0)
+    else:
+        expected = torch.ones(7, 7, dtype=dtype)
+    torch.testing.assert_close(k.cpu(), expected)
+    torch.testing.assert_close(ref, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # σ → ∞: constant Grams, CKA NaN with a warning
+        got = repkern.cka(x, 2 * x[:, :2], "rbf", sigma=sigma)
+        want = reference.cka(x.cpu(), 2 * x[:, :2].cpu(), "rbf", sigma=sigma)
+        assert torch.equal(torch.isnan(got.cpu()), torch.isnan(want))
+        m = repkern.MinibatchCKA("rbf", sigma=sigma).update([x], [2 * x[:, :2]])
+        assert m.compute().shape == (1, 1)
+
+
+def test_huge_threshold_is_a_clear_error():
+    """Before: threshold = 1e200 -> OverflowError in threshold**2. Now a ValueError naming threshold;
+    the largest accepted threshold works, and a tiny one gives the σ → 0 limit."""
+    x = _data(6, 3)
+    big = _validation.MAX_THRESHOLD
+    for call in (lambda t: repkern.gram(x, "rbf", threshold=t), lambda t: repkern.cka(x, x, "rbf", threshold=t),
+                 lambda t: reference.gram(x, "rbf", threshold=t), lambda t: repkern.MinibatchCKA("rbf", threshold=t),
+                 lambda t: repkern.cka_matrix([x], None, "rbf", threshold=t),
+                 lambda t: repkern.cka_test(x, x, "rbf", threshold=t, n_permutations=2, n_bootstrap=2)):
+        with pytest.raises(ValueError, match="threshold: .* too large"):
+            call(1e200)
+        with pytest.raises(ValueError, match="threshold"):
+            call(big)
+    assert torch.equal(repkern.gram(x, "rbf", threshold=big / 2), torch.ones(6, 6))
+    torch.testing.assert_close(repkern.gram(x, "rbf", threshold=1e-200), torch.eye(6))
+
+
+@pytest.mark.parametrize("budget", (1, 23, 24, 95, 96, 215))
+def test_median_sample_too_small_is_an_error(budget):
+    """Before: budgets of 24-95 bytes -> IndexError in the sampled median, <= 23 a 'sampled' median of 0 rows,
+    96-215 a median of 2-3 rows (CKA 0.78 where the exact value is 0.50). A budget that allows neither the
+    exact median nor MEDIAN_MIN_SAMPLE_ROWS sampled rows is now a ValueError naming max_gram_bytes."""
+    x, y = _data(8, 5, seed=1), _data(8, 3, seed=2)
+    with pytest.raises(ValueError, match="max_gram_bytes: .* too small for the RBF median"):
+        repkern.cka(x, y, "rbf", max_gram_bytes=budget)
+    with pytest.raises(ValueError, match="max_gram_bytes"):
+        repkern.cka_plan(x, y, "rbf", max_gram_bytes=budget)
+    # an explicit sigma needs no median: any budget works (tiled)
+    torch.testing.assert_close(repkern.cka(x, y, "rbf", sigma=2.0, max_gram_bytes=budget),
+                               reference.cka(x, y, "rbf", sigma=2.0))
+
+
+def test_smallest_meaningful_median_sample_is_used():
+    n = 300
+    x = _data(n, 4)
+    rows = cka_ops.MEDIAN_MIN_SAMPLE_ROWS
+    budget = 2 * cka_ops.MEDIAN_WORKING_COPIES * 4 * rows * rows
+    plan = repkern.cka_plan(x, x, "rbf", max_gram_bytes=budget)
+    assert plan.median == "sampled" and plan.median_sample_rows == rows
+    with pytest.raises(ValueError, match=f"at least {budget} .*allows {rows - 1}"):
+        repkern.cka_plan(x, x, "rbf", max_gram_bytes=budget - 1)
+
+
 # ---- crash isolation -------------------------------------------------------------------------------
 
 

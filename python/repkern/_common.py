@@ -20,6 +20,18 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return acc_dtype(dtype)
 
 
+def rbf_scale(sigma: float, dtype: torch.dtype) -> float:
+    """The RBF exponent factor −1/(2σ²) of a bandwidth σ > 0 as a number the kernels take in `dtype`, with
+    the limits where σ² leaves the float range (Python's ``**`` would raise, ``torch.full`` refuse the
+    value): −inf when σ² underflows or −1/(2σ²) overflows `dtype` (the σ → 0 limit: K = 1 where two rows
+    coincide, else 0, as for a zero median), −0.0 when σ² overflows (the σ → ∞ limit: K = 1)."""
+    square = sigma * sigma  # inf or 0 past the float range, never an exception
+    if square == 0:
+        return -math.inf
+    scale = -0.5 / square
+    return -math.inf if scale < -torch.finfo(dtype).max else scale
+
+
 def zero_variance_tolerance(dtype: torch.dtype) -> float:
     """A self-HSIC numerator ‖H K H‖²_F (or its unbiased twin ‖Ũ_K‖²_F) at most this
     times Σ K∘K is rounding noise, and the representation counts as constant. Two

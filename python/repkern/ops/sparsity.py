@@ -258,7 +258,7 @@ def sparsity_stats(
     d = a.shape[-1]
     state, per_row, (sums, defined, hists) = _run(a, eps, top_p, ordered, row_bins)
     lead = a.shape[:-1]
-    shaped = {k: v.reshape(*lead, *v.shape[1:]) for k, v in per_row.items()}
+    shaped = {k: v.reshape(tuple(lead) + tuple(v.shape[1:])) for k, v in per_row.items()}  # a (d,) input: 0-d
     return sr.build_stats(state, a.numel() // d, shaped, sums, defined, hists, stat_dtype=_common.stat_dtype(a.dtype),
                   top_p=top_p, eps=eps, dense_threshold=dense_threshold, density_bins=density_bins,
                   row_bins=row_bins)

@@ -533,7 +533,7 @@ class MinibatchCKA(_LayerAccumulator):
                  threshold: float = 1.0, median: str = "full", max_gram_bytes: Optional[int] = None, device=None):
         super().__init__(kernel, debiased, device)
         self.sigma = _validation.positive_number("sigma", sigma, allow_none=True)
-        self.threshold = _validation.positive_number("threshold", threshold)
+        self.threshold = _validation.rbf_threshold(threshold)
         self.median = _validation.choice("median", median, _validation.MEDIANS)
         cka_ops.gram_budget(max_gram_bytes)  # validates it now
         self.max_gram_bytes = max_gram_bytes
