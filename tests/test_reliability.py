@@ -398,6 +398,118 @@ def test_smallest_meaningful_median_sample_is_used():
         repkern.cka_plan(x, x, "rbf", max_gram_bytes=budget - 1)
 
 
+# ---- 8. unclear exceptions -> ValueError / TypeError naming the argument ------------------------------
+
+
+def test_sparse_codes_without_a_code_dim_are_value_errors():
+    """Before: IndexError (tuple index out of range)."""
+    W = _data(6, 4)
+    zero_d = repkern.SparseCodes(torch.tensor(1.0), torch.tensor(0), 6)
+    no_shape = repkern.CsrCodes(torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([1.0]), ())
+    for codes, field in ((zero_d, "codes.values"), (no_shape, "codes.shape")):
+        with pytest.raises(ValueError, match=field):
+            repkern.sae_decode(codes, W)
+        with pytest.raises(ValueError, match=field):
+            codes.to_dense()
+    with pytest.raises(ValueError, match="codes.d_sae"):
+        repkern.SparseCodes(torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.int64), 0).to_dense()
+    with pytest.raises(ValueError, match="codes.col_indices"):
+        repkern.sae_decode(repkern.CsrCodes(torch.tensor([0, 1]), torch.tensor([[0]]), torch.tensor([1.0]), (1, 6)), W)
+
+
+def test_workflows_with_no_layers_are_value_errors():
+    """Before: compare_models(..., layers=[]) -> IndexError."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    batches = [torch.randn(5, 4)]
+    with pytest.raises(ValueError, match="layers_a: no layers"):
+        repkern.compare_models(model, None, batches, [], progress=False)
+    with pytest.raises(ValueError, match="layers_b: no layers"):
+        repkern.compare_models(model, nn.Sequential(nn.Linear(4, 4)), batches, "0", [], progress=False)
+    with pytest.raises(ValueError, match="layers: no layers"):
+        repkern.profile_sparsity(model, batches, [], progress=False)
+
+
+def test_sae_weights_must_be_floating_tensors():
+    """Before: integer weights -> RuntimeError (requires_grad), None / numpy -> AttributeError."""
+    good = dict(W_enc=torch.ones(4, 6), b_enc=torch.ones(6), W_dec=torch.ones(6, 4), b_dec=torch.ones(4))
+    for name in good:
+        for bad, exc in ((good[name].long(), TypeError), (None, TypeError), (good[name].numpy(), TypeError),
+                         (torch.ones(()), ValueError)):
+            with pytest.raises(exc, match=name):
+                repkern.SAE(**dict(good, **{name: bad}))
+    with pytest.raises(TypeError, match="threshold"):
+        repkern.SAE(**good, activation="jumprelu", threshold="0.5")
+
+
+def _saelens(path, cfg, **extra):
+    W_enc, W_dec = _data(4, 6, seed=1), _data(6, 4, seed=2)
+    save_file(dict(W_enc=W_enc, b_enc=_data(6, seed=3), W_dec=W_dec, b_dec=_data(4, seed=4), **extra),
+              str(path / "sae_weights.safetensors"))
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize("cfg, extra, exc, message", [
+    ({"architecture": "batchtopk"}, {}, ValueError, "'batchtopk' needs a threshold tensor .* or k"),
+    ({"architecture": "batchtopk", "k": None}, {}, ValueError, "'batchtopk' needs"),
+    ({"architecture": "batchtopk", "k": "8"}, {}, TypeError, "k must be a number"),
+    ({"architecture": "batchtopk"}, {"threshold": torch.empty(0)}, ValueError, "threshold must hold one value"),
+    ({"architecture": "batchtopk"}, {"threshold": torch.ones(3)}, ValueError, "threshold must hold one value"),
+    ({"architecture": "topk", "k": 3.9}, {}, ValueError, "k must be an integer, got 3.9"),
+    ({"architecture": "topk", "k": True}, {}, TypeError, "k must be an integer, got bool"),
+    ({"architecture": "topk", "k": "3"}, {}, TypeError, "k must be an integer"),
+    ([1, 2], {}, ValueError, "cfg.json: expected a JSON object, got a JSON list"),
+    ({"architecture": "standard", "apply_b_dec_to_input": "false"}, {}, ValueError, "apply_b_dec_to_input"),
+    ({"architecture": "standard", "normalize_activations": ["none"]}, {}, ValueError, "normalize_activations"),
+])
+def test_saelens_config_errors_are_clear(tmp_path, cfg, extra, exc, message):
+    """Before: float(None) TypeError, k silently truncated (3.9 -> 3, true -> 1), IndexError on an empty
+    threshold, AttributeError on a list."""
+    with pytest.raises(exc, match=message):
+        repkern.SAE.load(_saelens(tmp_path, cfg, **extra))
+
+
+def test_saelens_integral_float_k_and_one_value_threshold_load(tmp_path):
+    sae = repkern.SAE.load(_saelens(tmp_path, {"architecture": "topk", "k": 3.0}))
+    assert sae.k == 3 and isinstance(sae.k, int)
+    (tmp_path / "b").mkdir()
+    sae = repkern.SAE.load(_saelens(tmp_path / "b", {"architecture": "batchtopk"}, threshold=torch.tensor([0.25])))
+    assert sae.activation == "batchtopk" and sae.threshold.shape == ()
+
+
+def test_a_folder_with_two_checkpoint_formats_names_both(tmp_path):
+    """Before: format='auto' silently picked the first match."""
+    _saelens(tmp_path, {"architecture": "standard"})
+    save_file({"encoder.weight": _data(6, 4), "encoder.bias": _data(6), "W_dec": _data(6, 4), "b_dec": _data(4)},
+              str(tmp_path / "sae.safetensors"))
+    np.savez(tmp_path / "params.npz", W_enc=np.ones((4, 6), np.float32))
+    with pytest.raises(ValueError, match=r"several formats: saelens .*, sparsify .*, gemmascope .*format="):
+        repkern.SAE.load(tmp_path)
+    assert repkern.SAE.load(tmp_path, format="saelens").activation == "relu"
+
+
+def test_cka_test_seed_range():
+    """Before: seed=2**64 -> an overflow message that does not name seed."""
+    x, y = _data(10, 3), _data(10, 2, seed=1)
+    with pytest.raises(ValueError, match=r"seed: expected an int in \[0, 2\*\*64 - 1\]"):
+        repkern.cka_test(x, y, seed=2**64, n_permutations=2, n_bootstrap=2)
+    top = repkern.cka_test(x, y, seed=2**64 - 1, n_permutations=4, n_bootstrap=3)
+    ref = reference.cka_test(x, y, seed=2**64 - 1, n_permutations=4, n_bootstrap=3)
+    torch.testing.assert_close(top.null, ref.null.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_bench_csv_to_an_unwritable_path_is_a_clear_error(tmp_path, capsys):
+    """Already handled (exit status 2, a one-line message, nothing run); kept as a regression test."""
+    from repkern.__main__ import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    target = blocker / "out.csv"  # a folder that is a file
+    assert main(["bench", "--op", "gram", "--quick", "--device", "cpu", "--csv", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"repkern bench: cannot write results to {target}") and "Traceback" not in err
+
+
 # ---- crash isolation -------------------------------------------------------------------------------
 
 
