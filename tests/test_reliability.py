@@ -510,6 +510,114 @@ def test_bench_csv_to_an_unwritable_path_is_a_clear_error(tmp_path, capsys):
     assert err.startswith(f"repkern bench: cannot write results to {target}") and "Traceback" not in err
 
 
+# ---- 8/9. saved results: atomic writes, confined and checked loads -------------------------------------
+
+
+def _cka_result(samples=10):
+    return CkaResult(torch.rand(2, 3), ["a", "b"], ["x", "y", "z"], "linear", False, "exact", "mean", samples, 2)
+
+
+def test_failing_save_leaves_no_partial_files(tmp_path):
+    """Before: a failing JSON encode left a .pt and a truncated .json."""
+    bad = _cka_result(samples=math.nan)  # not JSON (allow_nan=False)
+    with pytest.raises(ValueError, match="JSON"):
+        bad.save(tmp_path / "r")
+    assert os.listdir(tmp_path) == []
+    good = _cka_result()
+    path = good.save(tmp_path / "r")
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    with pytest.raises(ValueError):
+        bad.save(tmp_path / "r")
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+    torch.testing.assert_close(load_result(path).matrix, good.matrix)
+
+
+def test_every_save_in_the_package_is_atomic(tmp_path, monkeypatch):
+    """A writer that fails half-way leaves the earlier file intact and no temporary file behind."""
+    from repkern import _files, plots
+    from repkern.bench import write_csv, write_json
+
+    target = tmp_path / "out.csv"
+    target.write_text("earlier\n")
+
+    class Boom(Exception):
+        pass
+
+    def failing_write(self, *args, **kwargs):
+        raise Boom
+
+    monkeypatch.setattr("csv.DictWriter.writerows", failing_write)
+    with pytest.raises(Boom):
+        write_csv([{"op": "x"}], str(target))
+    monkeypatch.undo()
+    assert target.read_text() == "earlier\n" and sorted(os.listdir(tmp_path)) == ["out.csv"]
+    with pytest.raises(TypeError):
+        write_json([{"op": object()}], {}, str(target))  # not JSON: fails before writing
+    assert target.read_text() == "earlier\n" and sorted(os.listdir(tmp_path)) == ["out.csv"]
+    with pytest.raises(Boom):
+        with _files.atomic_write(target) as f:
+            f.write("partial")
+            raise Boom
+    assert target.read_text() == "earlier\n" and sorted(os.listdir(tmp_path)) == ["out.csv"]
+    png = tmp_path / "m.png"
+    plots.cka_heatmap(torch.rand(2, 2), ["a", "b"], ["c", "d"], str(png), title="t", xlabel="x", ylabel="y")
+    assert png.read_bytes()[:4] == b"\x89PNG" and oct(png.stat().st_mode & 0o777) != "0o600"
+
+
+@pytest.mark.parametrize("name", ("../r.pt", "/etc/passwd", "sub/r.pt", "..", ".", "", 5, None))
+def test_load_result_reads_only_its_own_folder(tmp_path, name):
+    """Before: load_result followed any path written in the JSON, '../' and absolute included."""
+    (tmp_path / "inner").mkdir()
+    (tmp_path / "inner" / "sub").mkdir()
+    path = _cka_result().save(tmp_path / "inner" / "r")
+    torch.save({"matrix": torch.zeros(2, 3)}, tmp_path / "r.pt")  # a plausible file outside the folder
+    torch.save({"matrix": torch.zeros(2, 3)}, tmp_path / "inner" / "sub" / "r.pt")
+    meta = json.loads(open(path).read())
+    meta["tensors"] = name
+    open(path, "w").write(json.dumps(meta))
+    with pytest.raises(ValueError, match="'tensors' must name a file in the result's own folder"):
+        load_result(path)
+
+
+def test_load_result_checks_fields_and_shapes(tmp_path):
+    """Before: a missing key -> KeyError; a matrix of the wrong shape was accepted."""
+    path = _cka_result().save(tmp_path / "r")
+    meta = json.loads(open(path).read())
+    for key in ("kernel", "layers_a", "samples", "debiased"):
+        broken = dict(meta)
+        del broken[key]
+        open(path, "w").write(json.dumps(broken))
+        with pytest.raises(ValueError, match=f"missing field '{key}'"):
+            load_result(path)
+    for key, value, message in (("layers_a", ["a"], r"tensor 'matrix' has shape \(2, 3\), expected \(1, 3\)"),
+                                ("samples", -1, "'samples' must be an int >= 0"),
+                                ("debiased", "no", "'debiased' must be true or false"),
+                                ("layers_b", "xyz", "'layers_b' must be a list of layer names")):
+        open(path, "w").write(json.dumps(dict(meta, **{key: value})))
+        with pytest.raises(ValueError, match=message):
+            load_result(path)
+    open(path, "w").write(json.dumps(meta))
+    torch.save({"matrix": torch.zeros(3, 3)}, tmp_path / "r.pt")
+    with pytest.raises(ValueError, match="expected \\(2, 3\\)"):
+        load_result(path)
+    (tmp_path / "r.pt").write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="not a readable tensor file"):
+        load_result(path)
+
+
+def test_sparsity_profile_round_trip_and_missing_tensor(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU())
+    profile = repkern.profile_sparsity(model, [torch.randn(6, 4), torch.randn(3, 4)], ["0", "1"], progress=False)
+    path = profile.save(tmp_path / "p")
+    again = load_result(path)
+    assert again.summary() == profile.summary()
+    tensors = torch.load(tmp_path / "p.pt")
+    del tensors["1/count"]
+    torch.save(tensors, tmp_path / "p.pt")
+    with pytest.raises(ValueError, match="no tensor '1/count'"):
+        load_result(path)
+
+
 # ---- crash isolation -------------------------------------------------------------------------------
 
 
