@@ -652,3 +652,36 @@ def test_isolation_reports_the_crashing_case_and_recovers(monkeypatch):
     monkeypatch.delenv("REPKERN_BACKEND")
     monkeypatch.delenv("REPKERN_EMU_SCHEDULE")
     assert run_isolated(_backend_setting) == (None, None)
+
+
+# ---- found by the property and fuzz tests ----------------------------------------------------------
+
+
+def test_empty_top_p_gives_empty_top_p_fields():
+    """Found by test_properties: top_p=() crashed the reference (torch.stack of no histograms) and gave None
+    top-p fields on the fast path. Now, as documented (last dim len(top_p)), (..., 0) fields and empty
+    summaries everywhere."""
+    a = _data(4, 7).abs()
+    for got in (repkern.sparsity_stats(a, top_p=()), reference.sparsity_stats(a, top_p=()),
+                repkern.SparsityAccumulator(7, top_p=(), keep_rows=True).update(a).compute()):
+        assert got.top_p_l1.shape == got.top_p_l2.shape == (4, 0)
+        assert got.row_histogram["top_p_l1"].shape == (0, 20) and got.row_mean["top_p_l2"].shape == (0,)
+    acc = repkern.SparsityAccumulator(7, top_p=[]).update(a)
+    restored = repkern.SparsityAccumulator(7, top_p=[])
+    restored.load_state_dict(acc.state_dict())
+    assert restored.compute().rows == 4
+    assert repkern.sparsity_stats(a, top_p=(), ordered=False).top_p_l1 is None
+
+
+def test_state_dict_settings_that_are_tensors_are_a_mismatch():
+    """Found by test_fuzz: a config entry holding a tensor raised RuntimeError (ambiguous truth value)."""
+    acc = repkern.SparsityAccumulator(5).update(_data(6, 5))
+    sd = acc.state_dict()
+    sd["config"] = dict(sd["config"], eps=torch.zeros(2))
+    with pytest.raises(ValueError, match="state_dict: incompatible accumulator \\(eps="):
+        repkern.SparsityAccumulator(5).load_state_dict(sd)
+    xs, ys = _layers()
+    sd = repkern.StreamingCKA().update(xs, ys).state_dict()
+    sd["config"] = dict(sd["config"], debiased=torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="state_dict: incompatible accumulator \\(debiased="):
+        repkern.StreamingCKA().load_state_dict(sd)

@@ -11,12 +11,12 @@ from repkern._validation.gram import GRAM_KERNELS, MAX_THRESHOLD, MEDIANS, check
 from repkern._validation.sae import (SAE_ACTIVATIONS, SAE_OUTPUTS, check_sae_decode_args, check_sae_encode_args,
                                      threshold_tensor)
 from repkern._validation.sparsity import check_sparsity_args
-from repkern._validation.state import (STATE_FORMAT_VERSION, check_state_dict, state_bool, state_count, state_tensor,
-                                       state_widths)
+from repkern._validation.state import (STATE_FORMAT_VERSION, check_state_dict, same_setting, state_bool, state_count,
+                                       state_tensor, state_widths)
 
 __all__ = ["FLOAT_DTYPES", "GRAM_KERNELS", "MAX_THRESHOLD", "MEDIANS", "SAE_ACTIVATIONS", "SAE_OUTPUTS",
            "STATE_FORMAT_VERSION", "boolean", "byte_budget", "check_cka_matrix_args", "check_cka_test_args",
            "check_gram_args", "check_grams", "check_hsic_args", "check_layers", "check_sae_decode_args",
            "check_sae_encode_args", "check_same_kind", "check_sample_count", "check_samples", "check_sparsity_args",
            "check_state_dict", "choice", "floating_tensor", "positive_number", "rbf_threshold", "same_device",
-           "state_bool", "state_count", "state_tensor", "state_widths", "threshold_tensor"]
+           "same_setting", "state_bool", "state_count", "state_tensor", "state_widths", "threshold_tensor"]

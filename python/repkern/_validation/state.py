@@ -30,6 +30,16 @@ def check_state_dict(state_dict, owner: str, keys) -> None:
         raise ValueError(f"state_dict: missing key(s) {missing} (keys found: {sorted(map(str, state_dict))})")
 
 
+def same_setting(got, want) -> bool:
+    """A setting from a state dict (or another accumulator) equals ours: plain values compared with ==,
+    anything whose comparison is not a plain bool (a tensor, an array) is a mismatch, not an exception."""
+    try:
+        equal = got == want
+    except Exception:  # noqa: BLE001 - an object whose == raises is not our setting
+        return False
+    return equal if isinstance(equal, bool) else False
+
+
 def state_count(state_dict: dict, key: str) -> int:
     """A non-negative int entry (a count)."""
     value = state_dict[key]

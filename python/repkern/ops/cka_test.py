@@ -190,6 +190,5 @@ def cka_test(
                       "self-HSIC at the rounding level of its Gram entries); every result is NaN",
                       RuntimeWarning, stacklevel=2)
     ok = finite & ~bad_x & ~bad_y
-    observed = torch.where(ok, observed, torch.full_like(observed, torch.nan))
-    null, boot = torch.where(ok, null, torch.full_like(null, torch.nan)), torch.where(ok, boot, torch.full_like(boot, torch.nan))
+    observed, null, boot = (torch.where(ok, t, torch.full_like(t, torch.nan)) for t in (observed, null, boot))
     return finish(observed, null, boot, ci, stat)

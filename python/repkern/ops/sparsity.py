@@ -205,10 +205,24 @@ def _run(a: Tensor, eps: float, top_p: tuple, ordered: bool, row_bins: int) -> t
         per_row = reference.sparsity_rows(x, eps, top_p, ordered)
         return reference.sparsity_feature_state(x, eps), per_row, sr.row_summary_parts(per_row, d, row_bins)
     state, out = torch.ops.repkern.sparsity_stats(x, eps, list(top_p), ordered)
-    per_row = _row_dict(out, top_p, ordered)
+    per_row = _with_empty_top_p(_row_dict(out, top_p, ordered), top_p, ordered)
     if _native.backend_for(out.device) == "cpu":
-        return state, per_row, _native_row_summaries(out, top_p, ordered, d, row_bins)
+        parts = _native_row_summaries(out, top_p, ordered, d, row_bins)
+        if ordered and not top_p:  # the kernels write no top-p channel: the empty summaries, as the reference's
+            for mine, empty in zip(parts, sr.row_summary_parts(
+                    {k: per_row[k] for k in ("top_p_l1", "top_p_l2")}, d, row_bins)):
+                mine.update(empty)
+        return state, per_row, parts
     return state, per_row, sr.row_summary_parts(per_row, d, row_bins)
+
+
+def _with_empty_top_p(per_row: dict, top_p: tuple, ordered: bool) -> dict:
+    """With top_p=() (and ordered), the top-p fields are (N, 0) tensors, as documented (last dim len(top_p))
+    and as the reference returns them; the kernels write no channel for them."""
+    if ordered and not top_p:
+        empty = per_row["l1"].new_zeros((per_row["l1"].shape[0], 0))
+        per_row.update(top_p_l1=empty, top_p_l2=empty.clone())
+    return per_row
 
 
 # ---- public API ---------------------------------------------------------------------------------
@@ -312,7 +326,7 @@ class SparsityAccumulator:
 
     def _empty_row_dict(self, device) -> dict:
         out = torch.empty((sparsity_row_channels(len(self.top_p), self.ordered), 0), dtype=torch.float64, device=device)
-        return _row_dict(out, self.top_p, self.ordered)
+        return _with_empty_top_p(_row_dict(out, self.top_p, self.ordered), self.top_p, self.ordered)
 
     def _config(self) -> dict:
         return {"d": self.d, "eps": self.eps, "top_p": list(self.top_p), "dense_threshold": self.dense_threshold,
@@ -322,7 +336,7 @@ class SparsityAccumulator:
     def _check_compatible(self, config: dict, name: str) -> None:
         mine = self._config()
         for key, value in mine.items():
-            if config.get(key) != value:
+            if not _validation.same_setting(config.get(key), value):
                 raise ValueError(f"{name}: incompatible accumulator ({key}={config.get(key)!r}, expected {value!r})")
 
     def _to_device(self, device: torch.device) -> None:

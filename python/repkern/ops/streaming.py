@@ -196,7 +196,7 @@ class _LayerAccumulator:
 
     def _check_config(self, config: dict, name: str) -> None:
         for key, value in self._config().items():
-            if config.get(key) != value:
+            if not _validation.same_setting(config.get(key), value):
                 raise ValueError(f"{name}: incompatible accumulator ({key}={config.get(key)!r}, expected {value!r})")
 
     @property
@@ -438,8 +438,8 @@ class StreamingCKA(_LayerAccumulator):
         if need > self.max_state_bytes:
             raise ValueError(
                 f"{name}: StreamingCKA's exact statistics for these layers need {need} bytes ({need / 2**20:.1f} "
-                f"MiB: d_a·d_b float64 per pair of layers) > max_state_bytes={self.max_state_bytes}; use repkern.MinibatchCKA (memory per "
-                "batch, not per pair of feature dims) or raise max_state_bytes")
+                f"MiB: d_a·d_b float64 per pair of layers) > max_state_bytes={self.max_state_bytes}; use "
+                "repkern.MinibatchCKA (memory per batch, not per pair of feature dims) or raise max_state_bytes")
 
     def _batch_stats(self, layers: list[Tensor], layout: Layout) -> dict:
         if self._layout is None:

@@ -206,7 +206,8 @@ class SparsityProfile:
             if not all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in flat["top_p"]):
                 raise saved.error(f"field {where}'top_p' must be a list of fractions, got {flat['top_p']!r:.80}")
             stats[layer] = SparsityStats.from_dict(flat)
-        return cls(layers=layers, stats=stats, pool=saved.field("pool", str, "a string"), batches=saved.count("batches"))
+        return cls(layers=layers, stats=stats, pool=saved.field("pool", str, "a string"),
+                   batches=saved.count("batches"))
 
     def plot(self, path, *, label: str = "inputs", metrics: Optional[Sequence[str]] = None) -> str:
         """Per-layer profile of each metric; returns ``path``. Several input sets on one figure:
@@ -287,6 +288,7 @@ def load_result(path):
         raise
     except Exception as exc:  # truncated or corrupted: pickle's, zipfile's and torch's own error types
         raise ValueError(f"path: {tensor_path} is not a readable tensor file ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in tensors.items()):
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                for k, v in tensors.items()):
         raise ValueError(f"path: {tensor_path} does not hold a dict of named tensors")
     return _RESULT_TYPES[kind]._from_saved(_Saved(json_path, meta, tensors))
