@@ -65,6 +65,15 @@ DEBIASED_PRECISION = ("debiased linear CKA precision (numerical-precision item, 
                       "scales 1e-3..1e3 and few samples the feature-space debiased estimator loses digits to "
                       "cancellation: float32 CKA off by 1e-2 where the float32 reference is within 2e-8, float64 "
                       "by 1e-7 relative, and near-degenerate layers turn NaN (n = 4 found by the thorough profile)")
+FEATURE_ZERO_VARIANCE = ("feature-path zero-variance test (CKA feature-path item, not fixed here): the linear "
+                         "feature path has no rounding-level test of a self-HSIC, only h > 0, so a debiased "
+                         "self-HSIC that is 0 (a layer with one nonzero row among n = 4) comes out as rounding noise "
+                         "> 0 (4.9e-8 in float32, 6.9e-18 in float64) and the layer gets CKA 1 instead of NaN "
+                         "with a warning, as the Gram path and the reference give")
+GRAM_CANCELLATION = ("one-pass HSIC cancellation on the Gram path (numerical-precision item, not fixed here): for "
+                     "a nearly constant Gram matrix (Σ K∘K / ‖HKH‖² ≈ 2.5e8: an RBF Gram of rows 1e-2 apart with "
+                     "sigma = 1) the float64 terms S − (2/n) r·r + (Σr)²/n² cancel to 1e-8 relative accuracy: float64 "
+                     "CKA 1.0000000113 (gram) / 1.0000000249 (tiled) where the two-pass reference gives 1.0")
 INF_GRAM = ("Inf rows in Gram matrices (native item, not fixed here): a cosine row holding ±Inf keeps a "
             "diagonal of 1 instead of NaN, and a centered linear Gram of such a row gives ±Inf instead of NaN "
             "(documented: NaN in its row and column)")
@@ -234,6 +243,27 @@ def _pair_case(data, profiles, min_n):
     return x, y, (how_x, how_y)
 
 
+def _feature_zero_variance(fast, ref64, x_dims, n, kernel, method, finite) -> bool:
+    """The FEATURE_ZERO_VARIANCE defect shows here: the linear feature path reports a value where the reference
+    finds zero variance (NaN) on finite input. Such examples are left to the xfail test."""
+    if kernel != "linear" or method not in ("auto", "feature"):
+        return False
+    if method == "auto" and repkern.cka_plan([torch.empty(n, d) for d in x_dims]).method != "feature":
+        return False
+    return bool((torch.isnan(ref64) & ~torch.isnan(fast) & finite).any())
+
+
+def _gram_condition(t: torch.Tensor, kernel: str, sigma) -> float:
+    """Σ K∘K / ‖HKH‖²_F of the float64 reference Gram of t (per batch element, the largest): the factor by which the
+    one-pass HSIC terms lose relative accuracy. Above 1e6 an example is left to the GRAM_CANCELLATION test."""
+    if not bool(torch.isfinite(t).all()):
+        return 0.0
+    k = reference.kernel_gram(t.double(), kernel, sigma, 1.0, "full")
+    kc = reference.center_gram(k)
+    ratio = (k * k).sum((-2, -1)) / (kc * kc).sum((-2, -1))
+    return float(ratio.nan_to_num(0.0, posinf=0.0).max()) if ratio.numel() else 0.0
+
+
 def _cka_kwargs(data, kernel):
     method = data.draw(st.sampled_from(("auto", "gram", "tiled") + (("feature",) if kernel == "linear" else ())),
                        "method")
@@ -254,6 +284,9 @@ def _prop_cka(backend):
         ref_kwargs = {k: v for k, v in kwargs.items() if k != "method"}
         mixed = "mixed" in (how[0][0], how[1][0])
         assume(not (kernel == "linear" and debiased and mixed))  # DEBIASED_PRECISION: its own xfail test
+        if kernel != "linear" or kwargs["method"] in ("gram", "tiled"):
+            sigma = kwargs.get("sigma")
+            assume(max(_gram_condition(x, kernel, sigma), _gram_condition(y, kernel, sigma)) < 1e6)  # see below
         note_case(f"cka {backend}/{schedule} {tuple(x.shape)} {tuple(y.shape)} {x.dtype} {how} {kernel} "
                   f"debiased={debiased} {kwargs}")
         stat = _common.stat_dtype(x.dtype)
@@ -268,6 +301,9 @@ def _prop_cka(backend):
                 low = ref(x, y, kernel, debiased=debiased, **ref_kwargs).to(stat)
                 ref64 = ref(x.double(), y.double(), kernel, debiased=debiased, **ref_kwargs)
                 low, ref64 = (torch.where(rule, torch.full_like(r, limit), r) for r in (low, ref64))
+                finite = _common.all_finite(x) & _common.all_finite(y)
+                assume(not _feature_zero_variance(fast, ref64, [x.shape[-1], y.shape[-1]], x.shape[-2], kernel,
+                                                  kwargs["method"], finite))  # FEATURE_ZERO_VARIANCE
                 _close(fast, low, ref64)
             finite = torch.isfinite(x).flatten(-2).all(-1) & torch.isfinite(y).flatten(-2).all(-1)
             assert torch.isnan(repkern.cka(x, y, kernel, debiased=debiased, **kwargs))[~finite].all()
@@ -290,6 +326,8 @@ def _prop_cka_from_grams_and_matrix(backend):
         ys = None if symmetric else xs[::-1][: max(1, len(xs) - 1)]
         kwargs = _cka_kwargs(data, kernel)
         ref_kwargs = {k: v for k, v in kwargs.items() if k != "method"}
+        mixed = any(how[0] == "mixed" for _, how in layers)
+        assume(not (kernel == "linear" and debiased and mixed))  # DEBIASED_PRECISION: its own xfail test
         note_case(f"cka_matrix {backend}/{schedule} {[tuple(t.shape) for t in xs]} {dtype} "
                   f"{[h for _, h in layers]} {kernel} debiased={debiased} symmetric={symmetric} {kwargs}")
         stat = _common.stat_dtype(dtype)
@@ -299,6 +337,11 @@ def _prop_cka_from_grams_and_matrix(backend):
             low = reference.cka_matrix(xs, ys, kernel, debiased=debiased, **ref_kwargs).to(stat)
             ref64 = reference.cka_matrix([t.double() for t in xs], None if ys is None else [t.double() for t in ys],
                                          kernel, debiased=debiased, **ref_kwargs)
+            finite = torch.stack([_common.all_finite(t) for t in xs])
+            finite = finite[:, None] & (finite[None, :] if ys is None else
+                                        torch.stack([_common.all_finite(t) for t in ys])[None, :])
+            assume(not _feature_zero_variance(fast, ref64, [t.shape[1] for t in xs + (ys or [])], n, kernel,
+                                              kwargs["method"], finite))  # FEATURE_ZERO_VARIANCE
             _close(fast, low, ref64)
             if symmetric:
                 assert torch.equal(fast.nan_to_num(2.0), fast.T.nan_to_num(2.0))
@@ -358,6 +401,28 @@ def _prop_cka_debiased_mixed(backend):
                    reference.cka(x.double(), y.double(), debiased=True))
 
     run()
+
+
+@pytest.mark.xfail(strict=False, reason=FEATURE_ZERO_VARIANCE)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_feature_path_zero_variance_known_defect(dtype):
+    x = torch.tensor([[0.0], [-0.0], [0.0], [1.2252]]).to(dtype)  # found by the thorough profile (float32 value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert torch.isnan(reference.cka(x, x, debiased=True))
+        assert torch.isnan(repkern.cka(x, x, debiased=True, method="gram"))
+        assert torch.isnan(repkern.cka(x, x, debiased=True, method="feature"))
+        assert torch.isnan(repkern.cka_matrix([x], [x], debiased=True, method="feature")).all()
+
+
+@pytest.mark.xfail(strict=False, reason=GRAM_CANCELLATION)
+@pytest.mark.parametrize("method", ("gram", "tiled"))
+def test_gram_path_cancellation_known_defect(method):
+    x = torch.tensor([[1.5410], [-0.2934]], dtype=torch.float64)  # found by the thorough profile
+    y = torch.tensor([[0.0085, -0.0113, 0.0055, 0.0045], [0.0025, -0.0015, 0.0141, -0.0025]], dtype=torch.float64)
+    assert _gram_condition(y, "rbf", 1.0) > 1e8
+    torch.testing.assert_close(repkern.cka(x, y, "rbf", sigma=1.0, method=method),
+                               reference.cka(x, y, "rbf", sigma=1.0), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.xfail(strict=False, reason=DEBIASED_PRECISION)
