@@ -3,7 +3,7 @@
 skip a bad index and set a bit in the op's error word, which the op turns into ValueError.
 
 Crashes are possible when a check is missing, so the reproducers run in a child process
-(tests/isolated.py): a segfault fails one test, not the session."""
+(tests/isolation.py): a segfault fails one test, not the session."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from repkern import CsrCodes, SparseCodes, _native
 from repkern._constants import INDEX_ERRORS
 from repkern.ops import cka_test as cka_test_ops
 from repkern.ops import sae as sae_ops
-from tests.isolated import assert_snippet
+from tests.isolation import assert_snippet
 
 BIT = {message.split(":")[0]: bit for bit, message in INDEX_ERRORS.items()}  # argument name -> error bit
 

@@ -4,6 +4,9 @@ straight-through window. Plain PyTorch; imports no other repkern module."""
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 
@@ -15,6 +18,18 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of scalar/statistic results: float64 for float64 inputs, float32 otherwise."""
     return acc_dtype(dtype)
+
+
+def rbf_scale(sigma: float, dtype: torch.dtype) -> float:
+    """The RBF exponent factor −1/(2σ²) of a bandwidth σ > 0 as a number the kernels take in `dtype`, with
+    the limits where σ² leaves the float range (Python's ``**`` would raise, ``torch.full`` refuse the
+    value): −inf when σ² underflows or −1/(2σ²) overflows `dtype` (the σ → 0 limit: K = 1 where two rows
+    coincide, else 0, as for a zero median), −0.0 when σ² overflows (the σ → ∞ limit: K = 1)."""
+    square = sigma * sigma  # inf or 0 past the float range, never an exception
+    if square == 0:
+        return -math.inf
+    scale = -0.5 / square
+    return -math.inf if scale < -torch.finfo(dtype).max else scale
 
 
 def zero_variance_tolerance(dtype: torch.dtype) -> float:
@@ -56,3 +71,17 @@ def rectangle(u: torch.Tensor) -> torch.Tensor:
     """The straight-through window of JumpReLU's threshold gradient: 1 on (−½, ½), 0 elsewhere."""
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
+
+
+def outside_inference_mode(method):
+    """Runs an accumulator method with inference mode off, so the state it creates or updates holds normal
+    tensors: an accumulator first fed under ``torch.inference_mode()`` can still be updated, merged and
+    restored outside it (inference tensors cannot be modified in place there). Inputs made under inference
+    mode are fine: ops outside it read them."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return method(*args, **kwargs)
+
+    return wrapper

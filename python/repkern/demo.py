@@ -32,6 +32,7 @@ import time
 import torch
 
 import repkern
+from repkern._files import atomic_write
 from repkern.capture import capture
 from repkern.results.workflows import plot_sparsity_profiles
 from repkern.workflows import model_device, run_batch
@@ -404,11 +405,13 @@ def run(out_dir: str, *, quick: bool = False, progress: bool = True, log=print) 
         "seconds": seconds,
     }
     report["findings"] = _findings(cka_self, cka_cross, comparison, sae)
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    report_json = json.dumps(report, indent=2)  # encoded before anything is written
+    with atomic_write(os.path.join(out_dir, "report.json")) as f:
+        f.write(report_json)
     report_path = os.path.join(out_dir, "report.md")
-    with open(report_path, "w") as f:
-        f.write(_markdown(report, cka_self, cka_cross, profiles, comparison, sae))
+    markdown = _markdown(report, cka_self, cka_cross, profiles, comparison, sae)
+    with atomic_write(report_path) as f:
+        f.write(markdown)
     for line in report["findings"]:
         log("  " + line)
     return report_path

@@ -3,9 +3,12 @@ is used so that plotting works without a display)."""
 
 from __future__ import annotations
 
+import os
 from typing import Mapping, Optional, Sequence
 
 import torch
+
+from repkern._files import atomic_write
 
 
 def pyplot():
@@ -52,9 +55,16 @@ def cka_heatmap(
                         color="black" if v == v and v > 0.6 else "white")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    save_figure(fig, path, dpi=130)
     plt.close(fig)
     return path
+
+
+def save_figure(fig, path: str, **kwargs) -> None:
+    """fig.savefig(path), written atomically (the format from path's extension, PNG without one)."""
+    fmt = os.path.splitext(path)[1][1:].lower() or "png"
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format=fmt, **kwargs)
 
 
 def sparsity_profiles(
@@ -86,6 +96,6 @@ def sparsity_profiles(
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    save_figure(fig, path, dpi=130)
     plt.close(fig)
     return path

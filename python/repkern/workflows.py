@@ -94,6 +94,12 @@ def _check_model(name: str, model) -> nn.Module:
     return model
 
 
+def _check_layers(name: str, cap) -> None:
+    """At least one layer to compare or profile (an empty list is an error, not an empty result)."""
+    if not cap.names:
+        raise ValueError(f"{name}: no layers given (expected module names, globs or modules)")
+
+
 def _cka_accumulator(estimator: str, kernel: str, debiased: bool, options: dict):
     import repkern
 
@@ -158,6 +164,8 @@ def compare_models(
     with contextlib.ExitStack() as stack:
         cap_a = stack.enter_context(capture(model_a, layers_a, pool=pool))
         cap_b = cap_a if symmetric else stack.enter_context(capture(model_b, layers_b, pool=pool))
+        _check_layers("layers_a", cap_a)
+        _check_layers("layers_b", cap_b)
         stack.enter_context(_evaluating(model_a, model_b))
         for batch in _progress(dataloader, progress, "compare_models"):
             args, kwargs, mask = _model_inputs(batch, device_a)
@@ -214,6 +222,7 @@ def profile_sparsity(
     accumulators: dict[str, SparsityAccumulator] = {}
     batches = 0
     with capture(model, layers, pool=pool) as cap, _evaluating(model):
+        _check_layers("layers", cap)
         for batch in _progress(dataloader, progress, "profile_sparsity"):
             for name, acts in run_batch(cap, batch, device).items():
                 if name not in accumulators:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from repkern._validation.common import boolean, choice, floating_tensor, positive_number
-from repkern._validation.gram import GRAM_KERNELS, MEDIANS
+from repkern._validation.gram import GRAM_KERNELS, MEDIANS, rbf_threshold
 
 
 def check_samples(name: str, t, *, min_dim: int, shape_hint: str) -> torch.Tensor:
@@ -48,7 +48,7 @@ def check_hsic_args(x, y, kernel, debiased, sigma, threshold, median):
     boolean("debiased", debiased)
     check_sample_count("x", x.shape[-2], debiased)
     sigma = positive_number("sigma", sigma, allow_none=True)
-    threshold = positive_number("threshold", threshold)
+    threshold = rbf_threshold(threshold)
     choice("median", median, MEDIANS)
     return sigma, threshold
 
@@ -93,7 +93,7 @@ def check_cka_matrix_args(xs, ys, kernel, debiased, sigma, threshold, median):
     boolean("debiased", debiased)
     check_sample_count("xs[0]", xs[0].shape[0], debiased)
     sigma = positive_number("sigma", sigma, allow_none=True)
-    threshold = positive_number("threshold", threshold)
+    threshold = rbf_threshold(threshold)
     choice("median", median, MEDIANS)
     return xs, ys, sigma, threshold
 

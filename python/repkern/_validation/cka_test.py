@@ -18,6 +18,8 @@ def check_cka_test_args(x, y, kernel, debiased, n_permutations, n_bootstrap, see
             raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
         if value < 0:
             raise ValueError(f"{name}: expected >= 0, got {value}")
+    if seed >= 2**64:
+        raise ValueError(f"seed: expected an int in [0, 2**64 - 1] (a torch.Generator seed), got {seed}")
     ci = positive_number("ci", ci)
     if not ci < 1:
         raise ValueError(f"ci: expected a level in (0, 1), got {ci}")

@@ -28,6 +28,12 @@ def floating_tensor(name: str, t, *, min_dim: int = 1, shape_hint: str = "") -> 
     return t
 
 
+def is_finite(value) -> bool:
+    """math.isfinite for a Python number, also under torch.compile(dynamic=True), where a float argument
+    is a symbolic float that math.isfinite cannot take (comparisons work: NaN fails both)."""
+    return -math.inf < value < math.inf
+
+
 def choice(name: str, value, options: Iterable[str]) -> str:
     options = tuple(options)
     if value not in options:
@@ -41,7 +47,7 @@ def positive_number(name: str, value, *, allow_none: bool = False) -> Optional[f
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value <= 0:
+    if not is_finite(value) or value <= 0:
         raise ValueError(f"{name}: expected a finite number > 0, got {value}")
     return value
 

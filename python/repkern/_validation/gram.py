@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import math
+import sys
+
 from repkern._validation.common import boolean, choice, floating_tensor, positive_number
 
 
 GRAM_KERNELS = ("linear", "cosine", "rbf")
 MEDIANS = ("full", "offdiag")
+
+
+# threshold² (the median heuristic's σ² = threshold² · median) must be a float64 number
+MAX_THRESHOLD = math.sqrt(sys.float_info.max)
+
+
+def rbf_threshold(threshold) -> float:
+    """The median heuristic's threshold: finite, > 0, with a finite square (< 1.34e154)."""
+    threshold = positive_number("threshold", threshold)
+    if not threshold < MAX_THRESHOLD:
+        raise ValueError(f"threshold: {threshold} is too large: the median heuristic's σ² = threshold² · median "
+                         f"needs threshold² finite (threshold < {MAX_THRESHOLD:.3g})")
+    return threshold
 
 
 def check_gram_args(x, kernel, sigma, threshold, center, median):
@@ -19,7 +35,7 @@ def check_gram_args(x, kernel, sigma, threshold, center, median):
         raise ValueError(f"x: needs d >= 1 features (shape (..., n, d)), got shape {tuple(x.shape)}")
     choice("kernel", kernel, GRAM_KERNELS)
     sigma = positive_number("sigma", sigma, allow_none=True)
-    threshold = positive_number("threshold", threshold)
+    threshold = rbf_threshold(threshold)
     boolean("center", center)
     choice("median", median, MEDIANS)
     if kernel == "rbf" and sigma is None and median == "offdiag" and n < 2:

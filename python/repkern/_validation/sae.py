@@ -7,7 +7,7 @@ import math
 import torch
 
 from repkern._validation.common import FLOAT_DTYPES, boolean, choice, floating_tensor, positive_number, same_device
-from repkern.results.sae import CsrCodes, SparseCodes
+from repkern.results.sae import CsrCodes, SparseCodes, check_csr_codes, check_sparse_codes
 
 
 SAE_ACTIVATIONS = ("relu", "topk", "jumprelu", "batchtopk")
@@ -109,6 +109,7 @@ def check_sae_decode_args(codes, W_dec, b_dec):
         if b_dec.device != W_dec.device:
             raise ValueError(f"b_dec: expected a tensor on {W_dec.device} (where W_dec is), got {b_dec.device}")
     if isinstance(codes, (SparseCodes, CsrCodes)):
+        (check_sparse_codes if isinstance(codes, SparseCodes) else check_csr_codes)(codes)
         values, indices = codes.values, (codes.indices if isinstance(codes, SparseCodes) else codes.col_indices)
         floating_tensor("codes.values", values, min_dim=0)
         if values.device != W_dec.device or indices.device != W_dec.device:

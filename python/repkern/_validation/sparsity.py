@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 
 from repkern._constants import SPARSITY_MAX_TOP_P
-from repkern._validation.common import boolean, floating_tensor
+from repkern._validation.common import boolean, floating_tensor, is_finite
 
 
 def check_sparsity_args(a, eps, top_p, dense_threshold, density_bins, row_bins, ordered, *, name="a", min_rows=1):
@@ -21,7 +20,7 @@ def check_sparsity_args(a, eps, top_p, dense_threshold, density_bins, row_bins, 
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps: expected a real number, got {type(eps).__name__}")
     eps = float(eps)
-    if not math.isfinite(eps) or eps < 0:
+    if not is_finite(eps) or eps < 0:
         raise ValueError(f"eps: expected a finite number >= 0, got {eps}")
     if isinstance(top_p, numbers.Real):
         top_p = (top_p,)

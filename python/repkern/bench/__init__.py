@@ -34,6 +34,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from repkern._files import atomic_write
 from repkern.bench.timing import (
     Ceilings,
     build_sha,
@@ -320,7 +321,7 @@ def run_suites(case_lists: dict, device: torch.device, *, quick: bool = False,
 
 
 def write_csv(rows: Sequence[dict], path: str) -> None:
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -335,6 +336,7 @@ def _json_value(value):
 def write_json(rows: Sequence[dict], header: dict, path: str) -> None:
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "header": header,
                "rows": [{k: _json_value(row.get(k, "")) for k in CSV_FIELDS} for row in rows]}
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1)
+    text = json.dumps(payload, indent=1)  # encoded before anything is written
+    with atomic_write(path, "w") as f:
+        f.write(text)
         f.write("\n")

@@ -13,6 +13,8 @@ import os
 from collections import defaultdict
 from typing import Sequence
 
+from repkern import plots
+
 
 def _mib(value) -> str:
     return f"{value / 2**20:.1f}"
@@ -97,7 +99,7 @@ def plot(rows: Sequence[dict], path: str) -> str:
     fig.suptitle(f"{_where(first)}, torch {first['torch']}, commit {first['git_sha']}", fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    plots.save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

@@ -55,11 +55,16 @@ class SAE(nn.Module):
                  k=None, threshold=None, relu_first: bool = False, apply_b_dec_to_input: bool = True,
                  normalize_activations: str = "none", output: str = "dense"):
         super().__init__()
+        for name, t, hint in (("W_enc", W_enc, "(d_in, d_sae)"), ("b_enc", b_enc, "(d_sae,)"),
+                              ("W_dec", W_dec, "(d_sae, d_in)"), ("b_dec", b_dec, "(d_in,)")):
+            _validation.floating_tensor(name, t, shape_hint=hint)  # a TypeError naming it, not a parameter error
         self.W_enc = nn.Parameter(W_enc.detach().clone())
         self.b_enc = nn.Parameter(b_enc.detach().clone())
         self.W_dec = nn.Parameter(W_dec.detach().clone())
         self.b_dec = nn.Parameter(b_dec.detach().clone())
         if threshold is not None:
+            if not isinstance(threshold, (torch.Tensor, int, float)) or isinstance(threshold, bool):
+                raise TypeError(f"threshold: expected a float or a tensor, got {type(threshold).__name__}")
             threshold = torch.as_tensor(threshold, dtype=torch.float32, device=W_enc.device)
             self.threshold = nn.Parameter(threshold.detach().clone())
         else:
@@ -117,8 +122,13 @@ class SAE(nn.Module):
         """Loads a checkpoint (directory or file) of one of :data:`FORMATS`.
 
         ``format="auto"`` recognizes the files each format writes. Unknown formats and
-        missing keys raise ValueError listing what was found. ``dtype``/``device``
-        convert the weights (the threshold stays float32)."""
+        missing keys raise ValueError listing what was found; a folder holding the files of
+        several formats raises ValueError naming them (pass ``format=``). Malformed configs
+        (a TopK ``k`` that is not an integer, a BatchTopK cfg with neither ``k`` nor a
+        one-value threshold, a ``cfg.json`` that is not an object), weights that are not
+        floating tensors, and truncated or corrupted files raise ValueError / TypeError
+        naming the file or field. ``dtype``/``device`` convert the weights (the threshold
+        stays float32)."""
         _validation.choice("format", format, FORMATS)
         path = os.fspath(path)
         if format == "auto":
@@ -147,17 +157,25 @@ def _find(path: str, name: str) -> Optional[str]:
     return path if os.path.basename(path) == name and os.path.isfile(path) else None
 
 
+# The files that identify each format (format="auto").
+_SIGNATURES = {
+    "saelens": ("cfg.json", "sae_weights.safetensors"),
+    "sparsify": ("cfg.json", "sae.safetensors"),
+    "gemmascope": ("params.npz",),
+    "dictionary_learning": ("ae.pt",),
+}
+
+
 def _detect_format(path: str) -> str:
     if not os.path.exists(path):
         raise ValueError(f"path: {path!r} does not exist")
-    if _find(path, "cfg.json") and _find(path, "sae_weights.safetensors"):
-        return "saelens"
-    if _find(path, "cfg.json") and _find(path, "sae.safetensors"):
-        return "sparsify"
-    if _find(path, "params.npz"):
-        return "gemmascope"
-    if _find(path, "ae.pt"):
-        return "dictionary_learning"
+    found = [fmt for fmt, names in _SIGNATURES.items() if all(_find(path, name) for name in names)]
+    if len(found) > 1:
+        raise ValueError(f"path: {path!r} holds checkpoints of several formats: "
+                         + ", ".join(f"{fmt} ({' + '.join(_SIGNATURES[fmt])})" for fmt in found)
+                         + "; name the one to load with format=")
+    if found:
+        return found[0]
     raise ValueError(
         f"path: cannot tell the checkpoint format of {path!r}; found files {_files(path)}. Expected one of: "
         "cfg.json + sae_weights.safetensors (saelens), cfg.json + sae.safetensors (sparsify), params.npz "
@@ -177,33 +195,85 @@ def _required_file(path: str, name: str, fmt: str) -> str:
     return found
 
 
+def _unreadable(file: str, what: str, exc: Exception) -> ValueError:
+    return ValueError(f"path: {file} is not a readable {what} ({type(exc).__name__}: {exc})")
+
+
 def _load_safetensors(file: str) -> dict:
     try:
         from safetensors.torch import load_file
     except ImportError as exc:  # pragma: no cover - the package is a dependency
         raise ImportError("loading safetensors checkpoints needs the `safetensors` package") from exc
-    return load_file(file)
+    try:
+        return load_file(file)
+    except OSError:
+        raise
+    except Exception as exc:  # a truncated or corrupted file: safetensors' own error types
+        raise _unreadable(file, "safetensors file", exc) from exc
 
 
-def _read_json(file: str) -> dict:
-    with open(file) as f:
-        return json.load(f)
+def _read_json(file: str, what: str) -> dict:
+    """A JSON object (dict) from `file`; anything else is a ValueError naming `what`."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            value = json.load(f)
+    except ValueError as exc:  # invalid JSON or UTF-8
+        raise _unreadable(file, "JSON file", exc) from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{what}: expected a JSON object, got a JSON {type(value).__name__}")
+    return value
+
+
+def _tensor(tensors: dict, name: str, what: str, dim: int) -> Tensor:
+    """tensors[name], a tensor with `dim` dims (before any transpose the loader applies)."""
+    value = tensors[name]
+    if not isinstance(value, Tensor) or value.dim() != dim:
+        got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{what}: {name} must be a {dim}-d tensor, got {got}")
+    return value
+
+
+def _integer_k(value, what: str) -> int:
+    """TopK's k from a config or checkpoint: an integer (an int, an integral float such as 32.0, or a
+    one-element integer tensor); bools, fractions and other types are errors, not silently truncated."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{what}: k must be one integer, got a {value.dtype} tensor of shape {tuple(value.shape)}")
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what}: k must be an integer, got {type(value).__name__} {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{what}: k must be an integer, got {value!r}")
+    return int(value)
+
+
+def _scalar_threshold(value: Tensor, what: str) -> Tensor:
+    """BatchTopK's inference threshold: a tensor holding exactly one value, as a 0-d tensor."""
+    if value.numel() != 1:
+        raise ValueError(f"{what}: the BatchTopK threshold must hold one value, got shape {tuple(value.shape)}")
+    return value.reshape(())
 
 
 def _load_saelens(path: str) -> dict:
-    cfg = _read_json(_required_file(path, "cfg.json", "saelens"))
+    cfg = _read_json(_required_file(path, "cfg.json", "saelens"), "saelens cfg.json")
     tensors = _load_safetensors(_required_file(path, "sae_weights.safetensors", "saelens"))
     what = "saelens sae_weights.safetensors"
     _require(tensors, ("W_enc", "b_enc", "W_dec", "b_dec"), what)
     architecture = cfg.get("architecture")
     if architecture is None:  # older configs name the activation instead
-        architecture = {"relu": "standard", "topk": "topk"}.get(cfg.get("activation_fn_str", cfg.get("activation_fn")),
+        activation = cfg.get("activation_fn_str", cfg.get("activation_fn"))
+        architecture = {"relu": "standard", "topk": "topk"}.get(activation if isinstance(activation, str) else None,
                                                                 "jumprelu" if "threshold" in tensors else "standard")
-    k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+    kwargs = cfg.get("activation_fn_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"saelens cfg.json: activation_fn_kwargs must be an object, got {kwargs!r}")
+    k = cfg.get("k", kwargs.get("k"))
+    apply_b_dec = cfg.get("apply_b_dec_to_input", True)
+    if not isinstance(apply_b_dec, bool):
+        raise ValueError(f"saelens cfg.json: apply_b_dec_to_input must be true or false, got {apply_b_dec!r}")
     out = dict(W_enc=tensors["W_enc"], b_enc=tensors["b_enc"], W_dec=tensors["W_dec"], b_dec=tensors["b_dec"],
-               apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
-               normalize_activations=cfg.get("normalize_activations") or "none")
-    if out["normalize_activations"] not in NORMALIZATIONS:
+               apply_b_dec_to_input=apply_b_dec, normalize_activations=cfg.get("normalize_activations") or "none")
+    if not isinstance(out["normalize_activations"], str) or out["normalize_activations"] not in NORMALIZATIONS:
         raise ValueError(f"saelens cfg.json: normalize_activations={out['normalize_activations']!r} needs a "
                          f"dataset scaling factor that the checkpoint does not hold; supported: {NORMALIZATIONS}")
     if architecture == "standard":
@@ -211,13 +281,18 @@ def _load_saelens(path: str) -> dict:
     elif architecture == "topk":
         if k is None:
             raise ValueError(f"saelens cfg.json: architecture 'topk' needs k; found keys {sorted(cfg)}")
-        out.update(activation="topk", k=int(k))
+        out.update(activation="topk", k=_integer_k(k, "saelens cfg.json"))
     elif architecture == "jumprelu":
         _require(tensors, ("threshold",), what)
         out.update(activation="jumprelu", threshold=tensors["threshold"])
-    elif architecture == "batchtopk":
+    elif architecture == "batchtopk":  # inference with the stored threshold, else k (training rule)
         if "threshold" in tensors:
-            out.update(activation="batchtopk", threshold=tensors["threshold"].reshape(-1)[0])
+            out.update(activation="batchtopk", threshold=_scalar_threshold(tensors["threshold"], what))
+        elif k is None:
+            raise ValueError(f"saelens cfg.json: architecture 'batchtopk' needs a threshold tensor in "
+                             f"sae_weights.safetensors or k in cfg.json; found keys {sorted(cfg)}")
+        elif isinstance(k, bool) or not isinstance(k, (int, float)):
+            raise TypeError(f"saelens cfg.json: k must be a number, got {type(k).__name__} {k!r}")
         else:
             out.update(activation="batchtopk", k=float(k))
     else:
@@ -227,33 +302,55 @@ def _load_saelens(path: str) -> dict:
 
 
 def _load_sparsify(path: str) -> dict:
-    cfg = _read_json(_required_file(path, "cfg.json", "sparsify"))
+    cfg = _read_json(_required_file(path, "cfg.json", "sparsify"), "sparsify cfg.json")
     tensors = _load_safetensors(_required_file(path, "sae.safetensors", "sparsify"))
     _require(tensors, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), "sparsify sae.safetensors")
+    _tensor(tensors, "encoder.weight", "sparsify sae.safetensors", 2)
     if "k" not in cfg:
         raise ValueError(f"sparsify cfg.json: missing key 'k'; found keys {sorted(cfg)}")
     if cfg.get("activation", "topk") != "topk" or cfg.get("transcode") or cfg.get("skip_connection"):
         raise ValueError("sparsify cfg.json: only top-k sparse autoencoders are supported (not groupmax "
                          "activations, transcoders or skip connections)")
     return dict(W_enc=tensors["encoder.weight"].mT.contiguous(), b_enc=tensors["encoder.bias"], W_dec=tensors["W_dec"],
-                b_dec=tensors["b_dec"], activation="topk", k=int(cfg["k"]), relu_first=True)
+                b_dec=tensors["b_dec"], activation="topk", k=_integer_k(cfg["k"], "sparsify cfg.json"), relu_first=True)
 
 
 def _load_gemmascope(path: str) -> dict:
     import numpy as np
 
-    with np.load(_required_file(path, "params.npz", "gemmascope")) as params:
-        tensors = {name: torch.from_numpy(params[name]) for name in params.files}
+    file = _required_file(path, "params.npz", "gemmascope")
+    try:
+        with np.load(file) as params:
+            if not hasattr(params, "files"):
+                raise ValueError(f"path: {file} holds one array, not the named arrays of an .npz archive")
+            arrays = {name: params[name] for name in params.files}
+    except (OSError, ValueError):
+        raise
+    except Exception as exc:  # a truncated or corrupted archive: zipfile's and numpy's own error types
+        raise _unreadable(file, ".npz archive", exc) from exc
+    tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
     _require(tensors, ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"), "gemmascope params.npz")
     return dict(W_enc=tensors["W_enc"], b_enc=tensors["b_enc"], W_dec=tensors["W_dec"], b_dec=tensors["b_dec"],
                 activation="jumprelu", threshold=tensors["threshold"], apply_b_dec_to_input=False)
 
 
 def _load_dictionary_learning(path: str) -> dict:
-    state = torch.load(_required_file(path, "ae.pt", "dictionary_learning"), map_location="cpu", weights_only=True)
-    config_file = _find(path, "config.json") if os.path.isdir(path) else None
-    dict_class = (_read_json(config_file).get("trainer") or {}).get("dict_class") if config_file else None
+    file = _required_file(path, "ae.pt", "dictionary_learning")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # truncated or corrupted: pickle's, zipfile's and torch's own error types
+        raise _unreadable(file, "torch.save file", exc) from exc
     what = "dictionary_learning ae.pt"
+    if not isinstance(state, dict):
+        raise ValueError(f"{what}: expected a state dict, got {type(state).__name__}")
+    config_file = _find(path, "config.json") if os.path.isdir(path) else None
+    trainer = _read_json(config_file, "dictionary_learning config.json").get("trainer") if config_file else None
+    dict_class = trainer.get("dict_class") if isinstance(trainer, dict) else None
+    for name in ("encoder.weight", "decoder.weight"):
+        if name in state:
+            _tensor(state, name, what, 2)
     if "bias" in state:  # AutoEncoder: relu(encoder(x − bias)), decoder(f) + bias
         _require(state, ("encoder.weight", "encoder.bias", "decoder.weight"), what)
         return dict(W_enc=state["encoder.weight"].mT.contiguous(), b_enc=state["encoder.bias"],
@@ -263,9 +360,18 @@ def _load_dictionary_learning(path: str) -> dict:
                   W_dec=state["decoder.weight"].mT.contiguous(), b_dec=state["b_dec"])
     if dict_class == "BatchTopKSAE":  # inference: relu(h)·[relu(h) > threshold]
         _require(state, ("threshold",), what)
-        return dict(common, activation="batchtopk", threshold=state["threshold"].reshape(()))
+        threshold = state["threshold"]
+        if not isinstance(threshold, Tensor):
+            threshold = torch.as_tensor(_number(threshold, "threshold", what))
+        return dict(common, activation="batchtopk", threshold=_scalar_threshold(threshold, what))
     _require(state, ("k",), what)  # AutoEncoderTopK: relu, then top-k
-    return dict(common, activation="topk", k=int(state["k"]), relu_first=True)
+    return dict(common, activation="topk", k=_integer_k(state["k"], what), relu_first=True)
+
+
+def _number(value, name: str, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what}: {name} must be a number or a tensor, got {type(value).__name__}")
+    return float(value)
 
 
 _LOADERS = {

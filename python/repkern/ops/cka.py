@@ -65,7 +65,7 @@ from repkern.ops import gram as gram_ops
 from repkern.results.cka import CkaPlan
 
 __all__ = ["hsic", "cka", "cka_from_grams", "cka_matrix", "cka_plan", "CkaPlan", "DEFAULT_MAX_GRAM_BYTES",
-           "MEDIAN_SAMPLE_ROWS", "MEDIAN_SEED"]
+           "MEDIAN_MIN_SAMPLE_ROWS", "MEDIAN_SAMPLE_ROWS", "MEDIAN_SEED"]
 
 HSIC_TERMS = _native.kernel("hsic_terms")
 
@@ -82,6 +82,9 @@ MEDIAN_WORKING_COPIES = 3  # exact median selection: packed distances, kthvalue'
 # torch.Generator seeded with MEDIAN_SEED (same rows for the same n, every call).
 MEDIAN_SAMPLE_ROWS = 4096
 MEDIAN_SEED = 0
+# Fewest sampled rows (64·63/2 = 2016 distances) that make a median estimate: a budget that allows fewer
+# (and not the exact median) is a ValueError naming max_gram_bytes, not a median of a handful of pairs.
+MEDIAN_MIN_SAMPLE_ROWS = 64
 
 
 
@@ -507,9 +510,18 @@ def make_plan(n: int, dims: Sequence[int], pair_dims: Sequence[tuple[int, int]],
     median = rows = seed = None
     if kernel == "rbf" and sigma is None and method != "feature":
         median = "exact"
-        if method == "tiled" and MEDIAN_WORKING_COPIES * (n * (n - 1) // 2) * elem > budget:
+        exact_bytes = MEDIAN_WORKING_COPIES * (n * (n - 1) // 2) * elem
+        if method == "tiled" and exact_bytes > budget:
             rows = min(MEDIAN_SAMPLE_ROWS, int(math.isqrt(budget // (2 * MEDIAN_WORKING_COPIES * elem))))
             if rows < n:
+                if rows < MEDIAN_MIN_SAMPLE_ROWS:
+                    least = 2 * MEDIAN_WORKING_COPIES * elem * MEDIAN_MIN_SAMPLE_ROWS**2
+                    sampled = (f", a sampled estimate at least {least} ({MEDIAN_MIN_SAMPLE_ROWS} of the rows; this "
+                               f"budget allows {rows})" if n > MEDIAN_MIN_SAMPLE_ROWS else "")
+                    raise ValueError(
+                        f"max_gram_bytes: {budget} bytes is too small for the RBF median bandwidth of n={n} "
+                        f"samples: the exact median needs {exact_bytes} bytes{sampled}; raise max_gram_bytes or "
+                        "pass sigma")
                 median, seed = "sampled", MEDIAN_SEED
             else:
                 rows = None
@@ -596,7 +608,8 @@ def gram_numerators(inputs: list[Tensor], kernel, sigma, median, threshold, pair
     m = inputs[0].shape[0] * len(inputs)
     scale = None
     if kernel == "rbf" and sigma is not None:
-        scale = torch.full((m,), -0.5 / sigma**2, dtype=inputs[0].dtype, device=inputs[0].device)
+        scale = torch.full((m,), _common.rbf_scale(sigma, inputs[0].dtype), dtype=inputs[0].dtype,
+                           device=inputs[0].device)
     tile = n if plan.method == "gram" else plan.tile
     flat = [int(v) for ab in pairs for v in ab]
     cross, row_sums, diag, _, _ = torch.ops.repkern.hsic_terms(

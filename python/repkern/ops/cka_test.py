@@ -54,6 +54,21 @@ def _(a, b, columns, mode):
     return a.new_empty((columns.shape[0], a.shape[0], REPLICATE_CHANNELS[mode]), dtype=torch.float64)
 
 
+@torch.library.custom_op("repkern::replicate_indices", mutates_args=())
+def _replicate_indices_op(n: int, n_permutations: int, n_bootstrap: int, seed_high: int, seed_low: int,
+                          device: torch.device) -> tuple[Tensor, Tensor]:
+    """The resampling plan of :func:`repkern._common.replicate_indices` for seed = seed_high·2³² + seed_low
+    (two ints: a seed may use all 64 bits, an op's int argument only 63). As an op, the CPU generator it
+    seeds stays out of a torch.compile graph."""
+    return _common.replicate_indices(n, n_permutations, n_bootstrap, (seed_high << 32) | seed_low, device)
+
+
+@_replicate_indices_op.register_fake
+def _(n, n_permutations, n_bootstrap, seed_high, seed_low, device):
+    return (torch.empty((n_permutations, n), dtype=torch.int64, device=device),
+            torch.empty((n_bootstrap, n), dtype=torch.int64, device=device))
+
+
 def _chunks(total: int, n: int, channels: int):
     step = max(1, REPLICATE_BYTES // (n * (4 + 8 * channels)))
     return [(s, min(total, s + step)) for s in range(0, total, step)]
@@ -148,7 +163,8 @@ def cka_test(
         raise ValueError(f"x: cka_test holds two n×n Gram matrices ({need / 2**20:.0f} MiB for n={n}) > "
                          f"max_gram_bytes={budget}")
     stat = _common.stat_dtype(x.dtype)
-    perms, boots = _common.replicate_indices(n, n_permutations, n_bootstrap, seed, x.device)
+    perms, boots = torch.ops.repkern.replicate_indices(n, n_permutations, n_bootstrap, seed >> 32, seed & 0xFFFFFFFF,
+                                                       x.device)
     with torch.no_grad():
         x, y = x.detach(), y.detach()
         k = gram(cka_ops.prepare(x[None], kernel)[0][0], kernel, sigma=sigma, threshold=threshold, median=median)
@@ -157,21 +173,21 @@ def cka_test(
         kc, lc = reference.center_gram(k.double(), debiased), reference.center_gram(l.double(), debiased)
         h_kk, h_ll = (kc * kc).sum(), (lc * lc).sum()
         tol = _common.zero_variance_tolerance(x.dtype)
-        finite = bool(_common.all_finite(x) & _common.all_finite(y))
-        bad_x = bool(_common.constant_rows(x)) or not bool(h_kk > tol * (k.double() ** 2).sum())
-        bad_y = bool(_common.constant_rows(y)) or not bool(h_ll > tol * (l.double() ** 2).sum())
+        # tensors, not Python bools: no data-dependent branch (torch.compile traces it in one graph)
+        finite = _common.all_finite(x) & _common.all_finite(y)
+        bad_x = _common.constant_rows(x) | ~(h_kk > tol * (k.double() ** 2).sum())
+        bad_y = _common.constant_rows(y) | ~(h_ll > tol * (l.double() ** 2).sum())
         a, b = kc.to(k.dtype), lc.to(l.dtype)
         del kc, lc, k, l
         identity = torch.arange(n, device=x.device)[None]
         sums = _permutation_sums(a, b, torch.cat([identity, perms]))
         values = sums / (h_kk * h_ll).sqrt()
         observed, null = values[0], values[1:]
-    if not finite or bad_x or bad_y:
-        if finite:
-            names = [name for name, bad in (("x", bad_x), ("y", bad_y)) if bad]
-            warnings.warn(f"repkern.cka_test: {', '.join(names)}: zero variance (constant representation, or a "
-                          "self-HSIC at the rounding level of its Gram entries); every result is NaN",
-                          RuntimeWarning, stacklevel=2)
-        observed = torch.full_like(observed, torch.nan)
-        null, boot = torch.full_like(null, torch.nan), torch.full_like(boot, torch.nan)
+    if not torch.compiler.is_compiling() and bool(finite & (bad_x | bad_y)):
+        names = [name for name, bad in (("x", bad_x), ("y", bad_y)) if bool(bad)]
+        warnings.warn(f"repkern.cka_test: {', '.join(names)}: zero variance (constant representation, or a "
+                      "self-HSIC at the rounding level of its Gram entries); every result is NaN",
+                      RuntimeWarning, stacklevel=2)
+    ok = finite & ~bad_x & ~bad_y
+    observed, null, boot = (torch.where(ok, t, torch.full_like(t, torch.nan)) for t in (observed, null, boot))
     return finish(observed, null, boot, ci, stat)

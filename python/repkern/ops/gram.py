@@ -352,6 +352,7 @@ def gram(
     x3 = x.reshape(-1, n, d)
     scale = None
     if kernel == "rbf" and sigma is not None:
-        scale = torch.full((x3.shape[0],), -0.5 / sigma**2, dtype=_common.acc_dtype(x.dtype), device=x.device)
+        acc = _common.acc_dtype(x.dtype)
+        scale = torch.full((x3.shape[0],), _common.rbf_scale(sigma, acc), dtype=acc, device=x.device)
     k, _, _ = torch.ops.repkern.gram(x3, kernel, scale, median, threshold, center)
     return k.reshape(*batch_shape, n, n)

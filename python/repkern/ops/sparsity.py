@@ -215,10 +215,24 @@ def _run(a: Tensor, eps: float, top_p: tuple, ordered: bool, row_bins: int) -> t
         per_row = reference.sparsity_rows(x, eps, top_p, ordered)
         return reference.sparsity_feature_state(x, eps), per_row, sr.row_summary_parts(per_row, d, row_bins)
     state, out, counts = torch.ops.repkern.sparsity_stats(x, eps, list(top_p), ordered)
-    per_row = _row_dict(out, counts, top_p, ordered)
+    per_row = _with_empty_top_p(_row_dict(out, counts, top_p, ordered), top_p, ordered)
     if _native.backend_for(out.device) == "cpu":
-        return state, per_row, _native_row_summaries(out, counts, top_p, ordered, d, row_bins)
+        parts = _native_row_summaries(out, counts, top_p, ordered, d, row_bins)
+        if ordered and not top_p:  # the kernels write no top-p channel: the empty summaries, as the reference's
+            for mine, empty in zip(parts, sr.row_summary_parts(
+                    {k: per_row[k] for k in ("top_p_l1", "top_p_l2")}, d, row_bins)):
+                mine.update(empty)
+        return state, per_row, parts
     return state, per_row, sr.row_summary_parts(per_row, d, row_bins)
+
+
+def _with_empty_top_p(per_row: dict, top_p: tuple, ordered: bool) -> dict:
+    """With top_p=() (and ordered), the top-p fields are (N, 0) tensors, as documented (last dim len(top_p))
+    and as the reference returns them; the kernels write no channel for them."""
+    if ordered and not top_p:
+        empty = per_row["l1"].new_zeros((per_row["l1"].shape[0], 0))
+        per_row.update(top_p_l1=empty, top_p_l2=empty.clone())
+    return per_row
 
 
 # ---- public API ---------------------------------------------------------------------------------
@@ -268,7 +282,7 @@ def sparsity_stats(
     d = a.shape[-1]
     state, per_row, (sums, defined, hists) = _run(a, eps, top_p, ordered, row_bins)
     lead = a.shape[:-1]
-    shaped = {k: v.reshape(*lead, *v.shape[1:]) for k, v in per_row.items()}
+    shaped = {k: v.reshape(tuple(lead) + tuple(v.shape[1:])) for k, v in per_row.items()}  # a (d,) input: 0-d
     return sr.build_stats(state, a.numel() // d, shaped, sums, defined, hists, stat_dtype=_common.stat_dtype(a.dtype),
                   top_p=top_p, eps=eps, dense_threshold=dense_threshold, density_bins=density_bins,
                   row_bins=row_bins)
@@ -310,6 +324,7 @@ class SparsityAccumulator:
 
     # -- state ------------------------------------------------------------------------------
 
+    @_common.outside_inference_mode
     def _reset(self):
         device = self.device or torch.device("cpu")
         self._state = empty_feature_state(self.d, device)
@@ -322,7 +337,7 @@ class SparsityAccumulator:
     def _empty_row_dict(self, device) -> dict:
         out = torch.empty((sparsity_row_channels(len(self.top_p), self.ordered), 0), dtype=torch.float64, device=device)
         counts = torch.empty((len(SPARSITY_ROW_COUNTS), 0), dtype=torch.int64, device=device)
-        return _row_dict(out, counts, self.top_p, self.ordered)
+        return _with_empty_top_p(_row_dict(out, counts, self.top_p, self.ordered), self.top_p, self.ordered)
 
     def _config(self) -> dict:
         return {"d": self.d, "eps": self.eps, "top_p": list(self.top_p), "dense_threshold": self.dense_threshold,
@@ -332,7 +347,7 @@ class SparsityAccumulator:
     def _check_compatible(self, config: dict, name: str) -> None:
         mine = self._config()
         for key, value in mine.items():
-            if config.get(key) != value:
+            if not _validation.same_setting(config.get(key), value):
                 raise ValueError(f"{name}: incompatible accumulator ({key}={config.get(key)!r}, expected {value!r})")
 
     def _to_device(self, device: torch.device) -> None:
@@ -355,6 +370,7 @@ class SparsityAccumulator:
 
     # -- public -----------------------------------------------------------------------------
 
+    @_common.outside_inference_mode
     def update(self, a: Tensor) -> "SparsityAccumulator":
         """Adds the rows of a ``(..., d)`` batch."""
         _validation.check_sparsity_args(a, self.eps, self.top_p, self.dense_threshold, self.density_bins,
@@ -372,6 +388,7 @@ class SparsityAccumulator:
         self._add(state, rows, sums, defined, hists, _common.stat_dtype(a.dtype), [per_row] if self.keep_rows else [])
         return self
 
+    @_common.outside_inference_mode
     def merge(self, other: "SparsityAccumulator") -> "SparsityAccumulator":
         """Adds the data of another accumulator with the same settings (in place; returns self)."""
         if not isinstance(other, SparsityAccumulator):
@@ -394,7 +411,10 @@ class SparsityAccumulator:
                       dense_threshold=self.dense_threshold, density_bins=self.density_bins, row_bins=self.row_bins)
 
     def state_dict(self) -> dict:
-        sd = {"config": self._config(), "feature_state": self._state.clone(), "rows": self._rows,
+        """Everything needed to continue: format version, settings, the feature state, row count and
+        per-row summaries (and the kept rows with ``keep_rows=True``)."""
+        sd = {"format_version": _validation.STATE_FORMAT_VERSION, "config": self._config(),
+              "feature_state": self._state.clone(), "rows": self._rows,
               "stat_dtype": str(self._stat_dtype).replace("torch.", "")}
         for prefix, parts in (("row_sum", self._sums), ("row_defined", self._defined), ("row_histogram", self._hists)):
             sd.update({f"{prefix}/{k}": v.clone() for k, v in parts.items()})
@@ -402,27 +422,63 @@ class SparsityAccumulator:
             sd["kept_rows"] = [{k: v.clone() for k, v in rows.items()} for rows in self._kept]
         return sd
 
+    @_common.outside_inference_mode
     def load_state_dict(self, state_dict: dict) -> None:
-        if not isinstance(state_dict, dict) or "config" not in state_dict:
-            raise TypeError("state_dict: expected a dict from SparsityAccumulator.state_dict()")
+        """Restores a :meth:`state_dict` of an accumulator with the same settings, onto this accumulator's
+        device if it has one. All or nothing: every entry is checked first (format version, settings,
+        shapes and dtypes, counts, kept rows), and a rejected state dict (ValueError / TypeError naming the
+        entry) leaves the accumulator as it was."""
+        empty_sums, empty_defined, empty_hists = sr.row_summary_parts(self._empty_row_dict("cpu"), self.d,
+                                                                      self.row_bins)
+        groups = (("row_sum", empty_sums), ("row_defined", empty_defined), ("row_histogram", empty_hists))
+        part_keys = [f"{prefix}/{k}" for prefix, parts in groups for k in parts]
+        _validation.check_state_dict(state_dict, "SparsityAccumulator",
+                                     ["feature_state", "rows", "stat_dtype", *part_keys]
+                                     + (["kept_rows"] if self.keep_rows else []))
         self._check_compatible(state_dict["config"], "state_dict")
-        device = self.device or state_dict["feature_state"].device
-        state = state_dict["feature_state"]
-        if tuple(state.shape) != (len(FEATURE_FIELDS), self.d) or state.dtype != torch.float64:
-            raise ValueError(f"state_dict: feature_state must be float64 of shape {(len(FEATURE_FIELDS), self.d)}")
-        self.device = torch.device(device)
-        self._reset()
-        self._state = state.to(self.device).clone()
-        self._rows = int(state_dict["rows"])
-        self._stat_dtype = getattr(torch, state_dict["stat_dtype"])
-        for prefix, parts in (("row_sum", self._sums), ("row_defined", self._defined), ("row_histogram", self._hists)):
-            for k in parts:
-                value = state_dict[f"{prefix}/{k}"]
-                if value.shape != parts[k].shape:
-                    raise ValueError(f"state_dict: {prefix}/{k} has shape {tuple(value.shape)}, "
-                                     f"expected {tuple(parts[k].shape)}")
-                parts[k] = value.to(self.device).clone()
-        self._kept = [{k: v.to(self.device) for k, v in rows.items()} for rows in state_dict.get("kept_rows", [])]
+        state = _validation.state_tensor(state_dict["feature_state"], "feature_state",
+                                         (len(FEATURE_FIELDS), self.d), torch.float64)
+        rows = _validation.state_count(state_dict, "rows")
+        stat_dtype = {"float32": torch.float32, "float64": torch.float64}.get(state_dict["stat_dtype"])
+        if stat_dtype is None:
+            raise ValueError(f"state_dict: stat_dtype must be 'float32' or 'float64', got {state_dict['stat_dtype']!r}")
+        parsed = []
+        for prefix, parts in groups:
+            parsed.append({k: _validation.state_tensor(state_dict[f"{prefix}/{k}"], f"{prefix}/{k}", v.shape, v.dtype)
+                           for k, v in parts.items()})
+        kept = self._check_kept_rows(state_dict["kept_rows"], rows) if self.keep_rows else []
+        device = torch.device(self.device or state.device)
+        # every check passed: copy (a failing transfer still leaves the accumulator untouched), then swap
+        moved_state = state.to(device).clone()
+        moved = [{k: v.to(device).clone() for k, v in group.items()} for group in parsed]
+        moved_kept = [{k: v.to(device).clone() for k, v in r.items()} for r in kept]
+        self.device, self._state, self._rows, self._stat_dtype = device, moved_state, rows, stat_dtype
+        self._sums, self._defined, self._hists = moved
+        self._kept = moved_kept
+
+    def _check_kept_rows(self, kept, rows: int) -> list:
+        """kept_rows of a state dict: a list of per-row dicts as update keeps them, `rows` rows in all."""
+        template = self._empty_row_dict("cpu")
+        if not isinstance(kept, (list, tuple)):
+            raise TypeError(f"state_dict: kept_rows must be a list of dicts, got {type(kept).__name__}")
+        total = 0
+        for i, part in enumerate(kept):
+            if not isinstance(part, dict) or set(part) != set(template):
+                raise ValueError(f"state_dict: kept_rows[{i}] must be a dict with keys {sorted(template)}")
+            n = None
+            for k, want in template.items():
+                value = part[k]
+                ok = (isinstance(value, Tensor) and value.dim() == want.dim() and value.shape[1:] == want.shape[1:]
+                      and value.is_floating_point() == want.is_floating_point()
+                      and (value.is_floating_point() or value.dtype == want.dtype))
+                if not ok or (n is not None and value.shape[0] != n):
+                    raise ValueError(f"state_dict: kept_rows[{i}][{k!r}] must be a tensor of shape (N, *"
+                                     f"{tuple(want.shape[1:])}) like the part's other rows")
+                n = value.shape[0]
+            total += n
+        if total != rows:
+            raise ValueError(f"state_dict: kept_rows hold {total} rows, but rows={rows}")
+        return list(kept)
 
     def _packed(self) -> Tensor:
         """Everything but kept rows as one float64 vector (counts are exact in float64 below 2^53)."""
@@ -449,6 +505,7 @@ class SparsityAccumulator:
             groups.append({k: take(group[k].shape, group[k].dtype) for k in sorted(group)})
         return state, int(rows), groups, torch.float64 if is64 else torch.float32
 
+    @_common.outside_inference_mode
     def all_reduce(self, group=None) -> "SparsityAccumulator":
         """Merges the accumulators of every process in ``group`` (torch.distributed, any backend whose
         all_gather supports the state's device: gloo on CPU, NCCL on CUDA). Collective: every rank must

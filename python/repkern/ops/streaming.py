@@ -145,6 +145,7 @@ class _LayerAccumulator:
 
     # -- public -------------------------------------------------------------------------------
 
+    @_common.outside_inference_mode
     def update(self, xs: Sequence[Tensor], ys: Optional[Sequence[Tensor]] = None):
         """Adds one batch: ``xs`` a sequence of ``(b, d_i)`` activations of the layers of
         model A, ``ys`` of ``(b, e_j)`` for model B, or ``None`` to compare xs with itself.
@@ -177,6 +178,7 @@ class _LayerAccumulator:
         self._add(stats, layout, b, 1, xs[0].dtype == torch.float64)
         return self
 
+    @_common.outside_inference_mode
     def merge(self, other):
         """Adds the data of another accumulator of the same class, settings and layers
         (in place; returns self). Merging in any order gives the same result up to rounding."""
@@ -194,7 +196,7 @@ class _LayerAccumulator:
 
     def _check_config(self, config: dict, name: str) -> None:
         for key, value in self._config().items():
-            if config.get(key) != value:
+            if not _validation.same_setting(config.get(key), value):
                 raise ValueError(f"{name}: incompatible accumulator ({key}={config.get(key)!r}, expected {value!r})")
 
     @property
@@ -242,35 +244,55 @@ class _LayerAccumulator:
     # -- checkpoints -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything needed to continue: settings, layout, counts and the float64 statistics."""
+        """Everything needed to continue: format version, settings, layout, counts and the float64 statistics."""
         layout = None
         if self._layout is not None:
             layout = {"xs": list(self._layout[0]), "ys": None if self._layout[1] is None else list(self._layout[1])}
-        return {"config": self._config(), "layout": layout, "samples": self._samples, "batches": self._batches,
-                "float64": self._float64, "stats": {k: v.clone() for k, v in self._stats.items()}}
+        return {"format_version": _validation.STATE_FORMAT_VERSION, "config": self._config(), "layout": layout,
+                "samples": self._samples, "batches": self._batches, "float64": self._float64,
+                "stats": {k: v.clone() for k, v in self._stats.items()}}
 
+    def _check_loaded_layout(self, layout: Layout) -> None:
+        """Subclass hook: a restored layout this accumulator cannot hold raises here (before anything changes)."""
+
+    @_common.outside_inference_mode
     def load_state_dict(self, state_dict: dict) -> None:
         """Restores a :meth:`state_dict` of an accumulator with the same settings (exactly:
-        the statistics are copied bit for bit), onto this accumulator's device if it has one."""
-        if not isinstance(state_dict, dict) or not {"config", "layout", "stats"} <= state_dict.keys():
-            raise TypeError(f"state_dict: expected a dict from {type(self).__name__}.state_dict()")
+        the statistics are copied bit for bit), onto this accumulator's device if it has one.
+        All or nothing: every entry is checked first (format version, settings, layout, counts, the
+        shape and dtype of every statistic), and a rejected state dict (ValueError / TypeError naming
+        the entry) leaves the accumulator as it was."""
+        _validation.check_state_dict(state_dict, type(self).__name__,
+                                     ("layout", "samples", "batches", "float64", "stats"))
         self._check_config(state_dict["config"], "state_dict")
-        raw = state_dict["layout"]
-        self._reset()
+        samples = _validation.state_count(state_dict, "samples")
+        batches = _validation.state_count(state_dict, "batches")
+        float64 = _validation.state_bool(state_dict, "float64")
+        raw, stats = state_dict["layout"], state_dict["stats"]
+        if not isinstance(stats, dict):
+            raise TypeError(f"state_dict: stats must be a dict of tensors, got {type(stats).__name__}")
         if raw is None:
+            if samples or batches or stats:
+                raise ValueError("state_dict: no layout (an empty accumulator) but samples, batches or stats given")
+            self._reset()
             return
-        layout: Layout = (tuple(raw["xs"]), None if raw["ys"] is None else tuple(raw["ys"]))
-        stats = state_dict["stats"]
-        for key, shape in self._shapes(layout):
-            value = stats.get(key)
-            if not isinstance(value, Tensor) or tuple(value.shape) != shape or value.dtype != torch.float64:
-                raise ValueError(f"state_dict: stats/{key} must be a float64 tensor of shape {shape}")
-        device = self.device or stats[self._shapes(layout)[0][0]].device
-        self.device = torch.device(device)
-        self._layout = layout
-        self._stats = {key: stats[key].to(self.device).clone() for key, _ in self._shapes(layout)}
-        self._samples, self._batches = int(state_dict["samples"]), int(state_dict["batches"])
-        self._float64 = bool(state_dict["float64"])
+        if not isinstance(raw, dict) or not {"xs", "ys"} <= raw.keys():
+            raise ValueError(f"state_dict: layout must be None or a dict with xs and ys, got {raw!r}")
+        layout: Layout = (_validation.state_widths(raw["xs"], "layout/xs", allow_none=False),
+                          _validation.state_widths(raw["ys"], "layout/ys", allow_none=True))
+        shapes = self._shapes(layout)
+        for key, shape in shapes:
+            _validation.state_tensor(stats.get(key), f"stats/{key}", shape, torch.float64)
+        extra = sorted(set(map(str, stats)) - {key for key, _ in shapes})
+        if extra:
+            raise ValueError(f"state_dict: stats has entries {extra} that the layout {raw} does not have")
+        if samples == 0 or batches == 0:
+            raise ValueError(f"state_dict: a layout but samples={samples}, batches={batches}")
+        self._check_loaded_layout(layout)
+        device = torch.device(self.device or stats[shapes[0][0]].device)
+        restored = {key: stats[key].to(device).clone() for key, _ in shapes}  # may fail: nothing changed yet
+        self.device, self._layout, self._stats = device, layout, restored
+        self._samples, self._batches, self._float64 = samples, batches, float64
 
     # -- distributed -------------------------------------------------------------------------------
 
@@ -303,6 +325,7 @@ class _LayerAccumulator:
         other._samples, other._batches, other._float64 = int(values[0]), int(values[1]), bool(values[2])
         return other
 
+    @_common.outside_inference_mode
     def all_reduce(self, group=None):
         """Merges the accumulators of every process of a torch.distributed ``group`` (gloo
         on CPU, NCCL on CUDA; every rank must call it). Afterwards each rank holds the
@@ -410,13 +433,13 @@ class StreamingCKA(_LayerAccumulator):
             shapes += [(f"g/{a},{b}", (dims[b],)) for a, b in pairs] + [(f"h/{a},{b}", (dims[a],)) for a, b in pairs]
         return shapes
 
-    def _check_budget(self, layout: Layout) -> None:
+    def _check_budget(self, layout: Layout, name: str = "xs") -> None:
         need = _state_bytes(layout, self.debiased)
         if need > self.max_state_bytes:
             raise ValueError(
-                f"xs: StreamingCKA's exact statistics for these layers need {need / 2**20:.1f} MiB (d_a·d_b float64 "
-                f"per pair of layers) > max_state_bytes={self.max_state_bytes}; use repkern.MinibatchCKA (memory per "
-                "batch, not per pair of feature dims) or raise max_state_bytes")
+                f"{name}: StreamingCKA's exact statistics for these layers need {need} bytes ({need / 2**20:.1f} "
+                f"MiB: d_a·d_b float64 per pair of layers) > max_state_bytes={self.max_state_bytes}; use "
+                "repkern.MinibatchCKA (memory per batch, not per pair of feature dims) or raise max_state_bytes")
 
     def _batch_stats(self, layers: list[Tensor], layout: Layout) -> dict:
         if self._layout is None:
@@ -452,14 +475,12 @@ class StreamingCKA(_LayerAccumulator):
             if not key.startswith("shift/"):
                 self._stats[key].add_(moved[key])
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        if self._layout is not None:
-            self._check_budget(self._layout)
+    def _check_loaded_layout(self, layout: Layout) -> None:
+        self._check_budget(layout, "state_dict")
 
     def merge(self, other):
         if isinstance(other, StreamingCKA) and self._layout is None and other._layout is not None:
-            self._check_budget(other._layout)
+            self._check_budget(other._layout, "other")
         return super().merge(other)
 
     def _check_enough_samples(self) -> None:
@@ -512,7 +533,7 @@ class MinibatchCKA(_LayerAccumulator):
                  threshold: float = 1.0, median: str = "full", max_gram_bytes: Optional[int] = None, device=None):
         super().__init__(kernel, debiased, device)
         self.sigma = _validation.positive_number("sigma", sigma, allow_none=True)
-        self.threshold = _validation.positive_number("threshold", threshold)
+        self.threshold = _validation.rbf_threshold(threshold)
         self.median = _validation.choice("median", median, _validation.MEDIANS)
         cka_ops.gram_budget(max_gram_bytes)  # validates it now
         self.max_gram_bytes = max_gram_bytes

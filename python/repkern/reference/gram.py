@@ -71,7 +71,7 @@ def gram(
         if sigma is None:
             sigma_sq = threshold**2 * median_squared_distance(d, median)[..., None, None]
         else:
-            sigma_sq = torch.full((), sigma**2, dtype=xa.dtype, device=xa.device)
+            sigma_sq = torch.full((), sigma * sigma, dtype=xa.dtype, device=xa.device)  # inf/0 past the range
         k = torch.exp(-d / (2 * sigma_sq))
         k = torch.where(d == 0, torch.ones((), dtype=k.dtype, device=k.device), k)  # σ = 0 limit
     if center:

@@ -90,7 +90,7 @@ def sparsity_stats(
     per_row = sparsity_rows(x, eps, top_p, ordered, row_batch=row_batch)
     sums, defined, hists = sparsity_results.row_summary_parts(per_row, d, row_bins)
     lead = a.shape[:-1]
-    shaped = {k: v.reshape(*lead, *v.shape[1:]) for k, v in per_row.items()}
+    shaped = {k: v.reshape(tuple(lead) + tuple(v.shape[1:])) for k, v in per_row.items()}  # a (d,) input: 0-d
     return sparsity_results.build_stats(state, rows, shaped, sums, defined, hists, stat_dtype=x.dtype, top_p=top_p, eps=eps,
                           dense_threshold=dense_threshold, density_bins=density_bins, row_bins=row_bins)
 

@@ -43,10 +43,12 @@ def finish(observed: Tensor, null: Tensor, bootstrap: Tensor, ci: float, dtype: 
         p_value = torch.where(torch.isnan(observed), nan, p_value)
     else:
         p_value = nan
-    defined = bootstrap[~torch.isnan(bootstrap)]
-    if defined.numel():
+    if bootstrap.numel():
         tail = (1 - ci) / 2
-        bounds = torch.quantile(defined, torch.tensor([tail, 1 - tail], dtype=torch.float64, device=defined.device))
+        # the quantiles of the defined (non-NaN) replicates, NaN when there are none; no boolean-mask
+        # gather (a data-dependent shape would break a torch.compile graph)
+        bounds = torch.nanquantile(bootstrap, torch.tensor([tail, 1 - tail], dtype=torch.float64,
+                                                           device=bootstrap.device))
         ci_low, ci_high = bounds[0], bounds[1]
     else:
         ci_low = ci_high = nan

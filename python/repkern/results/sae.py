@@ -30,6 +30,7 @@ class SparseCodes(NamedTuple):
 
     def to_dense(self) -> Tensor:
         """``(..., d_sae)``, zeros where no code was kept (differentiable w.r.t. values)."""
+        check_sparse_codes(self)
         zeros = self.values.new_zeros((*self.values.shape[:-1], self.d_sae))
         return zeros.scatter(-1, self.indices, self.values)
 
@@ -52,6 +53,36 @@ class CsrCodes(NamedTuple):
 
     def to_dense(self) -> Tensor:
         """``shape``, zeros where nothing is stored (differentiable w.r.t. values)."""
+        check_csr_codes(self)
         n, d_sae = math.prod(self.shape[:-1]), self.shape[-1]
         dense = self.values.new_zeros((n, d_sae)).index_put((self.row_indices(), self.col_indices), self.values)
         return dense.reshape(self.shape)
+
+
+def check_sparse_codes(codes: SparseCodes, name: str = "codes") -> None:
+    """The structure of SparseCodes (not the index values): tensors of at least one dim, a positive int
+    d_sae. ValueError / TypeError naming the field."""
+    for field in ("values", "indices"):
+        t = getattr(codes, field)
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}.{field}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 1:
+            raise ValueError(f"{name}.{field}: expected shape (..., k), got a 0-d tensor")
+    if isinstance(codes.d_sae, bool) or not isinstance(codes.d_sae, (int, torch.SymInt)) or codes.d_sae < 1:
+        raise ValueError(f"{name}.d_sae: expected an int >= 1, got {codes.d_sae!r}")
+
+
+def check_csr_codes(codes: CsrCodes, name: str = "codes") -> None:
+    """The structure of CsrCodes: 1-d crow/col/values tensors and a dense shape (..., d_sae) of at least one
+    int >= 0 (d_sae >= 1). ValueError / TypeError naming the field."""
+    for field in ("crow_indices", "col_indices", "values"):
+        t = getattr(codes, field)
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}.{field}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 1:
+            raise ValueError(f"{name}.{field}: expected a 1-d tensor, got shape {tuple(t.shape)}")
+    shape = codes.shape
+    if (not isinstance(shape, (tuple, list, torch.Size)) or len(shape) < 1
+            or any(isinstance(s, bool) or not isinstance(s, (int, torch.SymInt)) or s < 0 for s in shape)
+            or shape[-1] < 1):
+        raise ValueError(f"{name}.shape: expected the dense shape (..., d_sae) with d_sae >= 1, got {shape!r}")

@@ -203,8 +203,9 @@ def row_summary_parts(rows: dict, d: int, bins: int) -> tuple[dict, dict, dict]:
             continue
         v = value.double() / d if over_d else value.double()
         v = v.clamp(0.0, 1.0)  # rounding can put a share of 1 or a Hoyer of 0 a hair outside; NaN stays NaN
-        if v.dim() == 2:
-            hists[name] = torch.stack([histogram(v[:, i], bins, 0.0, 1.0) for i in range(v.shape[1])])
+        if v.dim() == 2:  # (N, P): one histogram per p; (0, bins) for top_p=()
+            hists[name] = (torch.stack([histogram(v[:, i], bins, 0.0, 1.0) for i in range(v.shape[1])]) if v.shape[1]
+                           else torch.zeros((0, bins), dtype=torch.int64, device=v.device))
         else:
             hists[name] = histogram(v, bins, 0.0, 1.0)
     return sums, defined, hists

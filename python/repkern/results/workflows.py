@@ -17,7 +17,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from repkern import plots
+from repkern import _files, plots
 from repkern.results.sparsity import SparsityStats
 
 FORMAT_VERSION = 1
@@ -30,18 +30,62 @@ def _paths(path) -> tuple[str, str]:
     return base + ".json", base + ".pt"
 
 
+class _Saved:
+    """Reads the fields of a saved result, each checked: a missing or malformed field is a ValueError
+    naming the file and the field, never a KeyError or a silently wrong result."""
+
+    def __init__(self, json_path: str, meta: dict, tensors: dict):
+        self.json_path, self.meta, self.tensors = json_path, meta, tensors
+
+    def error(self, message: str) -> ValueError:
+        return ValueError(f"path: {self.json_path}: {message}")
+
+    def field(self, key: str, kind, what: str, source: Optional[dict] = None, where: str = ""):
+        source = self.meta if source is None else source
+        if not isinstance(source, dict) or key not in source:
+            raise self.error(f"missing field {where}{key!r}")
+        value = source[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise self.error(f"field {where}{key!r} must be {what}, got {value!r:.80}")
+        return value
+
+    def count(self, key: str) -> int:
+        value = self.field(key, int, "an int >= 0")
+        if value < 0:
+            raise self.error(f"field {key!r} must be an int >= 0, got {value}")
+        return value
+
+    def names(self, key: str) -> list:
+        value = self.field(key, list, "a list of layer names")
+        if not all(isinstance(v, str) for v in value):
+            raise self.error(f"field {key!r} must be a list of layer names (strings), got {value!r:.80}")
+        return value
+
+    def tensor(self, key: str, shape: Optional[tuple] = None) -> Tensor:
+        value = self.tensors.get(key)
+        if not isinstance(value, Tensor):
+            raise self.error(f"the tensor file has no tensor {key!r}")
+        if shape is not None and tuple(value.shape) != tuple(shape):
+            raise self.error(f"tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+        return value
+
+
 def _json_number(value: float) -> Optional[float]:
     """JSON has no NaN/Inf: they are written as null (the tensor file keeps them)."""
     return value if math.isfinite(value) else None
 
 
 def _write(path, kind: str, meta: dict, tensors: dict) -> str:
+    """Both files atomically (repkern._files): the JSON is encoded first, then the two are written to
+    temporary files and moved into place; any failure leaves an earlier result at `path` as it was."""
     json_path, tensor_path = _paths(path)
-    os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
-    torch.save({name: t.detach().cpu() for name, t in tensors.items()}, tensor_path)
     document = {"type": kind, "format_version": FORMAT_VERSION, "tensors": os.path.basename(tensor_path), **meta}
-    with open(json_path, "w") as f:
-        json.dump(document, f, indent=2, allow_nan=False)
+    text = json.dumps(document, indent=2, allow_nan=False)  # an unencodable value fails here, before any write
+    cpu = {name: t.detach().cpu() for name, t in tensors.items()}
+    os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
+    _files.write_together([(tensor_path, "wb", lambda f: torch.save(cpu, f)),
+                           (json_path, "w", lambda f: f.write(text))])
     return json_path
 
 
@@ -72,9 +116,15 @@ class CkaResult:
         return _write(path, "cka", self._meta(), {"matrix": self.matrix})
 
     @classmethod
-    def _from_saved(cls, meta: dict, tensors: dict) -> "CkaResult":
-        fields = {f.name: meta[f.name] for f in dataclasses.fields(cls) if f.name != "matrix"}
-        return cls(matrix=tensors["matrix"], **fields)
+    def _from_saved(cls, saved: _Saved) -> "CkaResult":
+        layers_a, layers_b = saved.names("layers_a"), saved.names("layers_b")
+        matrix = saved.tensor("matrix", (len(layers_a), len(layers_b)))
+        if not matrix.is_floating_point():
+            raise saved.error(f"tensor 'matrix' must be floating point, got {matrix.dtype}")
+        return cls(matrix=matrix, layers_a=layers_a, layers_b=layers_b, kernel=saved.field("kernel", str, "a string"),
+                   debiased=saved.field("debiased", bool, "true or false"),
+                   estimator=saved.field("estimator", str, "a string"), pool=saved.field("pool", str, "a string"),
+                   samples=saved.count("samples"), batches=saved.count("batches"))
 
     def plot(self, path, *, title: Optional[str] = None, xlabel: str = "model B", ylabel: str = "model A") -> str:
         """Heatmap with labelled layer axes and a colour bar; returns ``path``."""
@@ -132,20 +182,45 @@ class SparsityProfile:
         return _write(path, "sparsity", meta, tensors)
 
     @classmethod
-    def _from_saved(cls, meta: dict, tensors: dict) -> "SparsityProfile":
+    def _from_saved(cls, saved: _Saved) -> "SparsityProfile":
+        layers = saved.names("layers")
+        settings = saved.field("stats_settings", dict, "an object with one entry per layer")
         stats = {}
-        for i, layer in enumerate(meta["layers"]):
+        for i, layer in enumerate(layers):
             prefix = f"{i}/"
-            flat = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
-            flat.update(meta["stats_settings"][layer])
+            flat = {name[len(prefix):]: t for name, t in saved.tensors.items() if name.startswith(prefix)}
+            d = None
+            for name in _FEATURE_TENSORS + _SUMMARY_TENSORS:
+                t = saved.tensor(prefix + name)
+                if name in _FEATURE_TENSORS:
+                    d = t.shape[0] if d is None and t.dim() == 1 else d
+                    saved.tensor(prefix + name, (d,))
+                elif name in _SCALAR_TENSORS:
+                    saved.tensor(prefix + name, ())
+            where = f"stats_settings[{layer!r}]."
+            own = saved.field(layer, dict, "an object", settings, "stats_settings.")
+            flat["rows"] = saved.field("rows", int, "an int", own, where)
+            flat["top_p"] = saved.field("top_p", list, "a list of fractions", own, where)
+            flat["eps"] = saved.field("eps", (int, float), "a number", own, where)
+            flat["dense_threshold"] = saved.field("dense_threshold", (int, float), "a number", own, where)
+            if not all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in flat["top_p"]):
+                raise saved.error(f"field {where}'top_p' must be a list of fractions, got {flat['top_p']!r:.80}")
             stats[layer] = SparsityStats.from_dict(flat)
-        return cls(layers=meta["layers"], stats=stats, pool=meta["pool"], batches=meta["batches"])
+        return cls(layers=layers, stats=stats, pool=saved.field("pool", str, "a string"),
+                   batches=saved.count("batches"))
 
     def plot(self, path, *, label: str = "inputs", metrics: Optional[Sequence[str]] = None) -> str:
         """Per-layer profile of each metric; returns ``path``. Several input sets on one figure:
         :func:`plot_sparsity_profiles`."""
         return plot_sparsity_profiles({label: self}, path, metrics=metrics)
 
+
+# Tensors every saved SparsityStats holds (per feature (d,), summaries, 0-d totals); the per-row fields and the
+# row summaries are optional (accumulator results have no per-row tensors).
+_FEATURE_TENSORS = ("count", "fire_count", "frequency", "mean", "var", "kurtosis", "min", "max", "mean_abs",
+                    "nan_count", "inf_count", "dead", "dense")
+_SCALAR_TENSORS = ("n_dead", "n_dense", "nan_total", "inf_total")
+_SUMMARY_TENSORS = _SCALAR_TENSORS + ("density_histogram", "density_edges", "row_edges")
 
 DEFAULT_PROFILE_METRICS = ("hoyer", "l0_fraction", "gini", "thresholded_l0")
 
@@ -175,18 +250,45 @@ def plot_sparsity_profiles(profiles: Mapping[str, SparsityProfile], path, *,
 _RESULT_TYPES = {"cka": CkaResult, "sparsity": SparsityProfile}
 
 
+def _own_file_name(name) -> bool:
+    """A plain file name: no folder part, not absolute, not '.' or '..' (the tensor file of a result is
+    read from the result's own folder only, whatever the JSON says)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "\0" not in name
+            and os.path.basename(name) == name and not os.path.isabs(name) and not os.path.splitdrive(name)[0]
+            and "/" not in name and (os.altsep is None or os.altsep not in name))
+
+
 def load_result(path):
     """Reads a result written by ``.save(path)`` (``path`` with or without ``.json``): a
-    :class:`CkaResult` or :class:`SparsityProfile`, tensors on the CPU."""
+    :class:`CkaResult` or :class:`SparsityProfile`, tensors on the CPU.
+
+    Only the JSON file and the tensor file it names in its own folder are read (a name with a folder
+    part, absolute or with ``..``, is refused). A file that is not a complete result of this format
+    version — invalid JSON, a missing or malformed field, a tensor of the wrong shape, a corrupted
+    tensor file — raises ValueError naming the file (OSError when a file cannot be read at all)."""
     json_path, _ = _paths(path)
-    with open(json_path) as f:
-        meta = json.load(f)
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except ValueError as exc:  # invalid JSON or UTF-8
+        raise ValueError(f"path: {json_path} is not a saved repkern result ({type(exc).__name__}: {exc})") from exc
     kind = meta.get("type") if isinstance(meta, dict) else None
-    if kind not in _RESULT_TYPES:
-        raise ValueError(f"path: {json_path} is not a saved repkern result (type {kind!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"path: {json_path} has format version {meta.get('format_version')}, "
+    if not isinstance(kind, str) or kind not in _RESULT_TYPES:
+        raise ValueError(f"path: {json_path} is not a saved repkern result (type {kind!r:.80})")
+    if meta.get("format_version") != FORMAT_VERSION or isinstance(meta.get("format_version"), bool):
+        raise ValueError(f"path: {json_path} has format version {meta.get('format_version')!r:.80}, "
                          f"this repkern reads {FORMAT_VERSION}")
-    tensors = torch.load(os.path.join(os.path.dirname(json_path), meta["tensors"]), map_location="cpu",
-                         weights_only=True)
-    return _RESULT_TYPES[kind]._from_saved(meta, tensors)
+    name = meta.get("tensors")
+    if not _own_file_name(name):
+        raise ValueError(f"path: {json_path}: 'tensors' must name a file in the result's own folder, got {name!r:.200}")
+    tensor_path = os.path.join(os.path.dirname(json_path), name)
+    try:
+        tensors = torch.load(tensor_path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # truncated or corrupted: pickle's, zipfile's and torch's own error types
+        raise ValueError(f"path: {tensor_path} is not a readable tensor file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                for k, v in tensors.items()):
+        raise ValueError(f"path: {tensor_path} does not hold a dict of named tensors")
+    return _RESULT_TYPES[kind]._from_saved(_Saved(json_path, meta, tensors))
