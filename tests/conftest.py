@@ -55,6 +55,16 @@ def backend(request, monkeypatch) -> Backend:
     return Backend(name, torch.device("cuda" if name == "cuda" else "cpu"))
 
 
+@pytest.fixture(params=("ops", "reference"))
+def impl(request, monkeypatch) -> str:
+    """The public op's fast path (`ops`) or the whole call through `repkern.reference`
+    (REPKERN_BACKEND=reference): for ops whose tests check both against independent oracles."""
+    monkeypatch.delenv("REPKERN_BACKEND", raising=False)
+    if request.param == "reference":
+        monkeypatch.setenv("REPKERN_BACKEND", "reference")
+    return request.param
+
+
 def assert_close_to_reference(fast: torch.Tensor, ref_low: torch.Tensor, ref64: torch.Tensor, *, atol64=1e-9):
     """float32/float64: close to the reference. float16/bfloat16: error against the
     float64 reference at most 2× that of the reference run in the same precision."""

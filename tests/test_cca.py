@@ -18,14 +18,6 @@ from tests.linear_oracles import cca_covariance, cca_subspace_angles, orth, pwcc
 SIZES = ((60, 5, 5), (73, 4, 9), (51, 11, 3), (35, 1, 6))
 
 
-@pytest.fixture(params=("ops", "reference"))
-def impl(request, monkeypatch):
-    monkeypatch.delenv("REPKERN_BACKEND", raising=False)
-    if request.param == "reference":
-        monkeypatch.setenv("REPKERN_BACKEND", "reference")
-    return request.param
-
-
 def _data(shape, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float64)

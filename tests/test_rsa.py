@@ -19,14 +19,6 @@ from tests.linear_oracles import rdm_scipy, rsa_scipy
 METRICS = ("correlation", "euclidean")
 
 
-@pytest.fixture(params=("ops", "reference"))
-def impl(request, monkeypatch):
-    monkeypatch.delenv("REPKERN_BACKEND", raising=False)
-    if request.param == "reference":
-        monkeypatch.setenv("REPKERN_BACKEND", "reference")
-    return request.param
-
-
 def _data(shape, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float64)

@@ -19,14 +19,6 @@ ALPHAS = (1.0, 0.7, 0.2, 0.0)
 SCORES = ("angular", "euclidean")
 
 
-@pytest.fixture(params=("ops", "reference"))
-def impl(request, monkeypatch):
-    monkeypatch.delenv("REPKERN_BACKEND", raising=False)
-    if request.param == "reference":
-        monkeypatch.setenv("REPKERN_BACKEND", "reference")
-    return request.param
-
-
 def _data(shape, seed, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
