@@ -433,13 +433,17 @@ class StreamingCKA(_LayerAccumulator):
             shapes += [(f"g/{a},{b}", (dims[b],)) for a, b in pairs] + [(f"h/{a},{b}", (dims[a],)) for a, b in pairs]
         return shapes
 
+    # what to do instead when the statistics do not fit (the end of _check_budget's message)
+    _budget_advice = ("use repkern.MinibatchCKA (memory per batch, not per pair of feature dims) or raise "
+                      "max_state_bytes")
+
     def _check_budget(self, layout: Layout, name: str = "xs") -> None:
         need = _state_bytes(layout, self.debiased)
         if need > self.max_state_bytes:
             raise ValueError(
-                f"{name}: StreamingCKA's exact statistics for these layers need {need} bytes ({need / 2**20:.1f} "
-                f"MiB: d_a·d_b float64 per pair of layers) > max_state_bytes={self.max_state_bytes}; use "
-                "repkern.MinibatchCKA (memory per batch, not per pair of feature dims) or raise max_state_bytes")
+                f"{name}: {type(self).__name__}'s exact statistics for these layers need {need} bytes "
+                f"({need / 2**20:.1f} MiB: d_a·d_b float64 per pair of layers) > max_state_bytes="
+                f"{self.max_state_bytes}; {self._budget_advice}")
 
     def _batch_stats(self, layers: list[Tensor], layout: Layout) -> dict:
         if self._layout is None:

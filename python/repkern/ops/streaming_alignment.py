@@ -31,7 +31,7 @@ from repkern._validation.shape import check_shape_options
 from repkern.ops import _second_order as so
 from repkern.ops.cca import pwcca_from_stats, svcca_from_stats
 from repkern.ops.shape import shape_from_stats
-from repkern.ops.streaming import StreamingCKA, _positional_layers, _shift, _state_bytes, _streaming_pairs
+from repkern.ops.streaming import StreamingCKA, _positional_layers, _shift, _streaming_pairs
 
 __all__ = ["StreamingAlignment", "METRICS"]
 
@@ -91,13 +91,7 @@ class StreamingAlignment(StreamingCKA):
         # float64 products: StreamingCKA's statistics of the float64 batch
         return super()._batch_stats([t.double() for t in layers], layout)
 
-    def _check_budget(self, layout) -> None:
-        need = _state_bytes(layout, self.debiased)
-        if need > self.max_state_bytes:
-            raise ValueError(
-                f"xs: StreamingAlignment's exact statistics for these layers need {need / 2**20:.1f} MiB (d_a·d_b "
-                f"float64 per pair of layers) > max_state_bytes={self.max_state_bytes}; raise max_state_bytes or "
-                "compare fewer layers per accumulator")
+    _budget_advice = "raise max_state_bytes or compare fewer layers per accumulator"
 
     # -- compute ------------------------------------------------------------------------------------
 
