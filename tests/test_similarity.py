@@ -10,6 +10,9 @@ import torch
 
 import repkern
 from repkern import reference
+from repkern.ops import _second_order as so
+from repkern.ops import knn as knn_ops
+from repkern.ops import similarity as similarity_ops
 
 PAIR = {"cka": repkern.cka, "mutual_knn": repkern.mutual_knn, "cycle_knn": repkern.cycle_knn, "cknna": repkern.cknna,
         "shape_distance": repkern.shape_distance, "svcca": repkern.svcca, "pwcca": repkern.pwcca, "rsa": repkern.rsa}
@@ -107,6 +110,26 @@ def test_symmetry(metric, options, kwargs):
     else:  # every entry computed in its own order
         torch.testing.assert_close(out, per_pair(metric, kwargs, xs, xs), rtol=1e-9, atol=1e-12)
         assert not torch.equal(out, out.T)
+
+
+@pytest.mark.parametrize("metric,options,module,name", [
+    ("mutual_knn", {"k": 3}, knn_ops, "knn"),
+    ("cknna", {"k": 3}, knn_ops, "knn"),
+    ("rsa", {}, similarity_ops, "condensed_dissimilarities"),
+    ("pwcca", {}, so, "spectrum"),
+])
+def test_each_layer_computed_once(monkeypatch, metric, options, module, name):
+    """The per-layer object (kNN lists, RDM, spectrum) once per distinct layer for the matrix, once per
+    input for the test however many permutations."""
+    calls = []
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    xs = related_layers(widths=(4, 6, 5))
+    repkern.similarity_matrix(xs, [xs[2], related_layers(seed=3)[0]], metric=metric, **options)
+    assert len(calls) == 4  # xs[2] in both xs and ys counts once
+    calls.clear()
+    repkern.similarity_test(xs[0], xs[1], metric=metric, n_permutations=20, **options)
+    assert len(calls) == 2
 
 
 def test_matrix_degenerate_layers():
