@@ -26,11 +26,12 @@ from repkern.ops.knn import cknna, cycle_knn, knn, mutual_knn
 from repkern.ops.rsa import rdm, rsa
 from repkern.ops.sae import sae_decode, sae_encode
 from repkern.ops.shape import shape_distance
+from repkern.ops.similarity import similarity_matrix, similarity_test
 from repkern.ops.sparsity import SparsityAccumulator, sparsity_stats
 from repkern.ops.streaming import MinibatchCKA, StreamingCKA
 from repkern.ops.streaming_alignment import StreamingAlignment
-from repkern.results import (CkaPlan, CkaResult, CkaTestResult, CsrCodes, Neighbors, SparseCodes, SparsityProfile,
-                             SparsityStats, load_result)
+from repkern.results import (CkaPlan, CkaResult, CkaTestResult, CsrCodes, Neighbors, SimilarityTestResult, SparseCodes,
+                             SparsityProfile, SparsityStats, load_result)
 from repkern.workflows import compare_models, profile_sparsity
 
 try:
@@ -76,4 +77,5 @@ __all__ = ["gram", "hsic", "cka", "cka_from_grams", "cka_matrix", "cka_plan", "C
            "SparsityAccumulator", "SparsityStats", "sae_encode", "sae_decode", "SAE", "SparseCodes", "CsrCodes",
            "capture", "compare_models", "profile_sparsity", "CkaResult", "SparsityProfile", "load_result",
            "knn", "Neighbors", "mutual_knn", "cycle_knn", "cknna", "shape_distance", "cca", "svcca", "pwcca", "rdm",
-           "rsa", "StreamingAlignment", "build_info", "reference", "__version__"]
+           "rsa", "StreamingAlignment", "similarity_matrix", "similarity_test", "SimilarityTestResult",
+           "build_info", "reference", "__version__"]

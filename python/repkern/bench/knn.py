@@ -7,7 +7,10 @@ formula, the diagonal +inf, ``topk(largest=False)``). It is faster than
 :func:`repkern.reference.knn`, whose stable sort of every row is the oracle, not a baseline,
 and it breaks ties arbitrarily. repkern never holds the n × n matrix: its peak is the
 normalized copy of x plus one 16 MiB tile plus the (n, k) lists.
-Also: the alignment metrics end to end (two kNN searches each) at the first shape.
+Also: the alignment metrics end to end (two kNN searches each) at the first shape, and
+``similarity_matrix(metric="mutual_knn")`` of 7 layers (one kNN search per layer) against the loop
+of ``repkern.mutual_knn`` over the 28 pairs i <= j (the "reference" provider here: 56 searches);
+CPU (4096, 256), GPU (16384, 1024), --quick the quick shape, k = 10.
 
 GFLOP/s count the dense x xᵀ (2n²d) for every provider, as the gram suite does; repkern
 computes about half of it (block pairs I <= J).
@@ -31,6 +34,7 @@ CPU_SHAPES = [(16384, 768, 10, "cosine"), (8192, 768, 10, "ip"), (8192, 768, 10,
 CPU_FULL_SHAPES = [(32768, 768, 10, "cosine")]
 GPU_SHAPES = [(65536, 4096, 10, "cosine"), (32768, 1024, 10, "cosine"), (32768, 1024, 10, "euclidean")]
 GPU_FULL_SHAPES = [(131072, 4096, 10, "cosine")]
+MATRIX_LAYERS = 7  # similarity_matrix: 7 kNN searches against 56 for the per-pair loop over i <= j
 SLOW_TIMING = {"warmup": 1, "min_repeats": 3, "max_repeats": 3, "min_time_s": 0.0}  # calls of seconds
 
 
@@ -71,6 +75,28 @@ def _alignment_case(n, d, k, dtype, device, timing) -> Case:
                 providers=("mutual_knn", "cycle_knn", "cknna"), build=build, timing=timing)
 
 
+def pairwise_mutual_knn(layers: list[torch.Tensor], k: int) -> torch.Tensor:
+    """The per-pair loop a user writes without similarity_matrix: mutual_knn for every pair i <= j of
+    layers (two kNN searches per call), mirrored."""
+    out = torch.empty(len(layers), len(layers))
+    for i, x in enumerate(layers):
+        for j in range(i, len(layers)):
+            out[i, j] = out[j, i] = repkern.mutual_knn(x, layers[j], k)
+    return out
+
+
+def _matrix_case(n, d, k, layers, dtype, device, timing) -> Case:
+    def build():
+        g = generator(device, 2)
+        base = torch.randn(n, d, device=device, generator=g)
+        xs = [(base + 0.5 * l * torch.randn(n, d, device=device, generator=g)).to(dtype) for l in range(layers)]
+        return {"repkern": lambda: repkern.similarity_matrix(xs, metric="mutual_knn", k=k),
+                "reference": lambda: pairwise_mutual_knn(xs, k)}
+
+    return Case(op="similarity_matrix[mutual_knn]", shape=f"{layers} layers n={n} d={d} k={k}", dtype=dtype,
+                providers=("repkern", "reference"), build=build, timing=timing)
+
+
 def cases(device: torch.device, quick: bool, dtypes: Optional[Sequence[torch.dtype]] = None,
           full: bool = False) -> list[Case]:
     gpu = device.type == "cuda"
@@ -85,4 +111,6 @@ def cases(device: torch.device, quick: bool, dtypes: Optional[Sequence[torch.dty
         out += [_knn_case(n, d, k, metric, dtype, device, timing) for n, d, k, metric in shapes]
         n, d, k = QUICK_SHAPES[0][:3] if quick else (32768, 1024, 10) if gpu else (8192, 768, 10)
         out.append(_alignment_case(n, d, k, dtype, device, timing))
+        n, d = (QUICK_SHAPES[0][:2]) if quick else (16384, 1024) if gpu else (4096, 256)
+        out.append(_matrix_case(n, d, 10, MATRIX_LAYERS, dtype, device, timing))
     return out

@@ -92,7 +92,9 @@ def partial_whitening(s: Spectrum, padded: int, alpha: float) -> tuple[Tensor, T
 
 def shape_terms(sx: Spectrum, sy: Spectrum, c: Tensor, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
     """(‖X̄ Zx‖²_F, ‖Ȳ Zy‖²_F, ‖Zx C Zy‖_*): the squared norms of the whitened representations and the
-    Frobenius inner product of the aligned ones (the optimal rotation's score is the nuclear norm)."""
+    Frobenius inner product of the aligned ones (the optimal rotation's score is the nuclear norm).
+    ``c`` may carry leading batch dimensions (one cross block per permutation): the nuclear norms then
+    have them too."""
     if alpha > NETREP_NO_WHITENING:
         nx2, ny2, cross = sx.trace, sy.trace, c
     else:
@@ -100,7 +102,7 @@ def shape_terms(sx: Spectrum, sy: Spectrum, c: Tensor, alpha: float) -> tuple[Te
         zx, nx2 = partial_whitening(sx, padded, alpha)
         zy, ny2 = partial_whitening(sy, padded, alpha)
         cross = zx @ c @ zy
-    return nx2, ny2, torch.linalg.svdvals(cross).sum()
+    return nx2, ny2, torch.linalg.svdvals(cross).sum(-1)
 
 
 def shape_value(nx2: Tensor, ny2: Tensor, nuclear: Tensor, score: str) -> Tensor:
@@ -139,35 +141,37 @@ def canonical(sx: Spectrum, sy: Spectrum, c: Tensor, kx: Optional[int] = None,
               ky: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """Canonical correlations of the first kx (default: rank) eigen-directions of X̄ and ky of Ȳ:
     with Wx = Vx Λx^-½ (X̄ Wx = Ux orthonormal), the singular values of T = Wxᵀ C Wy, descending,
-    min(kx, ky) of them, clipped to [0, 1]. Returns (ρ (k,), the left singular vectors u_i (kx, k))."""
+    min(kx, ky) of them, clipped to [0, 1]. Returns (ρ (k,), the left singular vectors u_i (kx, k));
+    with leading batch dimensions on ``c`` (one cross block per permutation), on both results too."""
     kx = sx.rank if kx is None else kx
     ky = sy.rank if ky is None else ky
-    k = min(kx, ky)
-    if k == 0:
-        return c.new_zeros(0), c.new_zeros((kx, 0))
+    batch = c.shape[:-2]
+    if min(kx, ky) == 0:
+        return c.new_zeros(batch + (0,)), c.new_zeros(batch + (kx, 0))
     wx = sx.vectors[:, :kx] * sx.values[:kx].rsqrt()
     wy = sy.vectors[:, :ky] * sy.values[:ky].rsqrt()
-    u, rho, _ = torch.linalg.svd(wx.T @ c @ wy, full_matrices=False)
-    return rho[:k].clamp(0.0, 1.0), u[:, :k]
+    u, rho, _ = torch.linalg.svd(wx.T @ c @ wy, full_matrices=False)  # min(kx, ky) singular values
+    return rho.clamp(0.0, 1.0), u
 
 
 def projection_weights(sx: Spectrum, u: Tensor) -> Tensor:
     """Morcos et al.'s α_i = Σ_j |⟨h_i, x_j⟩| over the columns x_j of X̄ for the canonical variates
     h_i = X̄ a_i, a_i = Wx u_i (unit norm: X̄ Wx is orthonormal). ⟨h_i, x_j⟩ = (A a_i)_j and
-    A Wx = Vx Λx^½, so α_i = ‖Vx Λx^½ u_i‖₁. Not normalized."""
-    kx = u.shape[0]
-    return ((sx.vectors[:, :kx] * sx.values[:kx].sqrt()) @ u).abs().sum(0)
+    A Wx = Vx Λx^½, so α_i = ‖Vx Λx^½ u_i‖₁. Not normalized. ``u`` (..., kx, k) -> (..., k)."""
+    kx = u.shape[-2]
+    return ((sx.vectors[:, :kx] * sx.values[:kx].sqrt()) @ u).abs().sum(-2)
 
 
 def pwcca_value(rho: Tensor, weights: Tensor) -> Tensor:
-    """Σ α_i ρ_i / Σ α_i (NaN without canonical pairs)."""
-    if rho.numel() == 0:
-        return rho.new_full((), torch.nan)
-    return (weights * rho).sum() / weights.sum()
+    """Σ α_i ρ_i / Σ α_i over the last dimension (NaN without canonical pairs)."""
+    if rho.shape[-1] == 0:
+        return rho.new_full(rho.shape[:-1], torch.nan)
+    return (weights * rho).sum(-1) / weights.sum(-1)
 
 
 def mean_or_nan(rho: Tensor) -> Tensor:
-    return rho.mean() if rho.numel() else rho.new_full((), torch.nan)
+    """Mean over the last dimension (NaN when it is empty)."""
+    return rho.mean(-1) if rho.shape[-1] else rho.new_full(rho.shape[:-1], torch.nan)
 
 
 CONSTANT = "zero variance (all rows equal)"

@@ -212,9 +212,10 @@ def knn(x: Tensor, k: int, *, metric: str = "cosine", tile_bytes: Optional[int] 
     return Neighbors(*_knn_op(x.detach(), k, metric, tile_rows(budget, _common.acc_dtype(x.dtype).itemsize)))
 
 
-class _Edges:
+class Edges:
     """The directed edges (rows[e], cols[e]) of a kNN graph on n nodes, each at most once, as
-    sorted keys row·n + col for lookups."""
+    sorted keys row·n + col for lookups. Batched: with (B, E) edge lists (rows may broadcast),
+    B independent graphs, each queried by its own row of (B, Q) queries."""
 
     def __init__(self, rows: Tensor, cols: Tensor, n: int):
         self.n = n
@@ -222,13 +223,16 @@ class _Edges:
 
     def find(self, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
         """(found, position): whether each (rows[q], cols[q]) is an edge, and where it is in the
-        edge list given to the constructor (meaningless where not found)."""
+        edge list given to the constructor (meaningless where not found). One graph answers
+        queries of any shape; B graphs answer (B, Q) queries."""
         query = rows * self.n + cols
-        pos = torch.searchsorted(self.keys, query).clamp_max(self.keys.numel() - 1)
-        return self.keys[pos] == query, self.order[pos]
+        pos = torch.searchsorted(self.keys, query).clamp_max(self.keys.shape[-1] - 1)
+        if self.keys.dim() == 1:
+            return self.keys[pos] == query, self.order[pos]
+        return self.keys.gather(-1, pos) == query, self.order.gather(-1, pos)
 
 
-def _sources(n: int, k: int, device) -> Tensor:
+def sources(n: int, k: int, device) -> Tensor:
     """(n·k,) row i repeated k times: the source of each entry of a flattened (n, k) list."""
     return torch.arange(n, device=device).repeat_interleave(k)
 
@@ -255,9 +259,20 @@ def mutual_knn(x: Tensor, y: Tensor, k: int, *, metric: str = "cosine",
     nx = knn(x, k, metric=metric, tile_bytes=tile_bytes)[1].reshape(-1)
     ny = knn(y, k, metric=metric, tile_bytes=tile_bytes)[1].reshape(-1)
     n = x.shape[0]
-    src = _sources(n, k, x.device)
-    shared, _ = _Edges(src, nx, n).find(src, ny)
-    return (shared.sum(dtype=torch.float64) / (n * k)).to(_pair_stat_dtype(x, y))
+    src = sources(n, k, x.device)
+    return mutual_from_lists(Edges(src, nx, n), src, ny, k).to(_pair_stat_dtype(x, y))
+
+
+def mutual_from_lists(ex: Edges, src: Tensor, ny: Tensor, k: int) -> Tensor:
+    """mutual_knn from x's kNN edges and y's flattened lists ny (..., n·k): float64 (...)."""
+    shared, _ = ex.find(src, ny)
+    return shared.sum(-1, dtype=torch.float64) / ny.shape[-1]
+
+
+def cycle_from_lists(ex: Edges, src: Tensor, ny: Tensor, k: int) -> Tensor:
+    """cycle_knn from x's kNN edges and y's flattened lists ny (..., n·k): float64 (...)."""
+    back, _ = ex.find(ny, src)  # for each y-edge i -> j: is there an x-edge j -> i?
+    return back.unflatten(-1, (-1, k)).any(-1).to(torch.float64).mean(-1)
 
 
 def cycle_knn(x: Tensor, y: Tensor, k: int, *, metric: str = "cosine",
@@ -275,22 +290,40 @@ def cycle_knn(x: Tensor, y: Tensor, k: int, *, metric: str = "cosine",
     nx = knn(x, k, metric=metric, tile_bytes=tile_bytes)[1].reshape(-1)
     ny = knn(y, k, metric=metric, tile_bytes=tile_bytes)[1].reshape(-1)
     n = x.shape[0]
-    src = _sources(n, k, x.device)
-    back, _ = _Edges(src, nx, n).find(ny, src)  # for each y-edge i -> j: is there an x-edge j -> i?
-    return back.view(n, k).any(1).to(torch.float64).mean().to(_pair_stat_dtype(x, y))
+    src = sources(n, k, x.device)
+    return cycle_from_lists(Edges(src, nx, n), src, ny, k).to(_pair_stat_dtype(x, y))
 
 
 def sparse_hsic(n: int, rows: Tensor, cols: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """Unbiased HSIC (as :func:`repkern.reference.knn.hsic_unbiased`) of two n × n matrices A, B
     that are zero except at the entries (rows[e], cols[e]) (distinct, off the diagonal), where
     they hold a[e], b[e]: Σ_ij A_ij B_ji by transposed-pair lookups, ΣA·ΣB, and
-    1ᵀAB1 = Σ_j (Σ_i A_ij)(Σ_l B_jl) from column and row sums. float64."""
-    col_a = a.new_zeros(n).index_add_(0, cols, a)
-    row_b = b.new_zeros(n).index_add_(0, rows, b)
-    found, pos = _Edges(rows, cols, n).find(cols, rows)  # (j, i) for each entry (i, j)
-    trace_ab = (a * torch.where(found, b[pos], 0)).sum()
-    value = trace_ab + a.sum() * b.sum() / ((n - 1) * (n - 2)) - 2 * (col_a * row_b).sum() / (n - 2)
+    1ᵀAB1 = Σ_j (Σ_i A_ij)(Σ_l B_jl) from column and row sums. float64. Batched: a, b, cols
+    (B, E) and rows (E,) or (B, E) give B values."""
+    shape = a.shape[:-1] + (n,)
+    col_a = a.new_zeros(shape).scatter_add_(-1, cols.expand(a.shape), a)
+    row_b = b.new_zeros(shape).scatter_add_(-1, rows.expand(b.shape), b)
+    found, pos = Edges(rows, cols, n).find(cols, rows)  # (j, i) for each entry (i, j)
+    trace_ab = (a * torch.where(found, b.gather(-1, pos), 0)).sum(-1)
+    value = trace_ab + a.sum(-1) * b.sum(-1) / ((n - 1) * (n - 2)) - 2 * (col_a * row_b).sum(-1) / (n - 2)
     return value / (n * (n - 3))
+
+
+def cknna_cross(ek: Edges, vk: Tensor, src: Tensor, il: Tensor, vl: Tensor, n: int) -> Tensor:
+    """sim(K, L) of cknna from x's kNN edges ek with their similarities vk (n·k,) float64 and
+    y's flattened lists il, vl (..., n·k): the masked entries are the L entries that are also
+    K edges. float64 (...)."""
+    in_k, pos = ek.find(src, il)
+    a = torch.where(in_k, vk[pos], 0)
+    b = torch.where(in_k, vl, 0)
+    return sparse_hsic(n, src, il, a, b)
+
+
+def cknna_value(kl: Tensor, kk: Tensor, ll: Tensor) -> Tensor:
+    """sim(K, L) / sqrt(sim(K, K)·sim(L, L)); NaN where that product is <= 0."""
+    denom = kk * ll
+    return torch.where(denom > 0, kl / denom.clamp_min(torch.finfo(torch.float64).tiny).sqrt(),
+                       torch.full_like(kl, math.nan))
 
 
 def cknna(x: Tensor, y: Tensor, k: int, *, tile_bytes: Optional[int] = None) -> Tensor:
@@ -317,16 +350,10 @@ def cknna(x: Tensor, y: Tensor, k: int, *, tile_bytes: Optional[int] = None) -> 
     n = x.shape[0]
     vk, ik = knn(x, k, metric="cosine", tile_bytes=tile_bytes)
     vl, il = knn(y, k, metric="cosine", tile_bytes=tile_bytes)
-    src = _sources(n, k, x.device)
+    src = sources(n, k, x.device)
     ik, il = ik.reshape(-1), il.reshape(-1)
     vk, vl = vk.reshape(-1).double(), vl.reshape(-1).double()
-    in_l, pos = _Edges(src, il, n).find(src, ik)  # the K-list entries that are also in the L list
-    a = torch.where(in_l, vk, 0)
-    b = torch.where(in_l, vl[pos], 0)
-    kl = sparse_hsic(n, src, ik, a, b)
+    kl = cknna_cross(Edges(src, ik, n), vk, src, il, vl, n)
     kk = sparse_hsic(n, src, ik, vk, vk)
     ll = sparse_hsic(n, src, il, vl, vl)
-    denom = kk * ll
-    value = torch.where(denom > 0, kl / denom.clamp_min(torch.finfo(torch.float64).tiny).sqrt(),
-                        torch.full_like(kl, math.nan))
-    return value.to(_pair_stat_dtype(x, y))
+    return cknna_value(kl, kk, ll).to(_pair_stat_dtype(x, y))

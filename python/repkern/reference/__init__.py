@@ -16,10 +16,11 @@ from repkern.reference.knn import cknna, cycle_knn, hsic_unbiased, knn, mutual_k
 from repkern.reference.rsa import rdm, rsa
 from repkern.reference.sae import JumpReLU, sae_decode, sae_encode, sae_pre_activations
 from repkern.reference.shape import shape_distance
+from repkern.reference.similarity import similarity_matrix, similarity_test
 from repkern.reference.sparsity import sparsity_feature_state, sparsity_rows, sparsity_stats
 
 __all__ = ["JumpReLU", "cca", "center_gram", "cka", "cka_from_grams", "cka_matrix", "cka_test", "cknna", "cycle_knn",
            "feature_space_linear_cka", "gram", "hsic", "hsic_from_grams", "hsic_unbiased", "kernel_gram", "knn",
            "median_squared_distance", "minibatch_cka", "mutual_knn", "pwcca", "rdm", "rsa", "sae_decode",
-           "sae_encode", "sae_pre_activations", "shape_distance", "sparsity_feature_state", "sparsity_rows",
-           "sparsity_stats", "squared_distances", "svcca"]
+           "sae_encode", "sae_pre_activations", "shape_distance", "similarity_matrix", "similarity_test",
+           "sparsity_feature_state", "sparsity_rows", "sparsity_stats", "squared_distances", "svcca"]
