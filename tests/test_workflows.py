@@ -8,6 +8,7 @@ import builtins
 import pytest
 import torch
 from torch import nn
+from typing_extensions import TypedDict, Unpack
 
 import repkern
 from repkern.results.workflows import plot_sparsity_profiles
@@ -173,6 +174,17 @@ class TakesAll(TinyEncoder):
         return super().forward(input_ids, kwargs.get("attention_mask"))
 
 
+class Options(TypedDict, total=False):
+    output_attentions: bool
+
+
+class TypedKwargs(TakesAll):
+    """Hugging Face models' form: forward(..., **kwargs: Unpack[TransformersKwargs])."""
+
+    def forward(self, input_ids, attention_mask=None, **kwargs: Unpack[Options]):
+        return super().forward(input_ids, attention_mask=attention_mask, **kwargs)
+
+
 def test_dict_batches_pass_only_the_keys_forward_takes():
     batches = make_batches()
     extra = [{**b, "text": ["a sentence"] * 5, "labels": torch.zeros(5), "idx": 3} for b in batches]
@@ -184,6 +196,9 @@ def test_dict_batches_pass_only_the_keys_forward_takes():
     takes_all = TakesAll(0)
     result = repkern.compare_models(takes_all, None, extra, LAYERS, progress=False)
     assert takes_all.seen == ["attention_mask", "idx", "labels", "text"]  # **kwargs: every key
+    typed = TypedKwargs(0)
+    repkern.profile_sparsity(typed, [{**b, "output_attentions": False} for b in extra], LAYERS, progress=False)
+    assert typed.seen == ["attention_mask", "output_attentions"]
     torch.testing.assert_close(result.matrix, repkern.compare_models(TinyEncoder(0), None, batches, LAYERS,
                                                                      progress=False).matrix)
     with pytest.raises(TypeError, match=r"dataloader: a batch with keys \['attention_mask', 'tokens'\] lacks "

@@ -198,7 +198,7 @@ def _row_values(stats, metric: str) -> torch.Tensor:
 def collect_tokens(model, batches: list, layer: str) -> torch.Tensor:
     """Every non-padding token's activation at `layer` (the SAE's training data, stored on purpose)."""
     device = model_device(model)
-    with capture(model, layer, pool="all") as cap, torch.no_grad():
+    with capture(model, layer, pool="all", stop_early=True) as cap, torch.no_grad():
         return torch.cat([run_batch(cap, batch, device)[layer] for batch in batches])
 
 

@@ -5,7 +5,8 @@ with the dataset. Batches are moved to the model's device and run there (a tenso
 ``model(batch)``, a tuple/list as ``model(*batch)``, a mapping as ``model(**batch)``; a mapping's
 ``attention_mask`` marks padding for pooling, see :func:`repkern.capture`). A mapping's keys that the
 model's ``forward`` does not take (``text``, ``labels``, ``idx`` of a Hugging Face dataset) are left out;
-a ``forward(**kwargs)`` gets them all. Models run in eval mode (dropout off) without autograd; their
+a ``forward(**kwargs)`` gets them all, unless the keywords are typed ``**kwargs: Unpack[SomeTypedDict]``
+(as in Hugging Face models): then the TypedDict's keys are the ones it takes. Models run in eval mode (dropout off) without autograd; their
 previous mode is restored afterwards. Each forward pass stops after the last requested layer
 (``capture(..., stop_early=True)``): nothing after it is computed. Activations are moved to the
 accumulators' device, so a model spread over devices (``device_map``) works.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import typing
 from collections.abc import Iterable, Mapping
 from typing import Optional
 
@@ -46,17 +48,39 @@ def _to_device(batch, device: torch.device):
     return batch
 
 
+def _typed_kwargs(annotation) -> Optional[frozenset]:
+    """The keys of ``**kwargs: Unpack[SomeTypedDict]`` (PEP 692: exactly those keywords, as in Hugging Face
+    models' ``**kwargs: Unpack[TransformersKwargs]``); None for any other ``**kwargs``."""
+    args = typing.get_args(annotation)
+    if getattr(typing.get_origin(annotation), "_name", None) != "Unpack" or len(args) != 1:
+        return None
+    required, optional = (getattr(args[0], name, None) for name in ("__required_keys__", "__optional_keys__"))
+    return None if required is None or optional is None else frozenset(required | optional)
+
+
+def _signature(fn) -> inspect.Signature:
+    try:
+        return inspect.signature(fn, eval_str=True)  # string annotations (from __future__ import annotations)
+    except Exception:  # an annotation that does not evaluate: the names and kinds are all that is used
+        return inspect.signature(fn)
+
+
 def forward_keywords(model: nn.Module) -> tuple[Optional[frozenset], frozenset]:
-    """(keywords ``model.forward`` takes, or None when it takes ``**kwargs`` or has no readable
+    """(keywords ``model.forward`` takes, or None when it takes any ``**kwargs`` or has no readable
     signature; the keywords it requires)."""
     try:
-        params = inspect.signature(model.forward).parameters.values()
+        params = _signature(model.forward).parameters.values()
     except (TypeError, ValueError):
         return None, frozenset()
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None, frozenset()
     named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    return frozenset(p.name for p in named), frozenset(p.name for p in named if p.default is p.empty)
+    accepted = frozenset(p.name for p in named)
+    for p in params:
+        if p.kind is p.VAR_KEYWORD:
+            typed = _typed_kwargs(p.annotation)
+            if typed is None:
+                return None, frozenset()
+            accepted |= typed
+    return accepted, frozenset(p.name for p in named if p.default is p.empty)
 
 
 def _model_inputs(batch, device: torch.device, model: nn.Module) -> tuple[tuple, dict, Optional[torch.Tensor]]:
