@@ -94,7 +94,7 @@ def sae_layer(model, name: str) -> str:
     except ValueError as exc:
         raise ValueError(f"model: {name} has no {' and '.join(LAYERS)} modules; the demo needs a BERT-style "
                          f"encoder ({exc})") from exc
-    encoder = layers[1:]
+    encoder = [layer for layer in layers if layer != "embeddings"]
     return encoder[len(encoder) // 2]
 
 

@@ -6,10 +6,12 @@ with the dataset. Batches are moved to the model's device and run there (a tenso
 ``attention_mask`` marks padding for pooling, see :func:`repkern.capture`). A mapping's keys that the
 model's ``forward`` does not take (``text``, ``labels``, ``idx`` of a Hugging Face dataset) are left out;
 a ``forward(**kwargs)`` gets them all, unless the keywords are typed ``**kwargs: Unpack[SomeTypedDict]``
-(as in Hugging Face models): then the TypedDict's keys are the ones it takes. Models run in eval mode (dropout off) without autograd; their
-previous mode is restored afterwards. Each forward pass stops after the last requested layer
-(``capture(..., stop_early=True)``): nothing after it is computed. Activations are moved to the
-accumulators' device, so a model spread over devices (``device_map``) works.
+(as in Hugging Face models): then the TypedDict's keys are the ones it takes.
+
+Models run in eval mode (dropout off) without autograd; their previous mode is restored afterwards.
+Each forward pass stops after the last requested layer (``capture(..., stop_early=True)``): nothing
+after it is computed. Activations are moved to the accumulators' device, so a model spread over
+devices (``device_map``) works.
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ def compare_models(
             # One capture of both layer sets: with stop_early, a second capture's later layers would never run.
             names_a = [name for name, _ in resolve_layers(model_a, layers_a)]
             names_b = [name for name, _ in resolve_layers(model_a, layers_b)]
-            cap_a = cap_b = stack.enter_context(capture(model_a, names_a + names_b, pool=pool, stop_early=True))
+            cap_a = stack.enter_context(capture(model_a, names_a + names_b, pool=pool, stop_early=True))
         else:
             cap_a = stack.enter_context(capture(model_a, layers_a, pool=pool, stop_early=True))
             cap_b = stack.enter_context(capture(model_b, layers_b, pool=pool, stop_early=True))
