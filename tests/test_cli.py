@@ -36,14 +36,19 @@ def test_demo_without_its_extra_says_how_to_install(capsys, monkeypatch):
 
 def test_demo_model_option(monkeypatch, capsys):
     seen = {}
-    monkeypatch.setattr(demo, "missing_requirements", lambda model=None: seen.setdefault("checked", model) and [])
+
+    def nothing_missing(model=None):
+        seen["checked"] = model
+        return []
+
+    monkeypatch.setattr(demo, "missing_requirements", nothing_missing)
     monkeypatch.setattr(demo, "run", lambda out, **kwargs: seen.update(kwargs) or os.path.join(out, "report.md"))
     assert main(["demo", "--quick", "--model", "my/bert", "--out", "x"]) == 0
     assert seen["checked"] == "my/bert" and seen["model"] == "my/bert" and seen["quick"]
     assert "repkern demo (quick): my/bert on Python" in capsys.readouterr().out
     seen.clear()
     assert main(["demo", "--out", "x"]) == 0
-    assert seen["model"] is None and not seen["quick"]
+    assert seen["checked"] is None and seen["model"] is None and not seen["quick"]
 
 
 def test_demo_needs_the_packaged_weights_only_for_the_default_model(monkeypatch):
