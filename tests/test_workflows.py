@@ -8,6 +8,7 @@ import builtins
 import pytest
 import torch
 from torch import nn
+from typing_extensions import TypedDict, Unpack
 
 import repkern
 from repkern.results.workflows import plot_sparsity_profiles
@@ -159,6 +160,112 @@ def test_batches_as_tensors_and_tuples():
         assert torch.equal(profile.stats["1"].fire_count, want.fire_count)
 
 
+class NoMask(TinyEncoder):
+    """A forward without attention_mask: the mask still pools, but is not passed on."""
+
+    def forward(self, input_ids):
+        self.forward_calls += 1
+        return self.hidden_states(input_ids)[-1]
+
+
+class TakesAll(TinyEncoder):
+    def forward(self, input_ids, **kwargs):
+        self.seen = sorted(kwargs)
+        return super().forward(input_ids, kwargs.get("attention_mask"))
+
+
+class Options(TypedDict, total=False):
+    output_attentions: bool
+
+
+class TypedKwargs(TakesAll):
+    """Hugging Face models' form: forward(..., **kwargs: Unpack[TransformersKwargs])."""
+
+    def forward(self, input_ids, attention_mask=None, **kwargs: Unpack[Options]):
+        return super().forward(input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def test_dict_batches_pass_only_the_keys_forward_takes():
+    batches = make_batches()
+    extra = [{**b, "text": ["a sentence"] * 5, "labels": torch.zeros(5), "idx": 3} for b in batches]
+    want = repkern.profile_sparsity(TinyEncoder(0), batches, LAYERS, progress=False).summary()
+    assert repkern.profile_sparsity(TinyEncoder(0), extra, LAYERS, progress=False).summary() == want
+    no_mask = repkern.profile_sparsity(NoMask(0), extra, LAYERS, progress=False)
+    assert no_mask.summary() == want and no_mask.stats["blocks.0"].rows == sum(int(b["attention_mask"].sum())
+                                                                               for b in batches)
+    takes_all = TakesAll(0)
+    result = repkern.compare_models(takes_all, None, extra, LAYERS, progress=False)
+    assert takes_all.seen == ["attention_mask", "idx", "labels", "text"]  # **kwargs: every key
+    typed = TypedKwargs(0)
+    repkern.profile_sparsity(typed, [{**b, "output_attentions": False} for b in extra], LAYERS, progress=False)
+    assert typed.seen == ["attention_mask", "output_attentions"]
+    torch.testing.assert_close(result.matrix, repkern.compare_models(TinyEncoder(0), None, batches, LAYERS,
+                                                                     progress=False).matrix)
+    with pytest.raises(TypeError, match=r"dataloader: a batch with keys \['attention_mask', 'tokens'\] lacks "
+                                        r"\['input_ids'\], which NoMask.forward requires"):
+        repkern.profile_sparsity(NoMask(0), [{"tokens": b["input_ids"], "attention_mask": b["attention_mask"]}
+                                             for b in batches], LAYERS, progress=False)
+
+
+class Elsewhere(torch.Tensor):
+    """Stands in for a layer output on another device (a device_map model's later layers): records the
+    arguments of each ``.to`` and turns into a plain tensor there."""
+
+    moved_to: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        if func is torch.Tensor.to:
+            cls.moved_to.append(args[1:])
+            return out.as_subclass(torch.Tensor)
+        return out
+
+
+class SpreadOut(TinyEncoder):
+    def __init__(self, seed):
+        super().__init__(seed)
+        self.blocks[2].register_forward_hook(lambda _m, _i, out: (out[0].as_subclass(Elsewhere), out[1]))
+
+
+class Accumulated:
+    """Records the types of the activations that reach SparsityAccumulator.update."""
+
+    def __init__(self, monkeypatch):
+        self.types = set()
+        update = repkern.SparsityAccumulator.update
+        monkeypatch.setattr(repkern.SparsityAccumulator, "update",
+                            lambda acc, x, *a, **k: (self.types.add(type(x)), update(acc, x, *a, **k))[1])
+
+
+def test_activations_are_moved_to_the_accumulators_device(monkeypatch):
+    batches = make_batches()
+    want = repkern.profile_sparsity(TinyEncoder(0), batches, LAYERS, progress=False).summary()
+    seen = Accumulated(monkeypatch)
+    Elsewhere.moved_to = []
+    assert repkern.profile_sparsity(SpreadOut(0), batches, LAYERS, progress=False).summary() == want
+    assert Elsewhere.moved_to == [(torch.device("cpu"),)] * 3 and seen.types == {torch.Tensor}
+    Elsewhere.moved_to = []
+    result = repkern.compare_models(SpreadOut(0), None, batches, LAYERS, progress=False)
+    assert Elsewhere.moved_to == [(torch.device("cpu"),)] * 3
+    torch.testing.assert_close(result.matrix, repkern.compare_models(TinyEncoder(0), None, batches, LAYERS,
+                                                                     progress=False).matrix)
+
+
+def test_workflows_stop_after_the_last_requested_layer():
+    a, batches = TinyEncoder(4), make_batches()
+    want = repkern.compare_models(a, None, batches, ["blocks.0", "blocks.1"], progress=False)
+    a.blocks[2].register_forward_pre_hook(lambda *_: pytest.fail("blocks.2 ran"))
+    a.forward_calls = 0
+    same = repkern.compare_models(a, None, batches, ["blocks.0", "blocks.1"], progress=False)
+    torch.testing.assert_close(same.matrix, want.matrix)
+    other_layers = repkern.compare_models(a, a, batches, "blocks.1", "blocks.0", progress=False)  # one pass for both
+    torch.testing.assert_close(other_layers.matrix, want.matrix[1:, :1])
+    assert a.forward_calls == 6
+    repkern.compare_models(a, TinyEncoder(5), batches, "blocks.0", "blocks.1", progress=False)
+    repkern.profile_sparsity(a, batches, "blocks.1", progress=False)
+
+
 # ---- saving, loading, plotting ----------------------------------------------------------------
 
 
@@ -204,15 +311,24 @@ def test_load_result_rejects_other_json(tmp_path):
 
 def test_result_plots(tmp_path):
     pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
     result = repkern.CkaResult(matrix=torch.rand(3, 3), layers_a=NAMES, layers_b=NAMES, kernel="linear",
                                debiased=False, estimator="exact", pool="mean", samples=9, batches=1)
-    assert open(result.plot(tmp_path / "cka.png"), "rb").read()[:4] == b"\x89PNG"
+    assert isinstance(result.plot(tmp_path / "cka.png"), Figure)
+    assert (tmp_path / "cka.png").read_bytes()[:4] == b"\x89PNG"
+    assert result.plot().axes[0].get_title() == "linear CKA (exact)"  # no path: only the figure
     model = TinyEncoder(3)
     a = repkern.profile_sparsity(model, make_batches(seed=1), LAYERS, progress=False)
     b = repkern.profile_sparsity(model, make_batches(seed=2), LAYERS, progress=False)
-    path = plot_sparsity_profiles({"set a": a, "set b": b}, tmp_path / "profiles.png")
-    assert open(path, "rb").read()[:4] == b"\x89PNG"
-    assert open(a.plot(tmp_path / "one.png", metrics=["hoyer"]), "rb").read()[:4] == b"\x89PNG"
+    fig = plot_sparsity_profiles({"set a": a, "set b": b}, tmp_path / "profiles.png")
+    assert [len(ax.lines) for ax in fig.axes] == [2, 2, 2, 2] and (tmp_path / "profiles.png").exists()
+    assert len(a.plot(tmp_path / "one.png", metrics=["hoyer"]).axes) == 1
+    assert (tmp_path / "one.png").read_bytes()[:4] == b"\x89PNG"
+    mine = Figure()
+    left, right = mine.subplots(1, 2)
+    assert result.plot(ax=left) is mine and len(left.images) == 1
+    assert a.plot(ax=right, metrics=["l0_fraction"]) is mine and right.get_title() == "l0_fraction"
     c = repkern.profile_sparsity(model, make_batches(), "blocks.0", progress=False)
     with pytest.raises(ValueError, match=r"profiles\['c'\]: layers"):
         plot_sparsity_profiles({"a": a, "c": c}, tmp_path / "bad.png")

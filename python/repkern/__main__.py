@@ -21,17 +21,17 @@ def _info(args) -> int:
 
 
 def _demo(args) -> int:
-    """The workflows on all-MiniLM-L6-v2 (see repkern.demo); needs the `demo` extra."""
+    """The workflows on all-MiniLM-L6-v2 or --model (see repkern.demo); needs the `demo` extra."""
     from repkern import demo
 
-    missing = demo.missing_requirements()
+    missing = demo.missing_requirements(args.model)
     if missing:
         print(f"repkern demo needs the `demo` extra ({', '.join(missing)} missing). Install it with:\n"
               f"  {demo.INSTALL_COMMAND}", file=sys.stderr)
         return 1
-    print(f"repkern demo ({'quick' if args.quick else 'full'}): all-MiniLM-L6-v2 on Python standard-library "
-          f"docstrings, writing to {os.path.abspath(args.out)}")
-    report = demo.run(args.out, quick=args.quick, progress=not args.no_progress)
+    print(f"repkern demo ({'quick' if args.quick else 'full'}): {args.model or demo.DEFAULT_MODEL} on Python "
+          f"standard-library docstrings, writing to {os.path.abspath(args.out)}")
+    report = demo.run(args.out, quick=args.quick, progress=not args.no_progress, model=args.model)
     print(f"report: {os.path.abspath(report)}")
     return 0
 
@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     demo.add_argument("--quick", action="store_true", help="a much smaller run (CI)")
     demo.add_argument("--out", default="repkern-demo", help="output folder (default: ./repkern-demo)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--model", metavar="NAME_OR_PATH",
+                      help="another BERT-style encoder: a save_pretrained folder or a Hugging Face name in the "
+                           "local cache (default: the packaged all-MiniLM-L6-v2, offline)")
     demo.set_defaults(fn=_demo)
     bench_parser = sub.add_parser("bench", help="benchmarks against the pure-PyTorch reference")
     bench_cli.add_arguments(bench_parser)

@@ -19,6 +19,19 @@ state is its first element) or a ``ModelOutput``-like object (its
 
 Outputs of shape ``(batch, d)`` are returned as they are. Hooks are removed on
 exit, also when the block raises.
+
+``site="input"`` records a module's input instead (forward pre-hooks: its first positional tensor
+argument, else its first tensor keyword argument), e.g. the residual stream entering a block, where
+SAEs trained on ``resid_pre`` or MLP inputs read it. ``stop_early=True`` ends the forward pass of
+:meth:`Capture.run` as soon as every hooked module has been recorded, so nothing after the last one
+(later layers, the head) is computed; the model's own output is then never produced.
+:func:`repkern.compare_models` and :func:`repkern.profile_sparsity` turn it on. A hooked module that
+runs twice in one forward pass (a shared or reused module) raises a RuntimeError naming it: its two
+activations cannot both be "the layer's" activation.
+
+TransformerLens models work by name: their hook points (``blocks.0.hook_resid_post``,
+``blocks.*.hook_resid_pre``, ``hook_embed``, ...) are identity ``HookPoint`` modules, so their output is
+the activation TransformerLens caches under that name.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ import torch
 from torch import nn
 
 POOLS = ("all", "last", "mean")
+SITES = ("output", "input")
 LayerSpec = Union[str, nn.Module]
 
 
@@ -105,23 +119,46 @@ def pool_tokens(hidden: torch.Tensor, mask: Optional[torch.Tensor], pool: str) -
     return hidden[torch.arange(batch, device=hidden.device), last]
 
 
+def first_tensor_input(name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The input a forward pre-hook records: the first positional tensor, else the first tensor keyword."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"capture: module {name!r} was called without a tensor argument (site='input')")
+
+
+class _StopForward(Exception):
+    """Raised by the hook that records the last missing activation (stop_early); caught in Capture.forward."""
+
+
 class Capture:
     """Context manager returned by :func:`capture`."""
 
-    def __init__(self, model: nn.Module, layers, pool: str, detach: bool):
+    def __init__(self, model: nn.Module, layers, pool: str, detach: bool, site: str, stop_early: bool):
         if pool not in POOLS:
             raise ValueError(f"pool: expected one of {POOLS}, got {pool!r}")
+        if site not in SITES:
+            raise ValueError(f"site: expected one of {SITES}, got {site!r}")
+        if not isinstance(stop_early, bool):
+            raise TypeError(f"stop_early: expected a bool, got {type(stop_early).__name__}")
         self.model = model
         self.pool = pool
         self.detach = detach
+        self.site = site
+        self.stop_early = stop_early
         self.layers = resolve_layers(model, layers)
         self.names = [name for name, _ in self.layers]
         self._outputs: dict[str, torch.Tensor] = {}
         self._handles: list = []
+        self._in_forward = False  # stop_early applies only to forward passes run by forward()/run()
 
     def __enter__(self) -> "Capture":
         for name, module in self.layers:
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+            if self.site == "output":
+                handle = module.register_forward_hook(self._output_hook(name))
+            else:
+                handle = module.register_forward_pre_hook(self._input_hook(name), with_kwargs=True)
+            self._handles.append(handle)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -134,10 +171,23 @@ class Capture:
         self._handles.clear()
         self._outputs.clear()
 
-    def _hook(self, name: str):
+    def _record(self, name: str, state: torch.Tensor) -> None:
+        if name in self._outputs:
+            raise RuntimeError(f"capture: module {name!r} ran twice in one forward pass (a shared or reused module, "
+                               "or a second forward pass without collect()); hook a module that runs once per pass")
+        self._outputs[name] = state.detach() if self.detach else state
+        if self.stop_early and self._in_forward and len(self._outputs) == len(self.names):
+            raise _StopForward
+
+    def _output_hook(self, name: str):
         def hook(_module, _inputs, output):
-            state = hidden_state(output)
-            self._outputs[name] = state.detach() if self.detach else state
+            self._record(name, hidden_state(output))
+
+        return hook
+
+    def _input_hook(self, name: str):
+        def hook(_module, args, kwargs):
+            self._record(name, first_tensor_input(name, args, kwargs))
 
         return hook
 
@@ -150,13 +200,25 @@ class Capture:
         self._outputs.clear()
         return pooled
 
+    def forward(self, *args, **kwargs) -> None:
+        """One forward pass of the model with the hooks on (stopped early when asked); its output is not
+        kept. The activations are then read with :meth:`collect`."""
+        self._outputs.clear()  # what an interrupted earlier pass left
+        self._in_forward = True
+        try:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach):
+                self.model(*args, **kwargs)
+        except _StopForward:
+            pass
+        finally:
+            self._in_forward = False
+
     def run(self, *args, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> dict[str, torch.Tensor]:
         """Runs the model (passing ``attention_mask`` on when given) and returns the
         pooled activations of this batch."""
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach):
-            self.model(*args, **kwargs)
+        self.forward(*args, **kwargs)
         return self.collect(attention_mask)
 
 
@@ -166,9 +228,16 @@ def capture(
     *,
     pool: str = "all",
     detach: bool = True,
+    site: str = "output",
+    stop_early: bool = False,
 ) -> Capture:
     """Hooks ``layers`` of ``model`` and returns a context manager whose
     ``run(*args, attention_mask=None, **kwargs)`` runs the model on one batch
     and returns ``{layer name: pooled activations}`` (see the module docstring).
-    ``detach=False`` keeps the autograd graph (e.g. for a CKA loss in training)."""
-    return Capture(model, list(layers) if not isinstance(layers, (str, nn.Module)) else layers, pool, detach)
+
+    ``detach=False`` keeps the autograd graph (e.g. for a CKA loss in training). ``site="input"``
+    records each module's input instead of its output. ``stop_early=True`` stops :meth:`Capture.run`'s
+    forward pass once every hooked module is recorded (a forward pass you call yourself is never
+    stopped); leave it off when you need the model's output or its side effects (caches, losses)."""
+    return Capture(model, list(layers) if not isinstance(layers, (str, nn.Module)) else layers, pool, detach, site,
+                   stop_early)

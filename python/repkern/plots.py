@@ -1,5 +1,11 @@
-"""Figures for analysis results (matplotlib, imported lazily; the Agg backend
-is used so that plotting works without a display)."""
+"""Figures for analysis results (matplotlib, imported lazily).
+
+Object-oriented matplotlib only: figures are ``matplotlib.figure.Figure`` objects made without pyplot,
+so plotting never switches the backend nor touches pyplot's open figures (a notebook's stay as they
+are) and works without a display. Every function returns the Figure (a notebook shows it), saves it
+when given a path, and draws into the caller's Axes when given ``ax`` (then the caller's figure is the
+one returned and saved).
+"""
 
 from __future__ import annotations
 
@@ -11,36 +17,57 @@ import torch
 from repkern._files import atomic_write
 
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend; a clear ImportError without matplotlib."""
+def new_figure(**kwargs):
+    """A ``matplotlib.figure.Figure`` outside pyplot; a clear ImportError without matplotlib."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("plotting needs matplotlib: pip install 'repkern[demo]' or pip install matplotlib") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        raise ImportError("plotting needs matplotlib: pip install 'repkern[plot]' or pip install matplotlib") from exc
+    return Figure(**kwargs)
 
-    return plt
+
+def _axes_list(ax, count: int, what: str) -> list:
+    """The caller's Axes, one per panel: one Axes or a sequence (list, array from subplots) of them."""
+    from matplotlib.axes import Axes
+    import numpy
+
+    axes = [ax] if isinstance(ax, Axes) else list(numpy.ravel(ax))
+    if len(axes) != count:
+        raise ValueError(f"ax: got {len(axes)} Axes for {count} {what}; give one Axes per {what[:-1]}")
+    return axes
+
+
+def _finish(fig, path: Optional[str], own: bool, dpi: int):
+    if own:  # the caller's figure keeps the caller's layout
+        fig.tight_layout()
+    if path is not None:
+        save_figure(fig, os.fspath(path), dpi=dpi)
+    return fig
 
 
 def cka_heatmap(
     matrix: torch.Tensor,
     row_labels: Sequence[str],
     col_labels: Sequence[str],
-    path: str,
+    path: Optional[str] = None,
     *,
+    ax=None,
     title: str = "CKA",
     xlabel: str = "",
     ylabel: str = "",
-) -> str:
+):
     """Heatmap of a (rows, cols) CKA matrix with labelled layer axes, a colour bar
-    on [0, 1] and the values written in the cells when they fit. Returns `path`."""
-    plt = pyplot()
+    on [0, 1] and the values written in the cells when they fit. Returns the Figure
+    (saved to ``path`` when given; drawn into ``ax`` when given)."""
     values = matrix.detach().double().cpu().numpy()
     rows, cols = values.shape
     if len(row_labels) != rows or len(col_labels) != cols:
         raise ValueError(f"labels: expected {rows} row and {cols} column labels")
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * cols, 0.8 + 0.55 * rows))
+    own = ax is None
+    if own:
+        fig = new_figure(figsize=(1.0 + 0.6 * cols, 0.8 + 0.55 * rows))
+        ax = fig.add_subplot()
+    fig = ax.figure
     image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="magma", origin="lower")
     ax.set_xticks(range(cols), col_labels, rotation=45, ha="right")
     ax.set_yticks(range(rows), row_labels)
@@ -54,10 +81,7 @@ def cka_heatmap(
                 ax.text(j, i, "nan" if v != v else f"{v:.2f}", ha="center", va="center", fontsize=7,
                         color="black" if v == v and v > 0.6 else "white")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=130)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, own, dpi=130)
 
 
 def save_figure(fig, path: str, **kwargs) -> None:
@@ -70,21 +94,28 @@ def save_figure(fig, path: str, **kwargs) -> None:
 def sparsity_profiles(
     profiles: Mapping[str, Mapping[str, Sequence[float]]],
     layer_labels: Sequence[str],
-    path: str,
+    path: Optional[str] = None,
     *,
+    ax=None,
     metrics: Optional[Sequence[str]] = None,
     title: str = "Hidden-state sparsity by layer",
-) -> str:
+):
     """One panel per metric, one line per input set: ``profiles[input set][metric]``
-    is a per-layer sequence. Returns `path`."""
-    plt = pyplot()
+    is a per-layer sequence. Returns the Figure (saved to ``path`` when given; drawn into
+    ``ax`` when given: one Axes, or a sequence of one Axes per metric; the caller's figure gets no title)."""
     sets = list(profiles)
     if not sets:
         raise ValueError("profiles: no input sets")
     metrics = list(metrics or next(iter(profiles.values())).keys())
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    own = ax is None
+    if own:
+        fig = new_figure(figsize=(4.2 * len(metrics), 3.4))
+        axes = list(fig.subplots(1, len(metrics), squeeze=False)[0])
+    else:
+        axes = _axes_list(ax, len(metrics), "metrics")
+        fig = axes[0].figure
     x = range(len(layer_labels))
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes, metrics):
         for name in sets:
             values = [float(v) for v in profiles[name][metric]]
             if len(values) != len(layer_labels):
@@ -93,9 +124,7 @@ def sparsity_profiles(
         ax.set_xticks(list(x), layer_labels, rotation=45, ha="right")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=130)
-    plt.close(fig)
-    return path
+    axes[0].legend(fontsize=8)
+    if own:
+        fig.suptitle(title)
+    return _finish(fig, path, own, dpi=130)

@@ -3,13 +3,22 @@
 Both stream: each batch's activations go into accumulators and are dropped, so memory does not grow
 with the dataset. Batches are moved to the model's device and run there (a tensor is passed as
 ``model(batch)``, a tuple/list as ``model(*batch)``, a mapping as ``model(**batch)``; a mapping's
-``attention_mask`` marks padding for pooling, see :func:`repkern.capture`). Models run in eval mode
-(dropout off) without autograd; their previous mode is restored afterwards.
+``attention_mask`` marks padding for pooling, see :func:`repkern.capture`). A mapping's keys that the
+model's ``forward`` does not take (``text``, ``labels``, ``idx`` of a Hugging Face dataset) are left out;
+a ``forward(**kwargs)`` gets them all, unless the keywords are typed ``**kwargs: Unpack[SomeTypedDict]``
+(as in Hugging Face models): then the TypedDict's keys are the ones it takes.
+
+Models run in eval mode (dropout off) without autograd; their previous mode is restored afterwards.
+Each forward pass stops after the last requested layer (``capture(..., stop_early=True)``): nothing
+after it is computed. Activations are moved to the accumulators' device, so a model spread over
+devices (``device_map``) works.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import typing
 from collections.abc import Iterable, Mapping
 from typing import Optional
 
@@ -17,7 +26,7 @@ import torch
 from torch import nn
 
 from repkern import _validation
-from repkern.capture import capture
+from repkern.capture import capture, resolve_layers
 from repkern.ops.sparsity import SparsityAccumulator
 from repkern.results import CkaResult, SparsityProfile
 
@@ -41,12 +50,54 @@ def _to_device(batch, device: torch.device):
     return batch
 
 
-def _model_inputs(batch, device: torch.device) -> tuple[tuple, dict, Optional[torch.Tensor]]:
-    """(args, kwargs, attention mask) of one batch on ``device`` (batch forms: module docstring)."""
-    batch = _to_device(batch, device)
+def _typed_kwargs(annotation) -> Optional[frozenset]:
+    """The keys of ``**kwargs: Unpack[SomeTypedDict]`` (PEP 692: exactly those keywords, as in Hugging Face
+    models' ``**kwargs: Unpack[TransformersKwargs]``); None for any other ``**kwargs``."""
+    args = typing.get_args(annotation)
+    if getattr(typing.get_origin(annotation), "_name", None) != "Unpack" or len(args) != 1:
+        return None
+    required, optional = (getattr(args[0], name, None) for name in ("__required_keys__", "__optional_keys__"))
+    return None if required is None or optional is None else frozenset(required | optional)
+
+
+def _signature(fn) -> inspect.Signature:
+    try:
+        return inspect.signature(fn, eval_str=True)  # string annotations (from __future__ import annotations)
+    except Exception:  # an annotation that does not evaluate: the names and kinds are all that is used
+        return inspect.signature(fn)
+
+
+def forward_keywords(model: nn.Module) -> tuple[Optional[frozenset], frozenset]:
+    """(keywords ``model.forward`` takes, or None when it takes any ``**kwargs`` or has no readable
+    signature; the keywords it requires)."""
+    try:
+        params = _signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None, frozenset()
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    accepted = frozenset(p.name for p in named)
+    for p in params:
+        if p.kind is p.VAR_KEYWORD:
+            typed = _typed_kwargs(p.annotation)
+            if typed is None:
+                return None, frozenset()
+            accepted |= typed
+    return accepted, frozenset(p.name for p in named if p.default is p.empty)
+
+
+def _model_inputs(batch, device: torch.device, model: nn.Module) -> tuple[tuple, dict, Optional[torch.Tensor]]:
+    """(args, kwargs, attention mask) of one batch on ``device`` (batch forms: module docstring); a
+    mapping keeps only the keys ``model.forward`` takes (the mask is returned for pooling either way)."""
     if isinstance(batch, Mapping):
-        kwargs = dict(batch)
-        return (), kwargs, kwargs.pop("attention_mask", None)
+        accepted, required = forward_keywords(model)
+        mask = batch.get("attention_mask")
+        kwargs = {k: v for k, v in batch.items() if accepted is None or k in accepted}
+        missing = sorted(required - kwargs.keys())
+        if missing:
+            raise TypeError(f"dataloader: a batch with keys {sorted(batch)} lacks {missing}, which "
+                            f"{type(model).__name__}.forward requires")
+        return (), _to_device(kwargs, device), _to_device(mask, device)
+    batch = _to_device(batch, device)
     if isinstance(batch, (tuple, list)):
         return tuple(batch), {}, None
     return (batch,), {}, None
@@ -54,8 +105,9 @@ def _model_inputs(batch, device: torch.device) -> tuple[tuple, dict, Optional[to
 
 def run_batch(cap, batch, device: torch.device) -> dict:
     """Pooled activations of one batch, run on ``device`` (``cap``: an entered :func:`repkern.capture`)."""
-    args, kwargs, mask = _model_inputs(batch, device)
-    return cap.run(*args, attention_mask=mask, **kwargs)
+    args, kwargs, mask = _model_inputs(batch, device, cap.model)
+    cap.forward(*args, **kwargs)
+    return cap.collect(mask)
 
 
 @contextlib.contextmanager
@@ -94,9 +146,9 @@ def _check_model(name: str, model) -> nn.Module:
     return model
 
 
-def _check_layers(name: str, cap) -> None:
+def _check_layers(name: str, names: list) -> None:
     """At least one layer to compare or profile (an empty list is an error, not an empty result)."""
-    if not cap.names:
+    if not names:
         raise ValueError(f"{name}: no layers given (expected module names, globs or modules)")
 
 
@@ -144,7 +196,8 @@ def compare_models(
         progress: tqdm progress bar (shown only when tqdm is installed).
         estimator_options: passed on to the accumulator's constructor.
 
-    Runs on model_a's device (model_b's activations are moved there). Returns a
+    Accumulates on model_a's device (every activation is moved there); each forward pass stops after
+    the last requested layer. Returns a
     :class:`repkern.CkaResult` (``.matrix`` ``(len(layers_a), len(layers_b))`` on the CPU, ``.save``,
     ``.plot``).
     """
@@ -162,22 +215,24 @@ def compare_models(
     device_a, device_b = model_device(model_a), model_device(model_b)
     samples = batches = 0
     with contextlib.ExitStack() as stack:
-        cap_a = stack.enter_context(capture(model_a, layers_a, pool=pool))
-        cap_b = cap_a if symmetric else stack.enter_context(capture(model_b, layers_b, pool=pool))
-        _check_layers("layers_a", cap_a)
-        _check_layers("layers_b", cap_b)
+        if same_model:
+            # One capture of both layer sets: with stop_early, a second capture's later layers would never run.
+            names_a = [name for name, _ in resolve_layers(model_a, layers_a)]
+            names_b = [name for name, _ in resolve_layers(model_a, layers_b)]
+            cap_a = stack.enter_context(capture(model_a, names_a + names_b, pool=pool, stop_early=True))
+        else:
+            cap_a = stack.enter_context(capture(model_a, layers_a, pool=pool, stop_early=True))
+            cap_b = stack.enter_context(capture(model_b, layers_b, pool=pool, stop_early=True))
+            names_a, names_b = cap_a.names, cap_b.names
+        _check_layers("layers_a", names_a)
+        _check_layers("layers_b", names_b)
         stack.enter_context(_evaluating(model_a, model_b))
         for batch in _progress(dataloader, progress, "compare_models"):
-            args, kwargs, mask = _model_inputs(batch, device_a)
-            acts_a = cap_a.run(*args, attention_mask=mask, **kwargs)
-            if symmetric:
-                acts_b = None
-            elif same_model:
-                acts_b = cap_b.collect(mask)  # the hooks of cap_b saw the same forward pass
-            else:
-                acts_b = run_batch(cap_b, batch, device_b)
-            xs = [acts_a[name] for name in cap_a.names]
-            ys = None if acts_b is None else [acts_b[name].to(device_a) for name in cap_b.names]
+            acts_a = run_batch(cap_a, batch, device_a)
+            acts_b = acts_a if same_model else run_batch(cap_b, batch, device_b)
+            # Every activation to the accumulator's device: layers of a device_map model sit on several devices.
+            xs = [acts_a[name].to(device_a) for name in names_a]
+            ys = None if symmetric else [acts_b[name].to(device_a) for name in names_b]
             rows = xs[0].shape[0]
             if ys is not None and ys[0].shape[0] != rows:
                 raise ValueError(f"dataloader: batch {batches} gave {rows} rows in model_a and {ys[0].shape[0]} in "
@@ -187,7 +242,7 @@ def compare_models(
             batches += 1
     if batches == 0:
         raise ValueError("dataloader: yielded no batches")
-    return CkaResult(matrix=acc.compute().cpu(), layers_a=cap_a.names, layers_b=cap_b.names, kernel=kernel,
+    return CkaResult(matrix=acc.compute().cpu(), layers_a=names_a, layers_b=names_b, kernel=kernel,
                      debiased=debiased, estimator=estimator, pool=pool, samples=samples, batches=batches)
 
 
@@ -221,13 +276,13 @@ def profile_sparsity(
     device = model_device(model)
     accumulators: dict[str, SparsityAccumulator] = {}
     batches = 0
-    with capture(model, layers, pool=pool) as cap, _evaluating(model):
-        _check_layers("layers", cap)
+    with capture(model, layers, pool=pool, stop_early=True) as cap, _evaluating(model):
+        _check_layers("layers", cap.names)
         for batch in _progress(dataloader, progress, "profile_sparsity"):
             for name, acts in run_batch(cap, batch, device).items():
                 if name not in accumulators:
                     accumulators[name] = SparsityAccumulator(acts.shape[-1], device=device, **stats_options)
-                accumulators[name].update(acts)
+                accumulators[name].update(acts.to(device))  # a device_map model's layers sit on several devices
             batches += 1
     if batches == 0:
         raise ValueError("dataloader: yielded no batches")

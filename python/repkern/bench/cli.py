@@ -128,7 +128,8 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     png = base + ".png"
     try:
-        print(f"wrote {report.plot(rows, png)}")
+        report.plot(rows, png)
+        print(f"wrote {png}")
     except ImportError as exc:  # matplotlib is optional (the `bench` extra)
         print(f"no plot: {exc}")
     except ValueError as exc:  # no case with a reference (e.g. everything skipped)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from typing import Sequence
+from typing import Optional, Sequence
 
 from repkern import plots
 
@@ -71,20 +71,18 @@ def tables(rows: Sequence[dict]) -> str:
     return "\n\n".join(parts)
 
 
-def plot(rows: Sequence[dict], path: str) -> str:
+def plot(rows: Sequence[dict], path: Optional[str] = None):
     """Horizontal bars of each provider's speed-up over the reference (log scale, 1× marked), one panel
-    per suite; cases without a reference are left out. Returns ``path``."""
-    from repkern.plots import pyplot
-
-    plt = pyplot()
+    per suite; cases without a reference are left out. Returns the ``matplotlib.figure.Figure`` (made
+    without pyplot), saved to ``path`` when given."""
     cases = {suite: [(r, ref) for r, ref in entries if ref and _ok(ref) and _ok(r)]
              for suite, entries in _cases(rows).items()}
     cases = {suite: entries for suite, entries in cases.items() if entries}
     if not cases:
         raise ValueError("rows: no case has a reference to compare with")
     heights = [max(1.6, 0.28 * len(entries) + 0.9) for entries in cases.values()]
-    fig, axes = plt.subplots(len(cases), 1, figsize=(9, sum(heights)), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
+    fig = plots.new_figure(figsize=(9, sum(heights)))
+    axes = fig.subplots(len(cases), 1, squeeze=False, gridspec_kw={"height_ratios": heights})
     for ax, (suite, entries) in zip(axes[:, 0], cases.items()):
         labels = [f"{r['op']} {r['provider']} {r['shape']} {r['dtype']}" for r, _ in entries]
         speedups = [ref["median_ms"] / r["median_ms"] for r, ref in entries]
@@ -98,10 +96,10 @@ def plot(rows: Sequence[dict], path: str) -> str:
     first = next(iter(cases.values()))[0][0]
     fig.suptitle(f"{_where(first)}, torch {first['torch']}, commit {first['git_sha']}", fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    plots.save_figure(fig, path, dpi=120)
-    plt.close(fig)
-    return path
+    if path is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        plots.save_figure(fig, path, dpi=120)
+    return fig
 
 
 # ---- two runs side by side -----------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Results of the analysis workflows (:func:`repkern.compare_models`, :func:`repkern.profile_sparsity`):
 saved as a JSON file (settings and readable numbers) next to a tensor file (``torch.save`` of a flat
-dict of CPU tensors, read back with ``weights_only=True``), plotted with matplotlib.
+dict of CPU tensors, read back with ``weights_only=True``), plotted with matplotlib (``.plot`` returns a
+``matplotlib.figure.Figure``, made without pyplot: see :mod:`repkern.plots`).
 
     result.save("out/cka")            # -> out/cka.json + out/cka.pt
     again = repkern.load_result("out/cka.json")
@@ -126,10 +127,13 @@ class CkaResult:
                    estimator=saved.field("estimator", str, "a string"), pool=saved.field("pool", str, "a string"),
                    samples=saved.count("samples"), batches=saved.count("batches"))
 
-    def plot(self, path, *, title: Optional[str] = None, xlabel: str = "model B", ylabel: str = "model A") -> str:
-        """Heatmap with labelled layer axes and a colour bar; returns ``path``."""
+    def plot(self, path=None, *, ax=None, title: Optional[str] = None, xlabel: str = "model B",
+             ylabel: str = "model A"):
+        """Heatmap with labelled layer axes and a colour bar. Returns the ``matplotlib.figure.Figure``;
+        saves it to ``path`` when given (format from the extension); draws into the Axes ``ax`` when
+        given (then its figure is returned)."""
         kind = ("debiased " if self.debiased else "") + f"{self.kernel} CKA ({self.estimator})"
-        return plots.cka_heatmap(self.matrix, self.layers_a, self.layers_b, os.fspath(path),
+        return plots.cka_heatmap(self.matrix, self.layers_a, self.layers_b, path, ax=ax,
                                  title=title or kind, xlabel=xlabel, ylabel=ylabel)
 
 
@@ -209,10 +213,11 @@ class SparsityProfile:
         return cls(layers=layers, stats=stats, pool=saved.field("pool", str, "a string"),
                    batches=saved.count("batches"))
 
-    def plot(self, path, *, label: str = "inputs", metrics: Optional[Sequence[str]] = None) -> str:
-        """Per-layer profile of each metric; returns ``path``. Several input sets on one figure:
-        :func:`plot_sparsity_profiles`."""
-        return plot_sparsity_profiles({label: self}, path, metrics=metrics)
+    def plot(self, path=None, *, ax=None, label: str = "inputs", metrics: Optional[Sequence[str]] = None):
+        """Per-layer profile of each metric, one panel each. Returns the ``matplotlib.figure.Figure``;
+        saves it to ``path`` when given; draws into ``ax`` when given (one Axes per metric). Several
+        input sets on one figure: :func:`plot_sparsity_profiles`."""
+        return plot_sparsity_profiles({label: self}, path, ax=ax, metrics=metrics)
 
 
 # Tensors every saved SparsityStats holds (per feature (d,), summaries, 0-d totals); the per-row fields and the
@@ -225,10 +230,12 @@ _SUMMARY_TENSORS = _SCALAR_TENSORS + ("density_histogram", "density_edges", "row
 DEFAULT_PROFILE_METRICS = ("hoyer", "l0_fraction", "gini", "thresholded_l0")
 
 
-def plot_sparsity_profiles(profiles: Mapping[str, SparsityProfile], path, *,
-                           metrics: Optional[Sequence[str]] = None, title: str = "Sparsity by layer") -> str:
+def plot_sparsity_profiles(profiles: Mapping[str, SparsityProfile], path=None, *, ax=None,
+                           metrics: Optional[Sequence[str]] = None, title: str = "Sparsity by layer"):
     """One panel per metric (default: Hoyer, L0 fraction, Gini, thresholded L0 where computed), one line per
-    input set (``profiles`` maps a label to a profile of the same layers); returns ``path``."""
+    input set (``profiles`` maps a label to a profile of the same layers). Returns the
+    ``matplotlib.figure.Figure``; saves it to ``path`` when given; draws into ``ax`` when given (one
+    Axes per metric)."""
     if not profiles:
         raise ValueError("profiles: no input sets")
     first = next(iter(profiles.values()))
@@ -244,7 +251,7 @@ def plot_sparsity_profiles(profiles: Mapping[str, SparsityProfile], path, *,
         if metric not in available:
             raise ValueError(f"metrics: {metric!r} is not in every profile's summary (available: {sorted(available)})")
     chosen = {label: {m: s[m] for m in metrics} for label, s in summaries.items()}
-    return plots.sparsity_profiles(chosen, list(first.layers), os.fspath(path), metrics=metrics, title=title)
+    return plots.sparsity_profiles(chosen, list(first.layers), path, ax=ax, metrics=metrics, title=title)
 
 
 _RESULT_TYPES = {"cka": CkaResult, "sparsity": SparsityProfile}
