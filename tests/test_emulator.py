@@ -8,13 +8,13 @@ import pathlib
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-
 from repkern import _native
+
+from tests.isolation import assert_snippet
 
 SCHEDULES = ("forward", "reverse", "random:7")
 
@@ -223,10 +223,7 @@ def test_reset_coverage_clears_the_counts():
         "m.selftest_coverage_loop(1, 1, _native.view(out))\n"
         "assert max(r[5] for r in m.coverage()) == 1\n"
     )
-    root = pathlib.Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "python"), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert result.returncode == 0, result.stderr
+    assert_snippet(code)  # the same repkern as the tests: an installed one or the source tree
 
 
 @pytest.mark.parametrize("schedule", ("forward", "reverse"))
