@@ -560,3 +560,61 @@ def test_row_channels_layout_matches_native():
     assert set(rows) == set(ref)
     for name, value in ref.items():
         torch.testing.assert_close(rows[name].to(value.dtype), value, equal_nan=True, msg=name)
+
+
+def _sync_worker(rank: int, world: int) -> None:
+    a = _data((101, 10), torch.float64, "cpu", seed=41)
+    cut = 37
+    mine = a[:cut] if rank == 0 else a[cut:]
+    acc = _accumulate([mine], keep_rows=True, top_p=TOP_P)
+    before = acc.state_dict()
+    first = acc.compute(sync=True)
+    _assert_same_stats(first, repkern.sparsity_stats(a, top_p=TOP_P), rtol=1e-10, atol=1e-12)
+    # the local state is untouched, so evaluating again counts every rank once
+    after = acc.state_dict()
+    assert after.keys() == before.keys() and after["rows"] == before["rows"] == mine.shape[0]
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(after[key], value), key
+    _assert_same_stats(acc.compute(sync=True), first, rtol=0, atol=0)
+    # a rank with no rows (and no device) joins the collective
+    lonely = repkern.SparsityAccumulator(10, top_p=TOP_P)
+    if rank == 0:
+        lonely.update(a[:cut])
+    _assert_same_stats(lonely.compute(sync=True), repkern.sparsity_stats(a[:cut], top_p=TOP_P), rtol=1e-10,
+                       atol=1e-12, rows_too=False)
+    assert lonely.compute().rows == (cut if rank == 0 else 0)
+
+
+def test_compute_sync_over_two_gloo_processes_leaves_the_local_state_alone():
+    run_gloo_processes(_sync_worker)
+
+
+def test_compute_sync_of_an_accumulator_without_device_gathers_on_the_groups_device(monkeypatch):
+    seen = []
+
+    class Gathered(Exception):
+        pass
+
+    def fake_gather(packed, signature, group=None):
+        seen.append(packed.device)
+        raise Gathered
+
+    monkeypatch.setattr(sparsity_ops, "group_device", lambda group=None: torch.device("meta"))
+    monkeypatch.setattr(sparsity_ops, "all_gather_states", fake_gather)
+    acc = repkern.SparsityAccumulator(4)
+    for call in (lambda: acc.compute(sync=True), acc.all_reduce):
+        with pytest.raises(Gathered):
+            call()
+    assert seen == [torch.device("meta")] * 2
+
+
+def test_reset_forgets_the_rows_and_keeps_the_settings():
+    a = _data((30, 6), torch.float32, "cpu", seed=42)
+    acc = _accumulate([a], keep_rows=True, top_p=TOP_P, eps=0.01)
+    acc.reset()
+    fresh = repkern.SparsityAccumulator(6, keep_rows=True, top_p=TOP_P, eps=0.01)
+    assert acc.device is None and acc.state_dict().keys() == fresh.state_dict().keys()
+    _assert_same_stats(acc.compute(), fresh.compute(), rtol=0, atol=0)
+    b = _data((20, 6), torch.float64, "cpu", seed=43)
+    _assert_same_stats(acc.update(b).compute(), fresh.update(b).compute(), rtol=0, atol=0)

@@ -384,3 +384,114 @@ def _distributed_worker(rank: int, world: int) -> None:
 
 def test_all_reduce_over_two_gloo_processes_equals_single_process():
     run_gloo_processes(_distributed_worker)
+
+
+def _assert_same_state(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, dict):
+            _assert_same_state(got[key], value)
+        elif isinstance(value, torch.Tensor):
+            assert torch.equal(got[key], value), key
+        else:
+            assert got[key] == value, key
+
+
+def _sync_worker(rank: int, world: int) -> None:
+    xs = _model_layers(150, (5, 3), seed=120, shift=7.0)
+    ys = _model_layers(150, (4,), seed=130)
+    batches = list(zip(_split(xs, [40, 40, 40, 30]), _split(ys, [40, 40, 40, 30])))
+    mine = batches[:1] if rank == 0 else batches[1:]
+    for make in _accumulators().values():
+        acc, single, local = make(), make(), make()
+        for bx, by in mine:
+            acc.update(bx, by)
+            local.update(bx, by)
+        for bx, by in batches:
+            single.update(bx, by)
+        before = acc.state_dict()
+        first = acc.compute(sync=True)
+        torch.testing.assert_close(first, single.compute(), rtol=1e-12, atol=1e-13)
+        # every evaluation sees each rank once: the local state is untouched, a second call agrees
+        _assert_same_state(acc.state_dict(), before)
+        assert torch.equal(acc.compute(sync=True), first)
+        assert torch.equal(acc.compute(), local.compute())
+        # a rank with no data (and no device) joins the collective and gets the others' result
+        lonely = make()
+        if rank == 0:
+            lonely.update(*batches[0])
+        got = lonely.compute(sync=True)
+        torch.testing.assert_close(got, make().update(*batches[0]).compute(), rtol=0, atol=0)
+        assert lonely.samples == (40 if rank == 0 else 0)
+        assert (lonely.device is None) == (rank == 1)
+    alignment = repkern.StreamingAlignment()
+    for bx, by in mine:
+        alignment.update(bx, by)
+    whole = repkern.StreamingAlignment()
+    for bx, by in batches:
+        whole.update(bx, by)
+    for options in ({}, {"alpha": 0.5, "score": "euclidean"}):
+        torch.testing.assert_close(alignment.compute("shape_distance", sync=True, **options),
+                                   whole.compute("shape_distance", **options), rtol=1e-10, atol=1e-10)
+    assert alignment.samples == sum(b[0][0].shape[0] for b in mine)
+
+
+def test_compute_sync_over_two_gloo_processes_leaves_the_local_state_alone():
+    run_gloo_processes(_sync_worker)
+
+
+def test_compute_sync_of_an_accumulator_without_device_gathers_on_the_groups_device(monkeypatch):
+    """NCCL takes CUDA tensors only: a rank with no data must not offer a CPU tensor there."""
+    seen = []
+
+    class Gathered(Exception):
+        pass
+
+    def fake_gather(packed, signature, group=None):
+        seen.append(packed.device)
+        raise Gathered
+
+    monkeypatch.setattr(streaming, "group_device", lambda group=None: torch.device("meta"))
+    monkeypatch.setattr(streaming, "all_gather_states", fake_gather)
+    for acc in (repkern.StreamingCKA(), repkern.MinibatchCKA(), repkern.StreamingAlignment()):
+        with pytest.raises(Gathered):
+            acc.compute(sync=True)
+        with pytest.raises(Gathered):
+            acc.all_reduce()
+    assert seen == [torch.device("meta")] * 6
+    x = _data((10, 3), 0)
+    with pytest.raises(Gathered):
+        repkern.StreamingCKA().update([x]).compute(sync=True)
+    assert seen[-1] == torch.device("cpu")  # with data: where the data is
+
+
+def test_group_device_follows_the_backend(monkeypatch):
+    import torch.distributed as dist
+
+    from repkern import _distributed
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    for backend, device in (("nccl", "cuda:3"), ("cpu:gloo,cuda:nccl", "cuda:3"), ("gloo", "cpu")):
+        monkeypatch.setattr(dist, "get_backend", lambda group=None, backend=backend: backend)
+        assert _distributed.group_device() == torch.device(device)
+
+
+@pytest.mark.parametrize("kind", ("streaming", "minibatch"))
+def test_reset_forgets_the_data_and_keeps_the_settings(kind):
+    make = _accumulators()[kind]
+    xs = _model_layers(60, (5, 3), seed=140)
+    ys = _model_layers(60, (4,), seed=150)
+    acc = make()
+    acc.update(xs, ys)
+    acc.reset()
+    assert acc.samples == 0 and acc.batches == 0 and acc.device is None
+    assert acc.state_dict() == make().state_dict()
+    with pytest.raises(ValueError, match="no data yet"):
+        acc.compute()
+    acc.update(xs[:1])  # the layout is forgotten too: another layout is fine
+    torch.testing.assert_close(acc.compute(), make().update(xs[:1]).compute(), rtol=0, atol=0)
+    assert acc.debiased == make().debiased
+    placed = repkern.StreamingCKA(device="meta")
+    placed.reset()
+    assert placed.device == torch.device("meta")  # the device given at construction is a setting

@@ -21,6 +21,7 @@ in chunks of rows and passed in sorted).
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Sequence
 
@@ -31,7 +32,7 @@ from repkern import _common, _native, _validation, reference
 from repkern._constants import (SPARSITY_FEATURE_FIELDS, SPARSITY_ORDERED_SUMS, SPARSITY_ROW_CHANNELS,
                                 SPARSITY_ROW_COUNTS, SPARSITY_ROW_TOTALS, SPARSITY_SORT_FREE_CHANNELS,
                                 sparsity_row_channels)
-from repkern._distributed import all_gather_states
+from repkern._distributed import all_gather_states, group_device
 from repkern.results import sparsity as sr
 
 __all__ = ["sparsity_stats", "SparsityAccumulator"]
@@ -298,8 +299,10 @@ class SparsityAccumulator:
     summarized (``row_mean``, ``row_defined``, ``row_histogram``); with ``keep_rows=True`` the per-row
     tensors are kept too (flattened to (N,), in update order; kept rows cost memory per row).
     ``merge(other)`` adds another accumulator's data; ``all_reduce(group)`` merges the accumulators of
-    all processes of a torch.distributed group (every rank ends with the same result, merged in rank
-    order); ``state_dict()`` / ``load_state_dict()`` checkpoint it.
+    all processes of a torch.distributed group in place (every rank ends with the same result, merged in
+    rank order), ``compute(sync=True)`` gives that result and leaves the local state alone (for
+    evaluations while training); ``reset()`` forgets the data; ``state_dict()`` / ``load_state_dict()``
+    checkpoint it.
 
     The state lives on ``device`` (default: the device of the first batch). Results are float32, or
     float64 once a float64 batch was added. Arguments as in :func:`sparsity_stats`; batches with no rows
@@ -319,7 +322,8 @@ class SparsityAccumulator:
         _validation.boolean("keep_rows", keep_rows)
         self.d, self.eps, self.top_p, self.dense_threshold = d, eps, top_p, dense_threshold
         self.density_bins, self.row_bins, self.ordered, self.keep_rows = density_bins, row_bins, ordered, keep_rows
-        self.device = torch.device(device) if device is not None else None
+        self._device_setting = torch.device(device) if device is not None else None
+        self.device = self._device_setting
         self._reset()
 
     # -- state ------------------------------------------------------------------------------
@@ -370,6 +374,12 @@ class SparsityAccumulator:
 
     # -- public -----------------------------------------------------------------------------
 
+    def reset(self) -> None:
+        """Forgets all data: back to the state right after construction, settings (and the ``device``
+        given there, or None to follow the next batch) kept."""
+        self.device = self._device_setting
+        self._reset()
+
     @_common.outside_inference_mode
     def update(self, a: Tensor) -> "SparsityAccumulator":
         """Adds the rows of a ``(..., d)`` batch."""
@@ -400,7 +410,15 @@ class SparsityAccumulator:
                   [{k: v.to(self._state.device) for k, v in rows.items()} for rows in other._kept])
         return self
 
-    def compute(self) -> sr.SparsityStats:
+    def compute(self, sync: bool = False, group=None) -> sr.SparsityStats:
+        """The statistics of all rows added so far (see the class). ``sync=True``: of all ranks' rows in the
+        torch.distributed ``group`` (a collective: every rank must call it), merged into a temporary as
+        :meth:`all_reduce` merges, so this accumulator keeps only its own rows and can be computed again
+        without counting any rank twice."""
+        _validation.boolean("sync", sync)
+        if sync:
+            fresh = copy.copy(self)  # same settings; _merge_all_ranks rebinds its state before adding to it
+            return self._merge_all_ranks(fresh, group).compute()
         per_row = None
         if self.keep_rows:
             parts = self._kept or [self._empty_row_dict(self._state.device)]
@@ -505,30 +523,38 @@ class SparsityAccumulator:
             groups.append({k: take(group[k].shape, group[k].dtype) for k in sorted(group)})
         return state, int(rows), groups, torch.float64 if is64 else torch.float32
 
-    @_common.outside_inference_mode
     def all_reduce(self, group=None) -> "SparsityAccumulator":
         """Merges the accumulators of every process in ``group`` (torch.distributed, any backend whose
-        all_gather supports the state's device: gloo on CPU, NCCL on CUDA). Collective: every rank must
-        call it; afterwards each holds the merged statistics (merged in rank order, so all agree)."""
+        all_gather supports the state's device: gloo on CPU, NCCL on CUDA) in place. Collective: every rank
+        must call it; afterwards each holds the merged statistics (merged in rank order, so all agree).
+        All-reducing again would count every rank's rows again: to evaluate while training, use
+        ``compute(sync=True)``, which leaves the local state alone. An accumulator with no ``device`` yet
+        gathers on the group's (CUDA for NCCL, else the CPU)."""
+        return self._merge_all_ranks(self, group)
+
+    @_common.outside_inference_mode
+    def _merge_all_ranks(self, into: "SparsityAccumulator", group) -> "SparsityAccumulator":
+        """Every rank's state (this one's included) merged in rank order into `into`, which is emptied
+        first (after this state was packed, so `into` may be self). Returns `into`."""
         import torch.distributed as dist
 
-        device = self._state.device
+        device = self.device or group_device(group)
         signature = torch.tensor([self.d, self.eps, len(self.top_p), *self.top_p, *([-1.0] * (8 - len(self.top_p))),
                                   self.dense_threshold, self.density_bins, self.row_bins, float(self.ordered),
                                   float(self.keep_rows)], dtype=torch.float64)
-        gathered = all_gather_states(self._packed(), signature, group)
+        gathered = all_gather_states(self._packed().to(device), signature, group)
         world = len(gathered)
         kept = [None] * world
         if self.keep_rows:
             local = [{k: v.cpu() for k, v in rows.items()} for rows in self._kept]
             dist.all_gather_object(kept, local, group=group)
-        self.device = device
-        self._reset()
+        into.device = device
+        into._reset()
         for rank in range(world):
-            state, rows, (sums, defined, hists), stat_dtype = self._unpack_into(gathered[rank])
+            state, rows, (sums, defined, hists), stat_dtype = into._unpack_into(gathered[rank])
             rank_rows = [{k: v.to(device) for k, v in r.items()} for r in kept[rank]] if self.keep_rows else []
-            self._add(state, rows, sums, defined, hists, stat_dtype, rank_rows)
-        return self
+            into._add(state, rows, sums, defined, hists, stat_dtype, rank_rows)
+        return into
 
     def __repr__(self) -> str:
         return (f"SparsityAccumulator(d={self.d}, rows={self._rows}, eps={self.eps}, top_p={list(self.top_p)}, "

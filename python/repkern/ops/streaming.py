@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from repkern import _common, _validation
-from repkern._distributed import all_gather_states
+from repkern._distributed import all_gather_states, group_device
 from repkern.ops import cka as cka_ops
 
 __all__ = ["StreamingCKA", "MinibatchCKA", "DEFAULT_MAX_STATE_BYTES"]
@@ -49,7 +49,7 @@ def _positional_layers(layout: Layout) -> list[int]:
 
 
 class _LayerAccumulator:
-    """update / merge / compute / state_dict / all_reduce shared by both CKA accumulators.
+    """update / merge / compute / reset / state_dict / all_reduce shared by both CKA accumulators.
 
     State: a layout (fixed by the first batch), counts, and a dict of float64 tensors on
     the accumulator's device. The base keeps, per positional layer (xs then ys), its first
@@ -62,7 +62,8 @@ class _LayerAccumulator:
         _validation.choice("kernel", kernel, _validation.GRAM_KERNELS)
         _validation.boolean("debiased", debiased)
         self.kernel, self.debiased = kernel, debiased
-        self.device = torch.device(device) if device is not None else None
+        self._device_setting = torch.device(device) if device is not None else None
+        self.device = self._device_setting
         self._reset()
 
     # -- subclass hooks ------------------------------------------------------------------------
@@ -96,6 +97,12 @@ class _LayerAccumulator:
         self._samples = 0
         self._batches = 0
         self._float64 = False
+
+    def _fresh(self):
+        """An empty accumulator with these settings (the copy's state is rebound, never shared)."""
+        other = copy.copy(self)
+        other._reset()
+        return other
 
     def _shapes(self, layout: Layout) -> list[tuple[str, tuple]]:
         dims = _positional_layers(layout)
@@ -144,6 +151,12 @@ class _LayerAccumulator:
         self._float64 = self._float64 or float64
 
     # -- public -------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forgets all data: back to the state right after construction, settings (and the
+        ``device`` given there, or None to follow the next batch) kept."""
+        self.device = self._device_setting
+        self._reset()
 
     @_common.outside_inference_mode
     def update(self, xs: Sequence[Tensor], ys: Optional[Sequence[Tensor]] = None):
@@ -209,12 +222,20 @@ class _LayerAccumulator:
         """update calls (merged accumulators' included) seen so far."""
         return self._batches
 
-    def compute(self) -> Tensor:
+    def compute(self, sync: bool = False, group=None) -> Tensor:
         """The ``(len(xs), len(ys))`` CKA matrix (ys=None: ``(len(xs), len(xs))``, exactly
         symmetric with unit diagonal) in float32, or float64 once a float64 batch was added.
         A constant layer (every row equal over all batches) or one whose self term is
         <= 0 gives NaN in its row and column with a RuntimeWarning naming it; a layer
-        that held NaN/Inf gives NaN there without a warning."""
+        that held NaN/Inf gives NaN there without a warning.
+
+        ``sync=True``: the matrix of all ranks' data in the torch.distributed ``group`` (a
+        collective: every rank must call it), merged into a temporary as :meth:`all_reduce`
+        merges, so this accumulator keeps only its own data and can be computed again
+        (every evaluation) without counting any rank twice."""
+        _validation.boolean("sync", sync)
+        if sync:
+            return self._merge_all_ranks(self._fresh(), group).compute()
         if self._layout is None:
             raise ValueError(f"{type(self).__name__}.compute: no data yet (call update first)")
         self._check_enough_samples()
@@ -308,8 +329,7 @@ class _LayerAccumulator:
 
     def _unpacked(self, packed: Tensor):
         """A fresh accumulator with these settings holding the state `packed` describes."""
-        other = copy.copy(self)  # same settings
-        other._reset()
+        other = self._fresh()
         values = packed.tolist()[:7]
         if not values[3]:
             return other
@@ -326,20 +346,29 @@ class _LayerAccumulator:
         return other
 
     @_common.outside_inference_mode
-    def all_reduce(self, group=None):
-        """Merges the accumulators of every process of a torch.distributed ``group`` (gloo
-        on CPU, NCCL on CUDA; every rank must call it). Afterwards each rank holds the
-        statistics of all ranks' data, merged in rank order, so all ranks agree bit for bit.
-        Ranks with different settings raise ValueError on every rank. Returns self."""
-        device = self.device or torch.device("cpu")
+    def _merge_all_ranks(self, into, group):
+        """Every rank's state (this one's included) merged in rank order into `into`, which is
+        emptied first (after this state was packed, so `into` may be self). An accumulator with no
+        device yet gathers on the group's (``group_device``: CUDA for NCCL). Returns `into`."""
+        device = self.device or group_device(group)
         states = all_gather_states(self._packed(device), torch.tensor(self._signature(), dtype=torch.float64), group)
         others = [self._unpacked(state) for state in states]
-        self._reset()
-        self.device = device
+        into._reset()
+        into.device = device
         for other in others:
             other.device = device
-            self.merge(other)
-        return self
+            into.merge(other)
+        return into
+
+    def all_reduce(self, group=None):
+        """Merges the accumulators of every process of a torch.distributed ``group`` (gloo
+        on CPU, NCCL on CUDA; every rank must call it) in place. Afterwards each rank holds the
+        statistics of all ranks' data, merged in rank order, so all ranks agree bit for bit
+        (all-reducing again would count every rank's data again: to evaluate while training,
+        use ``compute(sync=True)``, which leaves the local state alone). Ranks with different
+        settings raise ValueError on every rank. An accumulator with no data and no ``device``
+        gathers on the group's device (CUDA for NCCL, else the CPU). Returns self."""
+        return self._merge_all_ranks(self, group)
 
 
 # ---- StreamingCKA ---------------------------------------------------------------------------------
@@ -396,8 +425,9 @@ class StreamingCKA(_LayerAccumulator):
     ``update(xs, ys)`` adds a batch (see :meth:`update`); ``compute()`` equals
     ``repkern.cka_matrix(cat(xs), cat(ys), "linear", debiased=...)`` over all samples seen
     up to float rounding, whatever the batch sizes (a batch may have a single sample; the
-    estimator needs n >= 2 samples in total, n >= 4 debiased). ``merge``, ``state_dict`` /
-    ``load_state_dict`` and ``all_reduce`` as described on each method.
+    estimator needs n >= 2 samples in total, n >= 4 debiased). ``merge``, ``reset``, ``state_dict`` /
+    ``load_state_dict``, ``all_reduce`` and ``compute(sync=True)`` (all ranks' data, the local state
+    left alone: for evaluations while training) as described on each method.
 
     Memory: per pair of layers (a, b) with statistics — every (xs, ys) pair and every
     layer with itself; ys=None: i <= j among xs — d_a·d_b float64 values (plus d_a + d_b + 1
@@ -530,6 +560,8 @@ class MinibatchCKA(_LayerAccumulator):
     The RBF median bandwidth (sigma=None) is taken per batch and layer. It estimates the
     CKA of the population, not of the concatenated data: it differs from ``cka_matrix``
     over all samples (it converges to the debiased population value as batches grow).
+    ``merge``, ``reset``, ``state_dict`` / ``load_state_dict``, ``all_reduce`` and
+    ``compute(sync=True)`` as :class:`StreamingCKA`'s.
     Memory: O(b²) per layer and batch (or d² for the feature path); the state is O(L²).
     """
 

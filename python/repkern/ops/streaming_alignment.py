@@ -48,9 +48,10 @@ class StreamingAlignment(StreamingCKA):
     ``StreamingAlignment(debiased=False, *, max_state_bytes=None, device=None)``
 
     ``update(xs, ys)`` adds a batch of the layers of two models (``ys=None``: xs against itself), as
-    :meth:`repkern.StreamingCKA.update`; ``merge``, ``state_dict`` / ``load_state_dict`` and
+    :meth:`repkern.StreamingCKA.update`; ``merge``, ``reset``, ``state_dict`` / ``load_state_dict`` and
     ``all_reduce`` as StreamingCKA's (a StreamingAlignment merges and all-reduces only with
-    StreamingAlignments). Then, from the same state, any number of times:
+    StreamingAlignments). Then, from the same state, any number of times (each also with ``sync=True``:
+    of all ranks' data, the local state left alone):
 
     - ``compute()`` / ``compute("cka")``: the linear CKA matrix (``debiased`` as constructed), as
       :meth:`repkern.StreamingCKA.compute`;
@@ -116,16 +117,23 @@ class StreamingAlignment(StreamingCKA):
         deltas = [-self._stats[f"sum/{a}"] / n for a in range(count)]
         return _shift(self._stats, deltas, n, _streaming_pairs(self._layout), False)
 
-    def compute(self, metric: str = "cka", **options):
+    def compute(self, metric: str = "cka", *, sync: bool = False, group=None, **options):
         """The metric of every (xs, ys) pair of layers from the statistics so far (see the class).
 
         Args:
             metric: ``"cka"`` (default), ``"shape_distance"``, ``"cca"``, ``"svcca"`` or ``"pwcca"``.
+            sync: ``True``: of all ranks' data in the torch.distributed ``group`` (a collective), merged
+                into a temporary: this accumulator keeps only its own data, as
+                :meth:`repkern.StreamingCKA.compute` with ``sync=True``.
+            group: the process group for ``sync=True`` (None: the default group).
             **options: the metric's keyword arguments: shape_distance ``alpha``, ``score``; svcca
                 ``dims`` (an int or a pair, at most each layer's width), ``keep``. Others: TypeError.
         """
         _validation.choice("metric", metric, METRICS)
-        options = self._options(metric, options)
+        _validation.boolean("sync", sync)
+        options = self._options(metric, options)  # checked before the collective: bad options raise at once
+        if sync:
+            return self._merge_all_ranks(self._fresh(), group).compute(metric, **options)
         if metric == "cka":
             return super().compute()
         if self._layout is None:
