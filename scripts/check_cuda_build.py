@@ -27,6 +27,7 @@ VECTORIZED_KERNELS = (
     r"ordered_kernel<.*, \(Source\)1>",  # sparsity per-row sort kernel, Source::Vector
     r"replicate_rows_kernel<.*, true>",  # cka_test permutation/bootstrap rows, 16-byte-load instantiations
     r"hsic_terms_kernel<.*, true>",  # fused HSIC terms over Gram blocks, 16-byte-load instantiations
+    r"knn_merge_rows_kernel<float, \d+, 4>|knn_merge_rows_kernel<double, \d+, 2>",  # kNN row merge, 16-byte tiles
 )
 
 
