@@ -237,6 +237,26 @@ def test_metadata_keeps_the_checkpoint_config(tmp_path):
         SAE.from_sparsify(object())
 
 
+def test_from_pretrained_reads_a_hugging_face_cache_offline(tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub", reason="huggingface_hub is not installed (pip install 'repkern[sae]')")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network: the cache built here must be enough
+    W_enc, W_dec, b_enc, b_dec, _, x = _weights(12)
+    # The cache layout huggingface_hub writes: refs/main names the snapshot folder of that commit.
+    repo = tmp_path / "models--org--saes"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = repo / "snapshots" / commit / "blocks.4.hook_resid_post"
+    folder.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, folder / "sae_weights.safetensors")
+    (folder / "cfg.json").write_text(json.dumps({"architecture": "standard"}))
+    sae = SAE.from_pretrained("org/saes", "blocks.4.hook_resid_post", cache_dir=tmp_path)
+    feats = torch.relu((x - b_dec) @ W_enc + b_enc)
+    _check(sae, x, feats, feats @ W_dec + b_dec)
+    with pytest.raises(FileNotFoundError):  # huggingface_hub's LocalEntryNotFoundError: not in the cache
+        SAE.from_pretrained("org/other", cache_dir=tmp_path)
+
+
 def test_layer_norm_decode_alone_stays_in_the_normalized_space():
     W_enc, W_dec, b_enc, b_dec, _, x = _weights(11)
     sae = SAE(W_enc, b_enc, W_dec, b_dec, normalize_activations="layer_norm")

@@ -150,7 +150,8 @@ def test_saelens_training_jumprelu_with_negative_threshold_is_an_error(tmp_path)
 
 
 def test_saelens_metadata_is_kept(tmp_path):
-    SAEMetadata = _package("sae_lens.saes.sae").SAEMetadata
+    _package("sae_lens")
+    from sae_lens.saes.sae import SAEMetadata
 
     sae = _saelens_sae("topk", k=K, metadata=SAEMetadata(hook_name="blocks.3.hook_resid_post", model_name="gpt2"))
     sae.save_model(tmp_path)
@@ -173,7 +174,8 @@ def _unsupported_saelens():
     try:
         from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
     except ImportError:
-        return [pytest.param(None, None, marks=pytest.mark.skip(reason="sae_lens is not installed"))]
+        return [pytest.param(None, None, marks=pytest.mark.skip(
+            reason="sae_lens is not installed (pip install 'repkern[parity]')"))]
     supported = {"standard", "topk", "jumprelu", "batchtopk"}
     return ([(a, False) for a in SAE_CLASS_REGISTRY if a not in supported]
             + [(a, True) for a in SAE_TRAINING_CLASS_REGISTRY if a not in supported])

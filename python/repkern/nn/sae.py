@@ -171,6 +171,26 @@ class SAE(nn.Module):
         return cls._build(_LOADERS[format](path), device, dtype, output)
 
     @classmethod
+    def from_pretrained(cls, repo_id: str, subfolder: Optional[str] = None, *, format: str = "auto",
+                        revision: Optional[str] = None, cache_dir=None, local_files_only: bool = False, device=None,
+                        dtype: Optional[torch.dtype] = None, output: str = "dense") -> "SAE":
+        """Loads the checkpoint in ``subfolder`` of the Hugging Face repository ``repo_id``
+        (SAELens and sparsify repositories hold one folder per hook, Gemma Scope one per
+        layer/width/L0) with :meth:`load`. The files come from ``huggingface_hub``'s
+        ``snapshot_download``: only that folder is fetched, into ``cache_dir`` (default: the
+        Hugging Face cache); ``local_files_only=True`` (or ``HF_HUB_OFFLINE=1``) reads the
+        cache without the network. Needs the ``huggingface_hub`` package (the ``sae`` extra)."""
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError as exc:
+            raise ImportError("SAE.from_pretrained needs the `huggingface_hub` package "
+                              "(pip install 'repkern[sae]')") from exc
+        root = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                 allow_patterns=f"{subfolder.strip('/')}/*" if subfolder else None)
+        path = os.path.join(root, subfolder) if subfolder else root
+        return cls.load(path, format, device=device, dtype=dtype, output=output)
+
+    @classmethod
     def from_saelens(cls, sae, *, device=None, dtype: Optional[torch.dtype] = None, output: str = "dense") -> "SAE":
         """Converts a live SAELens ``sae_lens.SAE`` (or a training SAE) with the rules of
         :meth:`load` (``format="saelens"``): its ``cfg.to_dict()`` and ``state_dict()``. The
