@@ -25,6 +25,18 @@ export REPKERN_EMU=ON
 # shellcheck disable=SC1091
 source scripts/setup.sh test,demo,docs
 export REPKERN_REQUIRE_DEMO=1
+# The SAE packages of the parity tests (the `parity` extra), with torch held at the installed build. A failed
+# install is reported and tests/test_sae_parity.py then skips, naming the missing package.
+echo "torch==$(python -c 'import torch; print(torch.__version__.split("+")[0])')" > build/torch-constraint.txt
+PARITY=$(python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["parity"])' \
+  2>/dev/null || true)  # tomllib: Python >= 3.11
+# shellcheck disable=SC2086
+if [ -z "$PARITY" ] || ! python -m pip install -q -c build/torch-constraint.txt $PARITY; then
+  echo "WARNING: the SAE parity packages did not install; tests/test_sae_parity.py will skip"
+fi
+# dictionary-learning (through nnsight) pulls a torchvision built for another torch: its operators fail to load
+# and break transformers' model imports. Nothing here needs torchvision.
+python -m pip uninstall -y -q torchvision 2>/dev/null || true
 python -m pip install -q "pybind11>=2.12" "cmake>=3.26" ninja nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
 PYBIND11_DIR=$(python -c 'import pybind11; print(pybind11.get_cmake_dir())')
 

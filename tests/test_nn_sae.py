@@ -136,6 +136,136 @@ def test_dictionary_learning_topk(tmp_path, dict_class):
     _check(sae, x, f, f @ W_dec + b_dec)
 
 
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_saelens_rescale_acts_by_decoder_norm(tmp_path, architecture):
+    W_enc, W_dec, b_enc, b_dec, _, x = _weights(7)
+    W_dec = W_dec * torch.logspace(-1, 1, D_SAE)[:, None]  # unequal decoder norms, so the rescale matters
+    save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, tmp_path / "sae_weights.safetensors")
+    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": architecture, "k": 5,
+                                                   "rescale_acts_by_decoder_norm": True}))
+    sae = SAE.load(tmp_path)
+    # SAELens: hidden_pre = (sae_in @ W_enc + b_enc) * ‖W_dec rows‖; TopK (or BatchTopK: the 5·N largest
+    # relu over the batch); decode: (acts / ‖W_dec rows‖) @ W_dec + b_dec
+    norms = W_dec.norm(dim=-1)
+    hidden_pre = ((x - b_dec) @ W_enc + b_enc) * norms
+    if architecture == "topk":
+        top = hidden_pre.topk(5, dim=-1)
+        feats = torch.zeros_like(hidden_pre).scatter(-1, top.indices, torch.relu(top.values))
+    else:
+        flat = torch.relu(hidden_pre).flatten()
+        top = flat.topk(5 * x.shape[0])
+        feats = torch.zeros_like(flat).scatter(-1, top.indices, top.values).reshape(hidden_pre.shape)
+    _check(sae, x, feats, (feats / norms) @ W_dec + b_dec)
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(D_SAE))  # folded into the weights
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"architecture": "standard", "normalize_activations": "expected_average_only_in"}, "expected_average_only_in"),
+    ({"architecture": "standard", "normalize_activations": True}, "expected_average_only_in"),  # SAELens < 6
+    ({"architecture": "standard", "normalize_activations": "covariance_whitening"}, "covariance_whitening"),
+    ({"architecture": "standard", "finetuning_scaling_factor": True}, "finetuning_scaling_factor"),
+    ({"architecture": "jumprelu", "rescale_acts_by_decoder_norm": True}, "rescale_acts_by_decoder_norm"),
+    ({"architecture": "abstopk", "k": 4}, "unsupported architecture 'abstopk'"),
+])
+def test_saelens_flags_repkern_does_not_implement_are_errors(tmp_path, cfg, message):
+    W_enc, W_dec, b_enc, b_dec, threshold, _ = _weights()
+    save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": threshold},
+              tmp_path / "sae_weights.safetensors")
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=message):
+        SAE.load(tmp_path)
+
+
+def test_negative_thresholds_after_a_relu_load_as_zero(tmp_path):
+    # relu(h)·[h > θ] with θ < 0 is relu(h): SAELens' JumpReLU and dictionary_learning's "unset" −1.
+    W_enc, W_dec, b_enc, b_dec, threshold, x = _weights(8)
+    threshold = threshold - 0.15
+    save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": threshold},
+              tmp_path / "sae_weights.safetensors")
+    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "jumprelu"}))
+    hidden_pre = (x - b_dec) @ W_enc + b_enc
+    feats = torch.relu(hidden_pre) * (hidden_pre > threshold)
+    _check(SAE.load(tmp_path), x, feats, feats @ W_dec + b_dec)
+    torch.save({"encoder.weight": W_enc.mT.contiguous(), "encoder.bias": b_enc, "decoder.weight": W_dec.mT.contiguous(),
+                "b_dec": b_dec, "k": torch.tensor(5, dtype=torch.int), "threshold": torch.tensor(-1.0)},
+               tmp_path / "ae.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "BatchTopKSAE"}}))
+    relu = torch.relu((x - b_dec) @ W_enc + b_enc)
+    _check(SAE.load(tmp_path, format="dictionary_learning"), x, relu, relu @ W_dec + b_dec)
+
+
+def test_sparsify_transcoder_and_unsupported_flags(tmp_path):
+    W_enc, W_dec, b_enc, b_dec, _, x = _weights(9)
+    save_file({"encoder.weight": W_enc.mT.contiguous(), "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec},
+              tmp_path / "sae.safetensors")
+    (tmp_path / "cfg.json").write_text(json.dumps({"num_latents": D_SAE, "k": 6, "d_in": D_IN, "transcode": True}))
+    sae = SAE.load(tmp_path)
+    pre_acts = torch.relu(x @ W_enc + b_enc)  # a transcoder encodes x itself
+    top = pre_acts.topk(6)
+    feats = torch.zeros_like(pre_acts).scatter(-1, top.indices, top.values)
+    _check(sae, x, feats, feats @ W_dec + b_dec)
+    for cfg, flag in (({"skip_connection": True}, "skip_connection"), ({"activation": "groupmax"}, "groupmax")):
+        (tmp_path / "cfg.json").write_text(json.dumps({"num_latents": D_SAE, "k": 6, "d_in": D_IN, **cfg}))
+        with pytest.raises(ValueError, match=flag):
+            SAE.load(tmp_path)
+
+
+def test_dictionary_learning_jumprelu_and_unsupported_class(tmp_path):
+    W_enc, W_dec, b_enc, b_dec, threshold, x = _weights(10)
+    torch.save({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": threshold},
+               tmp_path / "ae.pt")
+    pre_jump = x @ W_enc + b_enc  # JumpReluAutoEncoder: apply_b_dec_to_input is False
+    feats = torch.relu(pre_jump * (pre_jump > threshold))
+    _check(SAE.load(tmp_path), x, feats, feats @ W_dec + b_dec)
+    (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "GatedAutoEncoder"}}))
+    with pytest.raises(ValueError, match="dict_class 'GatedAutoEncoder' is not supported"):
+        SAE.load(tmp_path)
+
+
+def test_metadata_keeps_the_checkpoint_config(tmp_path):
+    W_enc, W_dec, b_enc, b_dec, _, _ = _weights()
+    save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, tmp_path / "sae_weights.safetensors")
+    cfg = {"architecture": "standard", "metadata": {"hook_name": "blocks.2.hook_resid_pre", "model_name": "gpt2"}}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    assert SAE.load(tmp_path).metadata == cfg
+    assert SAE(W_enc, b_enc, W_dec, b_dec).metadata == {}
+    with pytest.raises(TypeError, match="metadata: expected a dict"):
+        SAE(W_enc, b_enc, W_dec, b_dec, metadata="gpt2")
+    with pytest.raises(TypeError, match="expected a sae_lens SAE"):
+        SAE.from_saelens(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="expected a sparsify SparseCoder"):
+        SAE.from_sparsify(object())
+
+
+def test_from_pretrained_reads_a_hugging_face_cache_offline(tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub", reason="huggingface_hub is not installed (pip install 'repkern[sae]')")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network: the cache built here must be enough
+    W_enc, W_dec, b_enc, b_dec, _, x = _weights(12)
+    # The cache layout huggingface_hub writes: refs/main names the snapshot folder of that commit.
+    repo = tmp_path / "models--org--saes"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = repo / "snapshots" / commit / "blocks.4.hook_resid_post"
+    folder.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, folder / "sae_weights.safetensors")
+    (folder / "cfg.json").write_text(json.dumps({"architecture": "standard"}))
+    sae = SAE.from_pretrained("org/saes", "blocks.4.hook_resid_post", cache_dir=tmp_path)
+    feats = torch.relu((x - b_dec) @ W_enc + b_enc)
+    _check(sae, x, feats, feats @ W_dec + b_dec)
+    with pytest.raises(FileNotFoundError):  # huggingface_hub's LocalEntryNotFoundError: not in the cache
+        SAE.from_pretrained("org/other", cache_dir=tmp_path)
+
+
+def test_layer_norm_decode_alone_stays_in_the_normalized_space():
+    W_enc, W_dec, b_enc, b_dec, _, x = _weights(11)
+    sae = SAE(W_enc, b_enc, W_dec, b_dec, normalize_activations="layer_norm")
+    mu, std = x.mean(-1, keepdim=True), x.std(-1, keepdim=True)
+    feats = torch.relu(((x - mu) / (std + 1e-5) - b_dec) @ W_enc + b_enc)
+    torch.testing.assert_close(sae.decode(sae.encode(x)), feats @ W_dec + b_dec, rtol=1e-5, atol=1e-5)
+    _check(sae, x, feats, (feats @ W_dec + b_dec) * std + mu)
+
+
 def test_unknown_format_lists_the_files(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(ValueError, match=r"cannot tell the checkpoint format.*found files \['weights.bin'\]"):

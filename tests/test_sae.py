@@ -526,3 +526,29 @@ def test_torch_compile_fullgraph_training_step():
     torch.testing.assert_close(out, expected)
     for a, b in zip(params, eager_params):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+# ---- torch.sparse forms --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_shape", [(), (7,), (2, 3)])
+def test_to_torch_sparse(batch_shape):
+    W, b_enc, b_dec = _sae(8, 40, torch.float32, "cpu")
+    x = _x((*batch_shape, 8), torch.float32, "cpu")
+    topk = repkern.sae_encode(x, W, b_enc, b_dec=b_dec, activation="topk", k=5, output="sparse")
+    coo = topk.to_sparse_coo()
+    assert coo.layout == torch.sparse_coo and coo.shape == (*batch_shape, 40)
+    assert coo._nnz() == 5 * math.prod(batch_shape)
+    assert torch.equal(coo.to_dense(), topk.to_dense())
+    relu = repkern.sae_encode(x, W, b_enc, b_dec=b_dec, output="sparse")
+    csr = relu.to_sparse_csr()
+    assert csr.layout == torch.sparse_csr and csr.shape == (math.prod(batch_shape), 40)
+    assert torch.equal(csr.to_dense().reshape(relu.shape), relu.to_dense())
+
+
+def test_to_torch_sparse_rejects_out_of_range_indices():
+    # Codes built by hand: torch's invariant check, not a memory error.
+    with pytest.raises(RuntimeError):
+        SparseCodes(torch.ones(2, 3), torch.tensor([[0, 1, 9], [0, 1, 2]]), 4).to_sparse_coo()
+    with pytest.raises(RuntimeError):
+        CsrCodes(torch.tensor([0, 1, 2]), torch.tensor([0, 9]), torch.ones(2), (2, 4)).to_sparse_csr()

@@ -9,9 +9,9 @@ W_dec (d_sae, d_in), optional pre-encoder bias b_dec) plus the format's activati
 format               files                                      encode
 ===================  =========================================  ==========================================
 saelens              ``cfg.json``, ``sae_weights.safetensors``  (x − b_dec if apply_b_dec_to_input) W_enc + b_enc; standard (ReLU), topk (top-k then ReLU), jumprelu
-sparsify             ``cfg.json``, ``sae.safetensors``          ReLU(encoder(x − b_dec)), then top-k (``relu_first``); encoder.weight is (d_sae, d_in)
+sparsify             ``cfg.json``, ``sae.safetensors``          ReLU(encoder(x − b_dec)), then top-k (``relu_first``); encoder.weight is (d_sae, d_in); transcoders: no − b_dec
 gemmascope           ``params.npz``                             JumpReLU of x W_enc + b_enc (no b_dec subtraction)
-dictionary_learning  ``ae.pt`` (+ ``config.json``)              AutoEncoder: ReLU(encoder(x − bias)); AutoEncoderTopK: ReLU then top-k; BatchTopKSAE: relu(h)·[h > threshold]
+dictionary_learning  ``ae.pt`` (+ ``config.json``)              AutoEncoder: ReLU(encoder(x − bias)); AutoEncoderTopK: ReLU then top-k; BatchTopKSAE: relu(h)·[h > threshold]; JumpReluAutoEncoder
 ===================  =========================================  ==========================================
 """
 
@@ -49,11 +49,21 @@ class SAE(nn.Module):
             undone on the output of forward); ``"layer_norm"`` ((x − mean)/(std + 1e-5) in,
             undone on the output of forward) — SAELens' run-time normalizations.
         output: default output of :meth:`encode` (``"dense"`` or ``"sparse"``).
+        metadata: the checkpoint's configuration (:meth:`load`, :meth:`from_saelens`,
+            :meth:`from_sparsify` fill it: e.g. ``metadata["metadata"]["hook_name"]`` for
+            SAELens); kept as :attr:`metadata`, a dict, and not used in the math.
+
+    ``normalize_activations="layer_norm"``: :meth:`forward` normalizes x, encodes, decodes
+    and undoes the normalization with x's own mean and std, as SAELens' forward does.
+    :meth:`decode` alone returns x̂ in the normalized space: it cannot know the mean and
+    std of the x the codes came from (SAELens' ``decode`` reuses those of its last
+    ``encode`` call, a hidden state repkern does not keep). Same for
+    ``"constant_norm_rescale"``.
     """
 
     def __init__(self, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, *, activation: str = "relu",
                  k=None, threshold=None, relu_first: bool = False, apply_b_dec_to_input: bool = True,
-                 normalize_activations: str = "none", output: str = "dense"):
+                 normalize_activations: str = "none", output: str = "dense", metadata: Optional[dict] = None):
         super().__init__()
         for name, t, hint in (("W_enc", W_enc, "(d_in, d_sae)"), ("b_enc", b_enc, "(d_sae,)"),
                               ("W_dec", W_dec, "(d_sae, d_in)"), ("b_dec", b_dec, "(d_in,)")):
@@ -73,11 +83,14 @@ class SAE(nn.Module):
         self.apply_b_dec_to_input = _validation.boolean("apply_b_dec_to_input", apply_b_dec_to_input)
         self.normalize_activations = _validation.choice("normalize_activations", normalize_activations, NORMALIZATIONS)
         self.output = _validation.choice("output", output, ("dense", "sparse"))
+        if metadata is not None and not isinstance(metadata, dict):
+            raise TypeError(f"metadata: expected a dict, got {type(metadata).__name__}")
+        self.metadata = dict(metadata or {})
         if tuple(self.W_dec.shape) != tuple(self.W_enc.shape[::-1]):
             raise ValueError(f"W_dec: expected shape (d_sae, d_in) = {tuple(self.W_enc.shape[::-1])}, "
                              f"got {tuple(self.W_dec.shape)}")
-        # Validates activation / k / threshold / shapes once, on an empty batch.
-        self.encode(self.W_enc.new_empty((0, self.d_in)))
+        # Validates activation / k / threshold / shapes once, on an empty batch (not normalized: its std warns).
+        self._encode_normalized(self.W_enc.new_empty((0, self.d_in)))
 
     @property
     def d_in(self) -> int:
@@ -128,15 +141,77 @@ class SAE(nn.Module):
         one-value threshold, a ``cfg.json`` that is not an object), weights that are not
         floating tensors, and truncated or corrupted files raise ValueError / TypeError
         naming the file or field. ``dtype``/``device`` convert the weights (the threshold
-        stays float32)."""
+        stays float32). :attr:`metadata` holds the checkpoint's config (SAELens' and
+        sparsify's ``cfg.json``, dictionary_learning's ``config.json``; empty for Gemma Scope).
+
+        What each format's flags become (tested against the packages themselves,
+        tests/test_sae_parity.py):
+
+        - SAELens: ``apply_b_dec_to_input``; ``normalize_activations`` ``"none"``,
+          ``"constant_norm_rescale"``, ``"layer_norm"`` (see the class docstring for
+          :meth:`decode` alone); ``rescale_acts_by_decoder_norm`` (TopK/BatchTopK) is folded
+          into the weights — the codes and reconstructions are SAELens', W_dec's rows come
+          out unit-norm; a JumpReLU threshold below 0 loads as 0 (the same codes).
+          ``reshape_activations="hook_z"`` SAEs take x flattened to ``(..., n_heads·d_head)``.
+          ValueError for what repkern does not implement: the architectures gated, abstopk,
+          transcoders, matching pursuit, temporal; ``normalize_activations``
+          ``"expected_average_only_in"`` / ``"covariance_whitening"`` (statistics not in the
+          file: fold them first); ``finetuning_scaling_factor``.
+        - sparsify: TopK ``SparseCoder``; a transcoder (``transcode``) encodes x without
+          subtracting b_dec. ValueError: ``activation="groupmax"``, ``skip_connection``.
+        - dictionary_learning: ``AutoEncoder``, ``AutoEncoderTopK``, ``BatchTopKSAE``
+          (inference threshold), ``JumpReluAutoEncoder``; other ``dict_class`` values are a
+          ValueError. These are the codes of the saved module; the package's own
+          ``AutoEncoder.from_pretrained`` normalizes the decoder by default, which rescales
+          the codes (not the reconstruction)."""
         _validation.choice("format", format, FORMATS)
         path = os.fspath(path)
         if format == "auto":
             format = _detect_format(path)
-        kwargs = _LOADERS[format](path)
-        tensors = {n: kwargs[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
-        for name, t in tensors.items():
-            kwargs[name] = t.to(device=device, dtype=dtype or t.dtype)
+        return cls._build(_LOADERS[format](path), device, dtype, output)
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str, subfolder: Optional[str] = None, *, format: str = "auto",
+                        revision: Optional[str] = None, cache_dir=None, local_files_only: bool = False, device=None,
+                        dtype: Optional[torch.dtype] = None, output: str = "dense") -> "SAE":
+        """Loads the checkpoint in ``subfolder`` of the Hugging Face repository ``repo_id``
+        (SAELens and sparsify repositories hold one folder per hook, Gemma Scope one per
+        layer/width/L0) with :meth:`load`. The files come from ``huggingface_hub``'s
+        ``snapshot_download``: only that folder is fetched, into ``cache_dir`` (default: the
+        Hugging Face cache); ``local_files_only=True`` (or ``HF_HUB_OFFLINE=1``) reads the
+        cache without the network. Needs the ``huggingface_hub`` package (the ``sae`` extra)."""
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError as exc:
+            raise ImportError("SAE.from_pretrained needs the `huggingface_hub` package "
+                              "(pip install 'repkern[sae]')") from exc
+        root = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                 allow_patterns=f"{subfolder.strip('/')}/*" if subfolder else None)
+        path = os.path.join(root, subfolder) if subfolder else root
+        return cls.load(path, format, device=device, dtype=dtype, output=output)
+
+    @classmethod
+    def from_saelens(cls, sae, *, device=None, dtype: Optional[torch.dtype] = None, output: str = "dense") -> "SAE":
+        """Converts a live SAELens ``sae_lens.SAE`` (or a training SAE) with the rules of
+        :meth:`load` (``format="saelens"``): its ``cfg.to_dict()`` and ``state_dict()``. The
+        weights are copied; :attr:`metadata` is the config dict."""
+        cfg, state = _live(sae, "sae_lens SAE")
+        return cls._build(_saelens_kwargs(cfg.to_dict(), state, "sae_lens SAE"), device, dtype, output)
+
+    @classmethod
+    def from_sparsify(cls, coder, *, device=None, dtype: Optional[torch.dtype] = None,
+                      output: str = "dense") -> "SAE":
+        """Converts a live sparsify ``SparseCoder`` with the rules of :meth:`load`
+        (``format="sparsify"``): its ``cfg.to_dict()`` plus ``d_in`` (what
+        ``save_to_disk`` writes) and ``state_dict()``. The weights are copied."""
+        cfg, state = _live(coder, "sparsify SparseCoder")
+        return cls._build(_sparsify_kwargs({**cfg.to_dict(), "d_in": coder.d_in}, state, "sparsify SparseCoder"),
+                          device, dtype, output)
+
+    @classmethod
+    def _build(cls, kwargs: dict, device, dtype, output: str) -> "SAE":
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            kwargs[name] = kwargs[name].to(device=device, dtype=dtype or kwargs[name].dtype)
         if kwargs.get("threshold") is not None:
             kwargs["threshold"] = torch.as_tensor(kwargs["threshold"]).to(device=device, dtype=torch.float32)
         return cls(**kwargs, output=output)
@@ -254,65 +329,136 @@ def _scalar_threshold(value: Tensor, what: str) -> Tensor:
     return value.reshape(())
 
 
+def _live(obj, what: str):
+    """(obj.cfg, detached state dict) of a live package object, or a TypeError naming `what`."""
+    cfg = getattr(obj, "cfg", None)
+    if not isinstance(obj, nn.Module) or not hasattr(cfg, "to_dict"):
+        raise TypeError(f"expected a {what} (an nn.Module with a .cfg), got {type(obj).__name__}")
+    return cfg, {name: t.detach().clone() for name, t in obj.state_dict().items()}
+
+
+def _nonnegative(threshold: Tensor) -> Tensor:
+    """A threshold θ applied after a ReLU: relu(h)·[h > θ] = relu(h)·[h > max(θ, 0)] exactly, so a
+    negative θ (a SAELens JumpReLU file may hold one; dictionary_learning's −1 means "not set yet") loads as 0."""
+    return threshold.clamp(min=0) if threshold.is_floating_point() else threshold  # else: the constructor's error
+
+
+def _fold_decoder_norms(out: dict) -> None:
+    """SAELens' rescale_acts_by_decoder_norm: h·‖W_dec[i]‖ before the top-k, codes/‖W_dec[i]‖ before the
+    decoder. Folding the norms into the weights (W_enc[:, i] and b_enc[i] times the norm, W_dec[i] divided
+    by it) gives the same codes and reconstructions, as SAELens' own fold_W_dec_norm does; computed in
+    float64. A zero decoder row stays zero, and its code is then 0 (SAELens: 0·(1/0) = NaN)."""
+    W_dec = out["W_dec"].double()
+    norms = W_dec.norm(dim=-1)
+    out["W_enc"] = (out["W_enc"].double() * norms).to(out["W_enc"].dtype)
+    out["b_enc"] = (out["b_enc"].double() * norms).to(out["b_enc"].dtype)
+    out["W_dec"] = (W_dec / norms.clamp(min=torch.finfo(torch.float64).tiny)[:, None]).to(out["W_dec"].dtype)
+
+
+# SAELens' normalize_activations that need dataset statistics its SAE file does not hold (its trainer
+# folds them into the weights and saves "none"; SAELens' own encode skips them when they were not folded).
+_UNFOLDED_NORMALIZATIONS = ("expected_average_only_in", "covariance_whitening")
+
+
 def _load_saelens(path: str) -> dict:
     cfg = _read_json(_required_file(path, "cfg.json", "saelens"), "saelens cfg.json")
     tensors = _load_safetensors(_required_file(path, "sae_weights.safetensors", "saelens"))
-    what = "saelens sae_weights.safetensors"
-    _require(tensors, ("W_enc", "b_enc", "W_dec", "b_dec"), what)
+    return _saelens_kwargs(cfg, tensors, "saelens sae_weights.safetensors", "saelens cfg.json")
+
+
+def _saelens_kwargs(cfg: dict, tensors: dict, what: str, cfg_what: Optional[str] = None) -> dict:
+    cfg_what = cfg_what or what
     architecture = cfg.get("architecture")
     if architecture is None:  # older configs name the activation instead
         activation = cfg.get("activation_fn_str", cfg.get("activation_fn"))
         architecture = {"relu": "standard", "topk": "topk"}.get(activation if isinstance(activation, str) else None,
                                                                 "jumprelu" if "threshold" in tensors else "standard")
+    if architecture not in ("standard", "topk", "jumprelu", "batchtopk"):
+        raise ValueError(f"{cfg_what}: unsupported architecture {architecture!r} "
+                         "(supported: standard, topk, jumprelu, batchtopk)")
+    _require(tensors, ("W_enc", "b_enc", "W_dec", "b_dec"), what)
     kwargs = cfg.get("activation_fn_kwargs") or {}
     if not isinstance(kwargs, dict):
-        raise ValueError(f"saelens cfg.json: activation_fn_kwargs must be an object, got {kwargs!r}")
+        raise ValueError(f"{cfg_what}: activation_fn_kwargs must be an object, got {kwargs!r}")
     k = cfg.get("k", kwargs.get("k"))
     apply_b_dec = cfg.get("apply_b_dec_to_input", True)
     if not isinstance(apply_b_dec, bool):
-        raise ValueError(f"saelens cfg.json: apply_b_dec_to_input must be true or false, got {apply_b_dec!r}")
+        raise ValueError(f"{cfg_what}: apply_b_dec_to_input must be true or false, got {apply_b_dec!r}")
+    normalize = cfg.get("normalize_activations") or "none"
+    if normalize is True:  # SAELens < 6 wrote a bool for its dataset-wide scaling
+        normalize = "expected_average_only_in"
+    if normalize in _UNFOLDED_NORMALIZATIONS:
+        raise ValueError(f"{cfg_what}: normalize_activations={normalize!r} is not supported: it needs dataset "
+                         "statistics that the checkpoint does not hold. Fold them into the weights first (SAELens: "
+                         "sae.fold_activation_norm_scaling_factor(factor) / sae.fold_activation_whitening(...), "
+                         "which set it to 'none')")
+    if not isinstance(normalize, str) or normalize not in NORMALIZATIONS:
+        raise ValueError(f"{cfg_what}: unsupported normalize_activations={normalize!r}; supported: {NORMALIZATIONS}")
+    if cfg.get("finetuning_scaling_factor") or (
+            "scaling_factor" in tensors and not bool((tensors["scaling_factor"] == 1).all())):
+        raise ValueError(f"{cfg_what}: finetuning_scaling_factor (a per-feature scale of the codes) is not supported")
+    rescale = cfg.get("rescale_acts_by_decoder_norm", False)
+    if not isinstance(rescale, bool):
+        raise ValueError(f"{cfg_what}: rescale_acts_by_decoder_norm must be true or false, got {rescale!r}")
     out = dict(W_enc=tensors["W_enc"], b_enc=tensors["b_enc"], W_dec=tensors["W_dec"], b_dec=tensors["b_dec"],
-               apply_b_dec_to_input=apply_b_dec, normalize_activations=cfg.get("normalize_activations") or "none")
-    if not isinstance(out["normalize_activations"], str) or out["normalize_activations"] not in NORMALIZATIONS:
-        raise ValueError(f"saelens cfg.json: normalize_activations={out['normalize_activations']!r} needs a "
-                         f"dataset scaling factor that the checkpoint does not hold; supported: {NORMALIZATIONS}")
+               apply_b_dec_to_input=apply_b_dec, normalize_activations=normalize, metadata=cfg)
+    if rescale and architecture not in ("topk", "batchtopk"):
+        raise ValueError(f"{cfg_what}: rescale_acts_by_decoder_norm is only defined for topk and batchtopk, "
+                         f"not {architecture!r}")
     if architecture == "standard":
         out["activation"] = "relu"
     elif architecture == "topk":
         if k is None:
-            raise ValueError(f"saelens cfg.json: architecture 'topk' needs k; found keys {sorted(cfg)}")
-        out.update(activation="topk", k=_integer_k(k, "saelens cfg.json"))
+            raise ValueError(f"{cfg_what}: architecture 'topk' needs k; found keys {sorted(cfg)}")
+        out.update(activation="topk", k=_integer_k(k, cfg_what))
     elif architecture == "jumprelu":
         _require(tensors, ("threshold",), what)
-        out.update(activation="jumprelu", threshold=tensors["threshold"])
-    elif architecture == "batchtopk":  # inference with the stored threshold, else k (training rule)
+        threshold = tensors["threshold"]
+        if "jumprelu_bandwidth" in cfg and threshold.is_floating_point() and bool((threshold < 0).any()):
+            # SAELens' training JumpReLU is h·[h > θ] without a ReLU (it clamps θ >= 0 at every step)
+            raise ValueError(f"{cfg_what}: a training JumpReLU SAE with a threshold below 0 keeps negative codes, "
+                             "which repkern's relu(h)·[h > θ] does not; save it with save_inference_model")
+        out.update(activation="jumprelu", threshold=_nonnegative(threshold))
+    else:  # batchtopk: inference with the stored threshold, else k (training rule)
         if "threshold" in tensors:
-            out.update(activation="batchtopk", threshold=_scalar_threshold(tensors["threshold"], what))
+            out.update(activation="batchtopk", threshold=_nonnegative(_scalar_threshold(tensors["threshold"], what)))
         elif k is None:
-            raise ValueError(f"saelens cfg.json: architecture 'batchtopk' needs a threshold tensor in "
-                             f"sae_weights.safetensors or k in cfg.json; found keys {sorted(cfg)}")
+            raise ValueError(f"{cfg_what}: architecture 'batchtopk' needs a threshold tensor in the weights or "
+                             f"k in the config; found keys {sorted(cfg)}")
         elif isinstance(k, bool) or not isinstance(k, (int, float)):
-            raise TypeError(f"saelens cfg.json: k must be a number, got {type(k).__name__} {k!r}")
+            raise TypeError(f"{cfg_what}: k must be a number, got {type(k).__name__} {k!r}")
         else:
             out.update(activation="batchtopk", k=float(k))
-    else:
-        raise ValueError(f"saelens cfg.json: unsupported architecture {architecture!r} "
-                         "(supported: standard, topk, jumprelu, batchtopk)")
+    # Non-floating weights are left to the constructor's TypeError.
+    if rescale and all(out[n].is_floating_point() for n in ("W_enc", "b_enc", "W_dec")):
+        _fold_decoder_norms(out)
     return out
 
 
 def _load_sparsify(path: str) -> dict:
     cfg = _read_json(_required_file(path, "cfg.json", "sparsify"), "sparsify cfg.json")
     tensors = _load_safetensors(_required_file(path, "sae.safetensors", "sparsify"))
-    _require(tensors, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), "sparsify sae.safetensors")
-    _tensor(tensors, "encoder.weight", "sparsify sae.safetensors", 2)
+    return _sparsify_kwargs(cfg, tensors, "sparsify sae.safetensors", "sparsify cfg.json")
+
+
+def _sparsify_kwargs(cfg: dict, tensors: dict, what: str, cfg_what: Optional[str] = None) -> dict:
+    """sparsify: ReLU(encoder(x − b_dec)), top-k, W_dec codes + b_dec. A transcoder (``transcode``) encodes x
+    itself (no b_dec subtraction) and its decode predicts the module's output instead of x."""
+    cfg_what = cfg_what or what
+    _require(tensors, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), what)
+    _tensor(tensors, "encoder.weight", what, 2)
     if "k" not in cfg:
-        raise ValueError(f"sparsify cfg.json: missing key 'k'; found keys {sorted(cfg)}")
-    if cfg.get("activation", "topk") != "topk" or cfg.get("transcode") or cfg.get("skip_connection"):
-        raise ValueError("sparsify cfg.json: only top-k sparse autoencoders are supported (not groupmax "
-                         "activations, transcoders or skip connections)")
+        raise ValueError(f"{cfg_what}: missing key 'k'; found keys {sorted(cfg)}")
+    if cfg.get("activation", "topk") != "topk":
+        raise ValueError(f"{cfg_what}: activation={cfg['activation']!r} is not supported (only 'topk')")
+    if cfg.get("skip_connection") or "W_skip" in tensors:
+        raise ValueError(f"{cfg_what}: skip_connection (x W_skip added to the output) is not supported")
+    transcode = cfg.get("transcode", False)
+    if not isinstance(transcode, bool):
+        raise ValueError(f"{cfg_what}: transcode must be true or false, got {transcode!r}")
     return dict(W_enc=tensors["encoder.weight"].mT.contiguous(), b_enc=tensors["encoder.bias"], W_dec=tensors["W_dec"],
-                b_dec=tensors["b_dec"], activation="topk", k=_integer_k(cfg["k"], "sparsify cfg.json"), relu_first=True)
+                b_dec=tensors["b_dec"], activation="topk", k=_integer_k(cfg["k"], cfg_what), relu_first=True,
+                apply_b_dec_to_input=not transcode, metadata=cfg)
 
 
 def _load_gemmascope(path: str) -> dict:
@@ -331,7 +477,7 @@ def _load_gemmascope(path: str) -> dict:
     tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
     _require(tensors, ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"), "gemmascope params.npz")
     return dict(W_enc=tensors["W_enc"], b_enc=tensors["b_enc"], W_dec=tensors["W_dec"], b_dec=tensors["b_dec"],
-                activation="jumprelu", threshold=tensors["threshold"], apply_b_dec_to_input=False)
+                activation="jumprelu", threshold=tensors["threshold"], apply_b_dec_to_input=False, metadata={})
 
 
 def _load_dictionary_learning(path: str) -> dict:
@@ -346,26 +492,40 @@ def _load_dictionary_learning(path: str) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"{what}: expected a state dict, got {type(state).__name__}")
     config_file = _find(path, "config.json") if os.path.isdir(path) else None
-    trainer = _read_json(config_file, "dictionary_learning config.json").get("trainer") if config_file else None
+    config = _read_json(config_file, "dictionary_learning config.json") if config_file else {}
+    trainer = config.get("trainer")
     dict_class = trainer.get("dict_class") if isinstance(trainer, dict) else None
+    if dict_class is not None and dict_class not in _DICTIONARY_LEARNING_CLASSES:
+        raise ValueError(f"dictionary_learning config.json: dict_class {dict_class!r} is not supported "
+                         f"(supported: {', '.join(_DICTIONARY_LEARNING_CLASSES)})")
     for name in ("encoder.weight", "decoder.weight"):
         if name in state:
             _tensor(state, name, what, 2)
+    if "W_enc" in state and "threshold" in state:  # JumpReluAutoEncoder: relu(h·[h > θ]), no b_dec subtraction
+        _require(state, ("W_enc", "b_enc", "W_dec", "b_dec"), what)
+        return dict(W_enc=state["W_enc"], b_enc=state["b_enc"], W_dec=state["W_dec"], b_dec=state["b_dec"],
+                    activation="jumprelu", threshold=_nonnegative(state["threshold"]), apply_b_dec_to_input=False,
+                    metadata=config)
     if "bias" in state:  # AutoEncoder: relu(encoder(x − bias)), decoder(f) + bias
         _require(state, ("encoder.weight", "encoder.bias", "decoder.weight"), what)
         return dict(W_enc=state["encoder.weight"].mT.contiguous(), b_enc=state["encoder.bias"],
-                    W_dec=state["decoder.weight"].mT.contiguous(), b_dec=state["bias"], activation="relu")
+                    W_dec=state["decoder.weight"].mT.contiguous(), b_dec=state["bias"], activation="relu",
+                    metadata=config)
     _require(state, ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec"), what)
     common = dict(W_enc=state["encoder.weight"].mT.contiguous(), b_enc=state["encoder.bias"],
-                  W_dec=state["decoder.weight"].mT.contiguous(), b_dec=state["b_dec"])
+                  W_dec=state["decoder.weight"].mT.contiguous(), b_dec=state["b_dec"], metadata=config)
     if dict_class == "BatchTopKSAE":  # inference: relu(h)·[relu(h) > threshold]
         _require(state, ("threshold",), what)
         threshold = state["threshold"]
         if not isinstance(threshold, Tensor):
             threshold = torch.as_tensor(_number(threshold, "threshold", what))
-        return dict(common, activation="batchtopk", threshold=_scalar_threshold(threshold, what))
+        return dict(common, activation="batchtopk", threshold=_nonnegative(_scalar_threshold(threshold, what)))
     _require(state, ("k",), what)  # AutoEncoderTopK: relu, then top-k
     return dict(common, activation="topk", k=_integer_k(state["k"], what), relu_first=True)
+
+
+# dictionary_learning's dictionary classes whose ae.pt repkern reads (GatedAutoEncoder, Matryoshka... are not).
+_DICTIONARY_LEARNING_CLASSES = ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "JumpReluAutoEncoder")
 
 
 def _number(value, name: str, what: str) -> float:

@@ -34,6 +34,18 @@ class SparseCodes(NamedTuple):
         zeros = self.values.new_zeros((*self.values.shape[:-1], self.d_sae))
         return zeros.scatter(-1, self.indices, self.values)
 
+    def to_sparse_coo(self) -> Tensor:
+        """A ``torch.sparse_coo_tensor`` of the dense shape ``(..., d_sae)``, coalesced,
+        holding all k codes of each row (a code that the ReLU made 0 stays stored)."""
+        check_sparse_codes(self)
+        batch_shape, k = tuple(self.values.shape[:-1]), self.values.shape[-1]
+        rows = torch.arange(math.prod(batch_shape), device=self.indices.device).repeat_interleave(k)
+        batch_index = torch.unravel_index(rows, batch_shape) if batch_shape else ()
+        indices = torch.stack([*batch_index, self.indices.reshape(-1)])
+        # check_invariants: codes built by hand could hold out-of-range indices, which would corrupt memory
+        return torch.sparse_coo_tensor(indices, self.values.reshape(-1), (*batch_shape, self.d_sae),
+                                       check_invariants=True).coalesce()
+
 
 class CsrCodes(NamedTuple):
     """Row r of the flattened batch holds ``values[crow_indices[r]:crow_indices[r+1]]``
@@ -57,6 +69,15 @@ class CsrCodes(NamedTuple):
         n, d_sae = math.prod(self.shape[:-1]), self.shape[-1]
         dense = self.values.new_zeros((n, d_sae)).index_put((self.row_indices(), self.col_indices), self.values)
         return dense.reshape(self.shape)
+
+    def to_sparse_csr(self) -> Tensor:
+        """A ``torch.sparse_csr_tensor`` of shape ``(N, d_sae)``: the codes' own CSR arrays,
+        with the batch dims flattened into the N rows (reshape its dense form to ``shape``)."""
+        check_csr_codes(self)
+        n, d_sae = math.prod(self.shape[:-1]), self.shape[-1]
+        # check_invariants: as in SparseCodes.to_sparse_coo
+        return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values, (n, d_sae),
+                                       check_invariants=True)
 
 
 def check_sparse_codes(codes: SparseCodes, name: str = "codes") -> None:
