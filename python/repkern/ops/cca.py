@@ -101,7 +101,9 @@ def cca(x: Tensor, y: Tensor) -> Tensor:
         column spaces must intersect and at least that excess of the correlations is 1 (too few
         samples: the correlations say nothing then). A constant input gives k = 0 (an empty tensor).
         All NaN, of length min(d1, d2), where an input holds NaN/Inf. Invariant to invertible linear
-        maps and shifts of either input. No gradient.
+        maps and shifts of either input.
+        No gradient. Works under ``torch.compile`` (fullgraph, dynamic shapes; the length is then a
+        data-dependent size).
     """
     check_cca_args(x, y)
     if _native.use_reference():
@@ -127,6 +129,7 @@ def svcca(x: Tensor, y: Tensor, *, dims: Optional[Union[int, tuple[int, int]]] =
     Returns:
         ``()`` float32 (float64 for float64 input). NaN where an input holds NaN/Inf; NaN with a
         RuntimeWarning where an input is constant (no direction to keep). No gradient.
+        Works under ``torch.compile`` (fullgraph, dynamic shapes), without the warning.
     """
     dims_pair, keep = check_svcca_args(x, y, dims, keep)
     if _native.use_reference():
@@ -169,6 +172,7 @@ def pwcca(x: Tensor, y: Tensor) -> Tensor:
     Returns:
         ``()`` float32 (float64 for float64 input) in [0, 1]. NaN where an input holds NaN/Inf; NaN with
         a RuntimeWarning where an input is constant. No gradient.
+        Works under ``torch.compile`` (fullgraph, dynamic shapes), without the warning.
     """
     check_cca_args(x, y, "pwcca")
     if _native.use_reference():

@@ -41,10 +41,13 @@ def condensed_dissimilarities(x: Tensor, metric: str) -> Tensor:
         sq = None
     else:
         # shifted by a data value per column (the lower median; 0 where it is not finite): distances
-        # are unchanged, NaN/Inf stay in their rows, and differences of float32 or integer-valued data are
-        # exact, so exactly tied distances stay tied
+        # are unchanged, and differences of float32 or integer-valued data are exact, so exactly tied
+        # distances stay tied
         shift = x64.nanmedian(0).values
         z = x64 - torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        # a pattern holding ±Inf gives NaN in each of its pairs (as documented), not inf − inf = NaN in some
+        # and inf in others
+        z = torch.where(torch.isfinite(x64).all(1, keepdim=True), z, torch.nan)
         sq = z.square().sum(1)
     out = z.new_empty(n * (n - 1) // 2)
     rows = max(1, min(n, BLOCK_ELEMENTS // n))
@@ -126,6 +129,7 @@ def rsa(x: Tensor, y: Tensor, *, rdm: str = "correlation", compare: str = "spear
         ``()`` float32 (float64 for float64 input) in [−1, 1]. NaN where an RDM holds NaN (NaN/Inf in
         an input, or a constant pattern with the correlation distance): no entries are dropped; NaN
         with a RuntimeWarning where an RDM is constant (all dissimilarities equal). No gradient.
+        Works under ``torch.compile`` (fullgraph, dynamic shapes), without the warning.
     """
     check_rsa_args(x, y, rdm, compare)
     if _native.use_reference():

@@ -63,6 +63,7 @@ def shape_distance(x: Tensor, y: Tensor, *, alpha: float = 1.0, score: str = "an
         score of a pair at distance 0 is about sqrt(2ε) ≈ 2e-8 rad from float64 rounding). NaN where an
         input holds NaN or Inf (no error, no warning); angular score NaN with a RuntimeWarning where an
         input is constant (all rows equal: no direction to compare). No gradient.
+        Works under ``torch.compile`` (fullgraph, dynamic shapes), without the warning.
     """
     alpha = check_shape_args(x, y, alpha, score)
     if _native.use_reference():

@@ -52,7 +52,7 @@ def gram(
     rbf: K_ij = exp(−‖x_i − x_j‖² / (2σ²)), σ given or σ² = threshold² · median
     of the squared distances. center: H K H with H = I − 11ᵀ/n.
     A row holding NaN or ±Inf is taken as all NaN: NaN in its row and column of K.
-    Cosine divides each row by its largest |entry| first, so that ‖x_i‖ neither
+    Cosine divides each row by its largest absolute entry first, so that ‖x_i‖ neither
     overflows nor underflows.
     """
     sigma, threshold = check_gram_args(x, kernel, sigma, threshold, center, median)
