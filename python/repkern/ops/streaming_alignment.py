@@ -91,11 +91,11 @@ class StreamingAlignment(StreamingCKA):
         # float64 products: StreamingCKA's statistics of the float64 batch
         return super()._batch_stats([t.double() for t in layers], layout)
 
-    def _check_budget(self, layout) -> None:
+    def _check_budget(self, layout, name: str = "xs") -> None:
         need = _state_bytes(layout, self.debiased)
         if need > self.max_state_bytes:
             raise ValueError(
-                f"xs: StreamingAlignment's exact statistics for these layers need {need / 2**20:.1f} MiB (d_a·d_b "
+                f"{name}: StreamingAlignment's exact statistics for these layers need {need / 2**20:.1f} MiB (d_a·d_b "
                 f"float64 per pair of layers) > max_state_bytes={self.max_state_bytes}; raise max_state_bytes or "
                 "compare fewer layers per accumulator")
 
