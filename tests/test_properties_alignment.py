@@ -9,6 +9,10 @@ the rule), and Spearman ties are exact equality of the op's own float64 dissimil
 :func:`repkern.rdm`'s values). The knn family runs on the native top-k merge (backends cpu and emu);
 shape, CCA and RSA are plain PyTorch, so one backend suffices. Same profiles (REPKERN_HYPOTHESIS_PROFILE)
 and crash isolation as tests/test_properties.py.
+
+Known defects are kept out of the main tests and run as xfail(strict=False) tests that name them (each
+with its counter-example first, then generated examples): euclidean knn at exact ties, with ±Inf rows and
+on rows of mixed scales; whitening (shape alpha < 1, CCA family) on rows of mixed scales.
 """
 
 from __future__ import annotations
