@@ -178,6 +178,7 @@ def test_state_dicts_carry_a_format_version():
 _W = _data(6, 10, seed=3)
 _B, _WD, _BD = _data(10, seed=4), _data(10, 6, seed=5), _data(6, seed=6)
 _THETA = _data(10, seed=7).abs()
+_MIX = _data(3, 6, seed=8)
 
 
 def _dense(codes):
@@ -234,13 +235,34 @@ COMPILE_CASES = {
     "sparsity_stats unordered 3-d": lambda x, y: _sparsity_fields(
         repkern.sparsity_stats(x.reshape(1, -1, x.shape[-1]), ordered=False, eps=0.1)),
     "cka_test": lambda x, y: _cka_test_fields(repkern.cka_test(x, y, n_permutations=7, n_bootstrap=5, seed=3)),
+    "knn cosine": lambda x, y: tuple(repkern.knn(x, 3)),
+    "knn ip": lambda x, y: tuple(repkern.knn(x, 2, metric="ip")),
+    "knn euclidean": lambda x, y: tuple(repkern.knn(y, 4, metric="euclidean")),
+    "mutual_knn": lambda x, y: repkern.mutual_knn(x, y, 3),
+    "cycle_knn euclidean": lambda x, y: repkern.cycle_knn(x, y, 2, metric="euclidean"),
+    "cknna": lambda x, y: repkern.cknna(x, y, 3),
+    "shape_distance": lambda x, y: repkern.shape_distance(x, y),
+    "shape_distance euclidean alpha": lambda x, y: repkern.shape_distance(x, y, alpha=0.5, score="euclidean"),
+    "shape_distance full whitening": lambda x, y: repkern.shape_distance(x[:, :4], y, alpha=0.0),
+    "cca": lambda x, y: repkern.cca(x, y),
+    # rank 3 < min(d1, d2) = 4: three correlations, a length known only from the data
+    "cca rank-deficient": lambda x, y: repkern.cca(x[:, :3] @ _MIX, y),
+    "svcca keep": lambda x, y: repkern.svcca(x, y, keep=0.9),
+    "svcca dims": lambda x, y: repkern.svcca(x, y, dims=(3, 2)),
+    "pwcca": lambda x, y: repkern.pwcca(x, y),
+    "rdm correlation": lambda x, y: repkern.rdm(x),
+    "rdm euclidean": lambda x, y: repkern.rdm(y, "euclidean"),
+    "rsa": lambda x, y: repkern.rsa(x, y),
+    "rsa euclidean pearson": lambda x, y: repkern.rsa(x, y, rdm="euclidean", compare="pearson"),
 }
 
 
 @pytest.mark.parametrize("name", list(COMPILE_CASES))
 def test_every_op_compiles_fullgraph_with_dynamic_shapes(name):
     """Before: every op failed at the argument checks (math.isfinite on a symbolic float); cka_test also
-    on its CPU generator and data-dependent branches. Three sample counts through one compiled function."""
+    on its CPU generator and data-dependent branches; shape_distance, cca, svcca, pwcca and rsa on their
+    branches on tensor values (NaN input, constant input, ranks, kept directions) and on math.isnan of
+    alpha and keep. Three sample counts through one compiled function."""
     fn = COMPILE_CASES[name]
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend="aot_eager", dynamic=True, fullgraph=True)

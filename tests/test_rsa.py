@@ -86,6 +86,15 @@ def test_rdm_nan_and_constant_patterns_stay_in_their_pairs(impl):
     assert np.isnan(got).sum() == 4 and np.isfinite(repkern.rdm(c, "euclidean").numpy()).all()
 
 
+def test_rdm_inf_patterns_give_nan_in_each_of_their_pairs(impl):
+    """Before: the squared distance of a pattern holding ±Inf was inf − inf = NaN in some pairs and inf in
+    others ([[-inf], [0.3], [1]]: NaN, inf)."""
+    x = torch.tensor([[-math.inf], [0.3], [1.0], [math.inf]], dtype=torch.float64)
+    for metric in METRICS:
+        got = repkern.rdm(torch.cat([x, x.neg().exp2()], 1), metric)  # two features: correlation too
+        assert torch.isnan(got).tolist() == [True, True, True, False, True, True], metric
+
+
 # ---- rsa ------------------------------------------------------------------------------------------------------
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional
 
@@ -21,7 +20,7 @@ def check_svcca_options(dims, keep, widths: Optional[tuple[int, int]] = None, si
     if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
         raise TypeError(f"keep: expected a fraction of the variance in (0, 1], got {type(keep).__name__}")
     keep = float(keep)
-    if not (0.0 < keep <= 1.0) or math.isnan(keep):
+    if not 0.0 < keep <= 1.0:  # NaN fails it too (math.isnan cannot take a float traced by torch.compile)
         raise ValueError(f"keep: expected a fraction of the variance in (0, 1], got {keep}")
     if dims is None:
         return None, keep

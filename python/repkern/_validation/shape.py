@@ -3,7 +3,6 @@ share with it."""
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -46,7 +45,7 @@ def alpha_value(alpha) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha: expected a real number in [0, 1], got {type(alpha).__name__}")
     alpha = float(alpha)
-    if not (0.0 <= alpha <= 1.0) or math.isnan(alpha):
+    if not 0.0 <= alpha <= 1.0:  # NaN fails it too (math.isnan cannot take a float traced by torch.compile)
         raise ValueError(f"alpha: expected a number in [0, 1] (1: rotations only, 0: full whitening), got {alpha}")
     return alpha
 

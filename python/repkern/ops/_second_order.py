@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from repkern import _common
 from repkern._validation.shape import rank_deficient_error
 
 RANK_RHO = 2.0**-46  # numerical rank: λ_i > d · RANK_RHO · λ_max
@@ -63,6 +64,25 @@ def spectrum(a: Tensor, constant: bool = False) -> Spectrum:
     rank = int((values > d * RANK_RHO * top).sum()) if top > 0 else 0
     keep = torch.arange(d, device=a.device) < rank
     return Spectrum(torch.where(keep, values, torch.zeros_like(values)), vectors, rank, torch.diagonal(a).sum())
+
+
+def prepare(x: Tensor, y: Tensor) -> Optional[tuple[Spectrum, Spectrum, Tensor, Tensor]]:
+    """(spectrum of A, spectrum of B, C, (2,) bool: x, y constant) or None when an input holds NaN/Inf."""
+    if not (bool(_common.all_finite(x)) and bool(_common.all_finite(y))):
+        return None
+    constant = torch.stack([_common.constant_rows(x), _common.constant_rows(y)])
+    a, b, c = centered_grams(x, y)
+    return spectrum(a, bool(constant[0])), spectrum(b, bool(constant[1])), c, constant
+
+
+def no_flags(x: Tensor) -> Tensor:
+    """(2,) bool, all False: the degenerate-input flags of a pair that gets no warning."""
+    return x.new_zeros(2, dtype=torch.bool)
+
+
+def flagged(flags: Tensor) -> list[str]:
+    """The names ("x", "y") whose flag in the (2,) bool tensor is set."""
+    return [name for name, flag in zip("xy", flags.tolist()) if flag]
 
 
 def centered_grams(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:

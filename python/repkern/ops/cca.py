@@ -29,17 +29,57 @@ from repkern.ops import _second_order as so
 __all__ = ["cca", "svcca", "pwcca"]
 
 
-def _prepare(x: Tensor, y: Tensor):
-    """(spectrum of A, spectrum of B, C, constant flags) or None when an input holds NaN/Inf."""
-    if not (bool(_common.all_finite(x)) and bool(_common.all_finite(y))):
-        return None
-    constant = [bool(_common.constant_rows(t)) for t in (x, y)]
-    a, b, c = so.centered_grams(x, y)
-    return so.spectrum(a, constant[0]), so.spectrum(b, constant[1]), c, constant
+def _nan(x: Tensor, shape=()) -> Tensor:
+    return torch.full(shape, torch.nan, dtype=_common.stat_dtype(x.dtype), device=x.device)
 
 
-def _constant_names(constant) -> list[str]:
-    return [name for name, flag in zip("xy", constant) if flag]
+# Each function is one opaque op under torch.compile: the ranks, the directions SVCCA keeps (so cca's
+# output length) and the NaN/constant branches depend on the data; eager and compiled calls run the same
+# code. The (2,) bool output flags a finite constant x, y (for the warning, given outside the op).
+
+
+@torch.library.custom_op("repkern::cca", mutates_args=())
+def _cca_op(x: Tensor, y: Tensor) -> Tensor:
+    parts = so.prepare(x, y)
+    if parts is None:
+        return _nan(x, (min(x.shape[1], y.shape[1]),))
+    sx, sy, c, _ = parts
+    rho, _ = so.canonical(sx, sy, c)
+    return rho.to(_common.stat_dtype(x.dtype))
+
+
+@_cca_op.register_fake
+def _(x, y):
+    return x.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=_common.stat_dtype(x.dtype))
+
+
+@torch.library.custom_op("repkern::svcca", mutates_args=())
+def _svcca_op(x: Tensor, y: Tensor, dims: Optional[list[int]], keep: float) -> tuple[Tensor, Tensor]:
+    parts = so.prepare(x, y)
+    if parts is None:
+        return _nan(x), so.no_flags(x)
+    sx, sy, c, constant = parts
+    pair = None if dims is None else (dims[0], dims[1])
+    return svcca_from_stats(sx, sy, c, pair, keep).to(_common.stat_dtype(x.dtype)), constant
+
+
+@_svcca_op.register_fake
+def _(x, y, dims, keep):
+    return x.new_empty((), dtype=_common.stat_dtype(x.dtype)), so.no_flags(x)
+
+
+@torch.library.custom_op("repkern::pwcca", mutates_args=())
+def _pwcca_op(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    parts = so.prepare(x, y)
+    if parts is None:
+        return _nan(x), so.no_flags(x)
+    sx, sy, c, constant = parts
+    return pwcca_from_stats(sx, sy, c).to(_common.stat_dtype(x.dtype)), constant
+
+
+@_pwcca_op.register_fake
+def _(x, y):
+    return x.new_empty((), dtype=_common.stat_dtype(x.dtype)), so.no_flags(x)
 
 
 def cca(x: Tensor, y: Tensor) -> Tensor:
@@ -61,19 +101,14 @@ def cca(x: Tensor, y: Tensor) -> Tensor:
         column spaces must intersect and at least that excess of the correlations is 1 (too few
         samples: the correlations say nothing then). A constant input gives k = 0 (an empty tensor).
         All NaN, of length min(d1, d2), where an input holds NaN/Inf. Invariant to invertible linear
-        maps and shifts of either input. No gradient.
+        maps and shifts of either input.
+        No gradient. Works under ``torch.compile`` (fullgraph, dynamic shapes; the length is then a
+        data-dependent size).
     """
     check_cca_args(x, y)
     if _native.use_reference():
         return reference.cca(x, y)
-    stat = _common.stat_dtype(x.dtype)
-    with torch.no_grad():
-        parts = _prepare(x, y)
-        if parts is None:
-            return torch.full((min(x.shape[1], y.shape[1]),), torch.nan, dtype=stat, device=x.device)
-        sx, sy, c, _ = parts
-        rho, _ = so.canonical(sx, sy, c)
-    return rho.to(stat)
+    return _cca_op(x.detach(), y.detach())
 
 
 def svcca(x: Tensor, y: Tensor, *, dims: Optional[Union[int, tuple[int, int]]] = None,
@@ -94,19 +129,15 @@ def svcca(x: Tensor, y: Tensor, *, dims: Optional[Union[int, tuple[int, int]]] =
     Returns:
         ``()`` float32 (float64 for float64 input). NaN where an input holds NaN/Inf; NaN with a
         RuntimeWarning where an input is constant (no direction to keep). No gradient.
+        Works under ``torch.compile`` (fullgraph, dynamic shapes), without the warning.
     """
     dims_pair, keep = check_svcca_args(x, y, dims, keep)
     if _native.use_reference():
         return reference.svcca(x, y, dims=dims_pair, keep=keep)
-    stat = _common.stat_dtype(x.dtype)
-    with torch.no_grad():
-        parts = _prepare(x, y)
-        if parts is None:
-            return torch.full((), torch.nan, dtype=stat, device=x.device)
-        sx, sy, c, constant = parts
-        value = svcca_from_stats(sx, sy, c, dims_pair, keep)
-    so.warn_degenerate("svcca", _constant_names(constant), f"{so.CONSTANT}; SVCCA is NaN")
-    return value.to(stat)
+    value, constant = _svcca_op(x.detach(), y.detach(), None if dims_pair is None else list(dims_pair), keep)
+    if not torch.compiler.is_compiling():  # no data-dependent Python under torch.compile
+        so.warn_degenerate("svcca", so.flagged(constant), f"{so.CONSTANT}; SVCCA is NaN")
+    return value
 
 
 def svcca_from_stats(sx: so.Spectrum, sy: so.Spectrum, c: Tensor, dims: Optional[tuple[int, int]],
@@ -141,16 +172,12 @@ def pwcca(x: Tensor, y: Tensor) -> Tensor:
     Returns:
         ``()`` float32 (float64 for float64 input) in [0, 1]. NaN where an input holds NaN/Inf; NaN with
         a RuntimeWarning where an input is constant. No gradient.
+        Works under ``torch.compile`` (fullgraph, dynamic shapes), without the warning.
     """
     check_cca_args(x, y, "pwcca")
     if _native.use_reference():
         return reference.pwcca(x, y)
-    stat = _common.stat_dtype(x.dtype)
-    with torch.no_grad():
-        parts = _prepare(x, y)
-        if parts is None:
-            return torch.full((), torch.nan, dtype=stat, device=x.device)
-        sx, sy, c, constant = parts
-        value = pwcca_from_stats(sx, sy, c)
-    so.warn_degenerate("pwcca", _constant_names(constant), f"{so.CONSTANT}; PWCCA is NaN")
-    return value.to(stat)
+    value, constant = _pwcca_op(x.detach(), y.detach())
+    if not torch.compiler.is_compiling():  # no data-dependent Python under torch.compile
+        so.warn_degenerate("pwcca", so.flagged(constant), f"{so.CONSTANT}; PWCCA is NaN")
+    return value

@@ -41,10 +41,13 @@ def condensed_dissimilarities(x: Tensor, metric: str) -> Tensor:
         sq = None
     else:
         # shifted by a data value per column (the lower median; 0 where it is not finite): distances
-        # are unchanged, NaN/Inf stay in their rows, and differences of float32 or integer-valued data are
-        # exact, so exactly tied distances stay tied
+        # are unchanged, and differences of float32 or integer-valued data are exact, so exactly tied
+        # distances stay tied
         shift = x64.nanmedian(0).values
         z = x64 - torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        # a pattern holding ±Inf gives NaN in each of its pairs (as documented), not inf − inf = NaN in some
+        # and inf in others
+        z = torch.where(torch.isfinite(x64).all(1, keepdim=True), z, torch.nan)
         sq = z.square().sum(1)
     out = z.new_empty(n * (n - 1) // 2)
     rows = max(1, min(n, BLOCK_ELEMENTS // n))
@@ -126,18 +129,33 @@ def rsa(x: Tensor, y: Tensor, *, rdm: str = "correlation", compare: str = "spear
         ``()`` float32 (float64 for float64 input) in [−1, 1]. NaN where an RDM holds NaN (NaN/Inf in
         an input, or a constant pattern with the correlation distance): no entries are dropped; NaN
         with a RuntimeWarning where an RDM is constant (all dissimilarities equal). No gradient.
+        Works under ``torch.compile`` (fullgraph, dynamic shapes), without the warning.
     """
     check_rsa_args(x, y, rdm, compare)
     if _native.use_reference():
         return reference.rsa(x, y, rdm=rdm, compare=compare)
+    value, flat = _rsa_op(x.detach(), y.detach(), rdm, compare)
+    if not torch.compiler.is_compiling():  # no data-dependent Python under torch.compile
+        so.warn_degenerate("rsa", so.flagged(flat),
+                           "all dissimilarities of its RDM are equal; the RSA correlation is NaN")
+    return value
+
+
+# One opaque op under torch.compile: the NaN and constant-RDM branches depend on the data; eager and
+# compiled calls run the same code.
+@torch.library.custom_op("repkern::rsa", mutates_args=())
+def _rsa_op(x: Tensor, y: Tensor, metric: str, compare: str) -> tuple[Tensor, Tensor]:
+    """(the correlation in the statistics dtype, (2,) bool: the RDM of x, y finite and constant)."""
     stat = _common.stat_dtype(x.dtype)
-    with torch.no_grad():
-        dx, dy = condensed_dissimilarities(x, rdm), condensed_dissimilarities(y, rdm)
-        if not (bool(torch.isfinite(dx).all()) and bool(torch.isfinite(dy).all())):
-            return torch.full((), torch.nan, dtype=stat, device=x.device)
-        if compare == "spearman":
-            dx, dy = average_ranks(dx), average_ranks(dy)
-        flat = [name for name, v in (("x", dx), ("y", dy)) if bool((v == v[0]).all())]
-        value = pearson(dx, dy)
-    so.warn_degenerate("rsa", flat, "all dissimilarities of its RDM are equal; the RSA correlation is NaN")
-    return value.to(stat)
+    dx, dy = condensed_dissimilarities(x, metric), condensed_dissimilarities(y, metric)
+    if not (bool(torch.isfinite(dx).all()) and bool(torch.isfinite(dy).all())):
+        return torch.full((), torch.nan, dtype=stat, device=x.device), so.no_flags(x)
+    if compare == "spearman":
+        dx, dy = average_ranks(dx), average_ranks(dy)
+    flat = torch.stack([(v == v[0]).all() for v in (dx, dy)])
+    return pearson(dx, dy).to(stat), flat
+
+
+@_rsa_op.register_fake
+def _(x, y, metric, compare):
+    return x.new_empty((), dtype=_common.stat_dtype(x.dtype)), so.no_flags(x)

@@ -63,19 +63,30 @@ def shape_distance(x: Tensor, y: Tensor, *, alpha: float = 1.0, score: str = "an
         score of a pair at distance 0 is about sqrt(2ε) ≈ 2e-8 rad from float64 rounding). NaN where an
         input holds NaN or Inf (no error, no warning); angular score NaN with a RuntimeWarning where an
         input is constant (all rows equal: no direction to compare). No gradient.
+        Works under ``torch.compile`` (fullgraph, dynamic shapes), without the warning.
     """
     alpha = check_shape_args(x, y, alpha, score)
     if _native.use_reference():
         return reference.shape_distance(x, y, alpha=alpha, score=score)
+    value, constant = _shape_op(x.detach(), y.detach(), alpha, score)
+    if score == "angular" and not torch.compiler.is_compiling():  # no data-dependent Python under compile
+        so.warn_degenerate("shape_distance", so.flagged(constant), f"{so.CONSTANT}; the angular shape distance is NaN")
+    return value
+
+
+# One opaque op under torch.compile: the rank, the alpha = 0 check and the NaN/constant branches depend on
+# the data; eager and compiled calls run the same code.
+@torch.library.custom_op("repkern::shape_distance", mutates_args=())
+def _shape_op(x: Tensor, y: Tensor, alpha: float, score: str) -> tuple[Tensor, Tensor]:
+    """(the distance in the statistics dtype, (2,) bool: x, y finite and constant)."""
     stat = _common.stat_dtype(x.dtype)
-    if not (bool(_common.all_finite(x)) and bool(_common.all_finite(y))):
-        return torch.full((), torch.nan, dtype=stat, device=x.device)
-    with torch.no_grad():
-        constant = [bool(_common.constant_rows(t)) for t in (x, y)]
-        a, b, c = so.centered_grams(x, y)
-        sx, sy = so.spectrum(a, constant[0]), so.spectrum(b, constant[1])
-        value = shape_from_stats(x.shape[0], sx, sy, c, alpha, score)
-    if score == "angular":
-        so.warn_degenerate("shape_distance", [name for name, flag in zip("xy", constant) if flag],
-                           f"{so.CONSTANT}; the angular shape distance is NaN")
-    return value.to(stat)
+    parts = so.prepare(x, y)
+    if parts is None:
+        return torch.full((), torch.nan, dtype=stat, device=x.device), so.no_flags(x)
+    sx, sy, c, constant = parts
+    return shape_from_stats(x.shape[0], sx, sy, c, alpha, score).to(stat), constant
+
+
+@_shape_op.register_fake
+def _(x, y, alpha, score):
+    return x.new_empty((), dtype=_common.stat_dtype(x.dtype)), so.no_flags(x)

@@ -17,7 +17,9 @@ def _dissimilarities(x: torch.Tensor, metric: str) -> torch.Tensor:
         full = 1 - torch.corrcoef(x64)  # Pearson r between rows
         i, j = torch.triu_indices(n, n, 1, device=x.device)
         return full[i, j]
-    # row by row, from the differences themselves: ‖x_i − x_j‖² / d for j > i
+    # row by row, from the differences themselves: ‖x_i − x_j‖² / d for j > i; NaN in every pair of a pattern
+    # holding NaN/Inf
+    x64 = torch.where(torch.isfinite(x64).all(1, keepdim=True), x64, torch.nan)
     return torch.cat([(x64[i] - x64[i + 1 :]).square().sum(-1) / d for i in range(n - 1)])
 
 
