@@ -148,7 +148,8 @@ def sensitivity_curves(
     ylabel: str = "similarity to the unperturbed model",
 ):
     """One line per layer: the mean over draws of ``values`` (layers, scales, draws) against the noise
-    scale, with the range over draws shaded. Returns the Figure (saved to ``path`` when given; drawn
+    scale (a symmetric-log axis when the positive scales span a factor of 10 or more), with the range
+    over draws shaded. Returns the Figure (saved to ``path`` when given; drawn
     into ``ax`` when given)."""
     data = values.detach().double().cpu()
     if data.dim() != 3 or data.shape[:2] != (len(layer_labels), len(scales)):
@@ -164,6 +165,9 @@ def sensitivity_curves(
         if data.shape[-1] > 1:
             ax.fill_between(x, per_scale.amin(-1).tolist(), per_scale.amax(-1).tolist(), color=line.get_color(),
                             alpha=0.15, linewidth=0)
+    positive = [s for s in x if s > 0]
+    if positive and max(positive) >= 10 * min(positive):  # geometric scales: logarithmic, 0 kept on a linear stretch
+        ax.set_xscale("symlog", linthresh=min(positive), linscale=0.5)
     ax.set_xlabel("relative weight-noise scale")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

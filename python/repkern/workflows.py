@@ -1,7 +1,9 @@
-"""Analysis workflows over a dataset: CKA between the layers of two models, per-layer sparsity.
+"""Analysis workflows over a dataset: an alignment metric (CKA by default) between the layers of two
+models, each layer's sensitivity to weight noise, per-layer sparsity.
 
-Both stream: each batch's activations go into accumulators and are dropped, so memory does not grow
-with the dataset. Batches are moved to the model's device and run there (a tensor is passed as
+CKA, the second-order alignment metrics and the sparsity statistics stream: each batch's activations go
+into accumulators and are dropped, so memory does not grow with the dataset. The kNN metrics, rsa and
+:func:`perturbation_sensitivity` need every row at once and keep at most ``max_samples`` of them. Batches are moved to the model's device and run there (a tensor is passed as
 ``model(batch)``, a tuple/list as ``model(*batch)``, a mapping as ``model(**batch)``; a mapping's
 ``attention_mask`` marks padding for pooling, see :func:`repkern.capture`). A mapping's keys that the
 model's ``forward`` does not take (``text``, ``labels``, ``idx`` of a Hugging Face dataset) are left out;
@@ -419,7 +421,8 @@ def perturbation_sensitivity(
     (0 ≤ d < ``draws``) takes z from a CPU ``torch.Generator`` seeded with ``seed + d``, parameter by
     parameter in ``named_parameters()`` order (float32, float64 for a float64 parameter, then cast to
     p's dtype and device): the same z at every scale, so the scales of one draw differ by the noise's
-    size only. Scale 0 is the unperturbed model.
+    size only. Scale 0 is the unperturbed model: its rows are the unperturbed rows themselves (no forward
+    pass), so each layer compares with itself exactly (1, or 0 for shape_distance; cycle_knn computed).
 
     The caller's model is perturbed in place and restored bit for bit from a copy of its parameters
     (also when an exception interrupts the run); its train/eval mode is restored as in
@@ -476,8 +479,12 @@ def perturbation_sensitivity(
         runs = [(d, j) for d in range(draws) for j in range(len(scales))]
         try:
             for d, j in _progress(runs, progress, "perturbation_sensitivity"):
-                _perturb(params, scales[j], seed + d)
-                for i, perturbed in enumerate(activations(False)):
+                if scales[j] == 0:  # p + 0·z is p: the unperturbed rows themselves, no forward pass
+                    perturbed_layers = original
+                else:
+                    _perturb(params, scales[j], seed + d)
+                    perturbed_layers = activations(False)
+                for i, perturbed in enumerate(perturbed_layers):
                     values[i, j, d] = float(similarity_matrix([original[i]], [perturbed], metric=metric,
                                                               **options)[0, 0])
         finally:
