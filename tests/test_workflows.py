@@ -460,6 +460,8 @@ def test_compare_models_metric_errors_before_running_the_models():
         repkern.compare_models(a, b, batches, LAYERS, metric="shape_distance", score="cosine")
     with pytest.raises(ValueError, match="max_samples: expected >= 1"):
         repkern.compare_models(a, b, batches, LAYERS, metric="mutual_knn", k=3, max_samples=0)
+    with pytest.raises(TypeError, match="max_samples: expected an int or None"):
+        repkern.compare_models(a, b, batches, LAYERS, max_samples=1.5)
     assert a.forward_calls == b.forward_calls == 0
 
 

@@ -244,6 +244,7 @@ def _sink(metric: str, kernel: str, debiased: Optional[bool], estimator: str, ma
           options: dict, counts: tuple[int, Optional[int]]):
     """(the accumulator of compare_models' metric, the debiased flag of a CKA result, the metric's options
     with defaults filled in); every setting is checked here, before any forward pass."""
+    limit = _max_samples(metric, max_samples)
     if metric == "cka":
         _validation.choice("estimator", estimator, ESTIMATORS)
         debiased = estimator == "minibatch" if debiased is None else _validation.boolean("debiased", debiased)
@@ -256,7 +257,6 @@ def _sink(metric: str, kernel: str, debiased: Optional[bool], estimator: str, ma
         acc = StreamingAlignment()
         acc._options(metric, options)  # bad values (alpha, score, dims, keep) fail now, not after the data
         return _Streamed(acc, metric, options), None, filled
-    limit = _max_samples(metric, max_samples)
     return _Pooled(counts[0], counts[1], limit, metric, options, pool), None, filled
 
 
