@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from repkern import _files, plots
+from repkern._validation.similarity import OPTIONS, REQUIRED
 from repkern.results.sparsity import SparsityStats
 
 FORMAT_VERSION = 1
@@ -159,8 +160,6 @@ _RANGES = {"cka": (0.0, 1.0), "mutual_knn": (0.0, 1.0), "cycle_knn": (0.0, 1.0),
 
 def metric_label(metric: str, options: Mapping) -> str:
     """The metric and the options that differ from its defaults, for a title: ``mutual_knn (k=10)``."""
-    from repkern._validation.similarity import OPTIONS, REQUIRED
-
     defaults = OPTIONS.get(metric, {})
     parts = [f"{key}={value}" for key, value in options.items()
              if key in defaults and (defaults[key] is REQUIRED or value != defaults[key])]
