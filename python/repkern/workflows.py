@@ -3,8 +3,9 @@ models, each layer's sensitivity to weight noise, per-layer sparsity.
 
 CKA, the second-order alignment metrics and the sparsity statistics stream: each batch's activations go
 into accumulators and are dropped, so memory does not grow with the dataset. The kNN metrics, rsa and
-:func:`perturbation_sensitivity` need every row at once and keep at most ``max_samples`` of them. Batches are moved to the model's device and run there (a tensor is passed as
-``model(batch)``, a tuple/list as ``model(*batch)``, a mapping as ``model(**batch)``; a mapping's
+:func:`perturbation_sensitivity` need every row at once and keep at most ``max_samples`` of them.
+Batches are moved to the model's device and run there (a tensor is passed as ``model(batch)``, a
+tuple/list as ``model(*batch)``, a mapping as ``model(**batch)``; a mapping's
 ``attention_mask`` marks padding for pooling, see :func:`repkern.capture`). A mapping's keys that the
 model's ``forward`` does not take (``text``, ``labels``, ``idx`` of a Hugging Face dataset) are left out;
 a ``forward(**kwargs)`` gets them all, unless the keywords are typed ``**kwargs: Unpack[SomeTypedDict]``

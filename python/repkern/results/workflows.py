@@ -288,8 +288,8 @@ class PerturbationResult:
         the y axis names the metric (a distance for shape_distance). Returns the
         ``matplotlib.figure.Figure``; saves it to ``path`` when given; draws into ``ax`` when given."""
         what = "distance" if self.metric in DISTANCES else "similarity"
-        return plots.sensitivity_curves(self.values, self.layers, self.scales, path, ax=ax,
-                                        title=title or f"Perturbation sensitivity: {metric_label(self.metric, self.options)}",
+        title = title or f"Perturbation sensitivity: {metric_label(self.metric, self.options)}"
+        return plots.sensitivity_curves(self.values, self.layers, self.scales, path, ax=ax, title=title,
                                         ylabel=f"{self.metric} {what} to the unperturbed model")
 
 
