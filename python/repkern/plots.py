@@ -55,9 +55,14 @@ def cka_heatmap(
     title: str = "CKA",
     xlabel: str = "",
     ylabel: str = "",
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    cmap: str = "magma",
+    colorbar_label: str = "",
 ):
-    """Heatmap of a (rows, cols) CKA matrix with labelled layer axes, a colour bar
-    on [0, 1] and the values written in the cells when they fit. Returns the Figure
+    """Heatmap of a (rows, cols) CKA (or other alignment) matrix with labelled layer axes, a colour bar
+    on [vmin, vmax] (default [0, 1]) and the values written in the cells when they fit. A reversed
+    colour map (name ending in ``_r``, for a distance) keeps "more similar" bright. Returns the Figure
     (saved to ``path`` when given; drawn into ``ax`` when given)."""
     values = matrix.detach().double().cpu().numpy()
     rows, cols = values.shape
@@ -68,7 +73,7 @@ def cka_heatmap(
         fig = new_figure(figsize=(1.0 + 0.6 * cols, 0.8 + 0.55 * rows))
         ax = fig.add_subplot()
     fig = ax.figure
-    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="magma", origin="lower")
+    image = ax.imshow(values, vmin=vmin, vmax=vmax, cmap=cmap, origin="lower")
     ax.set_xticks(range(cols), col_labels, rotation=45, ha="right")
     ax.set_yticks(range(rows), row_labels)
     ax.set_xlabel(xlabel)
@@ -78,9 +83,11 @@ def cka_heatmap(
         for i in range(rows):
             for j in range(cols):
                 v = values[i, j]
+                position = (v - vmin) / (vmax - vmin)  # dark text on the colour map's bright end
+                bright = position < 0.4 if cmap.endswith("_r") else position > 0.6
                 ax.text(j, i, "nan" if v != v else f"{v:.2f}", ha="center", va="center", fontsize=7,
-                        color="black" if v == v and v > 0.6 else "white")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+                        color="black" if v == v and bright else "white")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=colorbar_label)
     return _finish(fig, path, own, dpi=130)
 
 
@@ -127,4 +134,43 @@ def sparsity_profiles(
     axes[0].legend(fontsize=8)
     if own:
         fig.suptitle(title)
+    return _finish(fig, path, own, dpi=130)
+
+
+def sensitivity_curves(
+    values: torch.Tensor,
+    layer_labels: Sequence[str],
+    scales: Sequence[float],
+    path: Optional[str] = None,
+    *,
+    ax=None,
+    title: str = "Perturbation sensitivity",
+    ylabel: str = "similarity to the unperturbed model",
+):
+    """One line per layer: the mean over draws of ``values`` (layers, scales, draws) against the noise
+    scale (a symmetric-log axis when the positive scales span a factor of 10 or more), with the range
+    over draws shaded. Returns the Figure (saved to ``path`` when given; drawn
+    into ``ax`` when given)."""
+    data = values.detach().double().cpu()
+    if data.dim() != 3 or data.shape[:2] != (len(layer_labels), len(scales)):
+        raise ValueError(f"values: expected shape ({len(layer_labels)}, {len(scales)}, draws), got {tuple(data.shape)}")
+    own = ax is None
+    if own:
+        fig = new_figure(figsize=(5.6, 3.8))
+        ax = fig.add_subplot()
+    fig = ax.figure
+    x = [float(s) for s in scales]
+    for label, per_scale in zip(layer_labels, data):
+        line, = ax.plot(x, per_scale.mean(-1).tolist(), marker="o", label=label)
+        if data.shape[-1] > 1:
+            ax.fill_between(x, per_scale.amin(-1).tolist(), per_scale.amax(-1).tolist(), color=line.get_color(),
+                            alpha=0.15, linewidth=0)
+    positive = [s for s in x if s > 0]
+    if positive and max(positive) >= 10 * min(positive):  # geometric scales: logarithmic, 0 kept on a linear stretch
+        ax.set_xscale("symlog", linthresh=min(positive), linscale=0.5)
+    ax.set_xlabel("relative weight-noise scale")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     return _finish(fig, path, own, dpi=130)

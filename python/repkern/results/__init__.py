@@ -7,7 +7,8 @@ from repkern.results.knn import Neighbors
 from repkern.results.sae import CsrCodes, SparseCodes
 from repkern.results.similarity import SimilarityTestResult
 from repkern.results.sparsity import SparsityStats
-from repkern.results.workflows import CkaResult, SparsityProfile, load_result
+from repkern.results.workflows import (AlignmentResult, CkaResult, PerturbationResult, SparsityProfile,
+                                       load_result)
 
-__all__ = ["CkaPlan", "CkaResult", "CkaTestResult", "CsrCodes", "Neighbors", "SimilarityTestResult", "SparseCodes", "SparsityProfile",
-           "SparsityStats", "load_result"]
+__all__ = ["AlignmentResult", "CkaPlan", "CkaResult", "CkaTestResult", "CsrCodes", "Neighbors", "PerturbationResult",
+           "SimilarityTestResult", "SparseCodes", "SparsityProfile", "SparsityStats", "load_result"]

@@ -1,4 +1,5 @@
-"""Results of the analysis workflows (:func:`repkern.compare_models`, :func:`repkern.profile_sparsity`):
+"""Results of the analysis workflows (:func:`repkern.compare_models`, :func:`repkern.perturbation_sensitivity`,
+:func:`repkern.profile_sparsity`):
 saved as a JSON file (settings and readable numbers) next to a tensor file (``torch.save`` of a flat
 dict of CPU tensors, read back with ``weights_only=True``), plotted with matplotlib (``.plot`` returns a
 ``matplotlib.figure.Figure``, made without pyplot: see :mod:`repkern.plots`).
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from repkern import _files, plots
+from repkern._validation.similarity import OPTIONS, REQUIRED
 from repkern.results.sparsity import SparsityStats
 
 FORMAT_VERSION = 1
@@ -63,6 +65,12 @@ class _Saved:
             raise self.error(f"field {key!r} must be a list of layer names (strings), got {value!r:.80}")
         return value
 
+    def metric(self) -> str:
+        value = self.field("metric", str, "a string")
+        if value not in _RANGES and value not in DISTANCES:
+            raise self.error(f"field 'metric' must name an alignment metric, got {value!r:.80}")
+        return value
+
     def tensor(self, key: str, shape: Optional[tuple] = None) -> Tensor:
         value = self.tensors.get(key)
         if not isinstance(value, Tensor):
@@ -95,7 +103,8 @@ class CkaResult:
     """CKA between the layers of two models (or of one model with itself) over a dataset.
 
     ``matrix[i, j]`` compares ``layers_a[i]`` with ``layers_b[j]``; ``samples`` rows (sentences or
-    tokens, per ``pool``) were seen in ``batches`` batches."""
+    tokens, per ``pool``) were seen in ``batches`` batches. What :func:`repkern.compare_models` returns for
+    ``metric="cka"`` (the other metrics give an :class:`AlignmentResult`)."""
 
     matrix: Tensor
     layers_a: list
@@ -106,6 +115,11 @@ class CkaResult:
     pool: str
     samples: int
     batches: int
+
+    @property
+    def metric(self) -> str:
+        """``"cka"`` (the same attribute as :attr:`AlignmentResult.metric`)."""
+        return "cka"
 
     def _meta(self) -> dict:
         meta = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "matrix"}
@@ -134,7 +148,149 @@ class CkaResult:
         given (then its figure is returned)."""
         kind = ("debiased " if self.debiased else "") + f"{self.kernel} CKA ({self.estimator})"
         return plots.cka_heatmap(self.matrix, self.layers_a, self.layers_b, path, ax=ax,
-                                 title=title or kind, xlabel=xlabel, ylabel=ylabel)
+                                 title=title or kind, xlabel=xlabel, ylabel=ylabel, colorbar_label="CKA")
+
+
+# Metrics that are distances (0 = the same representation up to the metric's invariances), and the fixed colour
+# range of each bounded metric (an unbounded distance, shape_distance with score="euclidean", scales to its data).
+DISTANCES = ("shape_distance",)
+_RANGES = {"cka": (0.0, 1.0), "mutual_knn": (0.0, 1.0), "cycle_knn": (0.0, 1.0), "cknna": (-1.0, 1.0),
+           "svcca": (0.0, 1.0), "pwcca": (0.0, 1.0), "rsa": (-1.0, 1.0)}
+
+
+def metric_label(metric: str, options: Mapping) -> str:
+    """The metric and the options that differ from its defaults, for a title: ``mutual_knn (k=10)``."""
+    defaults = OPTIONS.get(metric, {})
+    parts = [f"{key}={value}" for key, value in options.items()
+             if key in defaults and (defaults[key] is REQUIRED or value != defaults[key])]
+    label = f"{metric} ({', '.join(parts)})" if parts else metric
+    return label + (" [distance: lower = more similar]" if metric in DISTANCES else "")
+
+
+def _colour_scale(metric: str, options: Mapping, matrix: Tensor) -> dict:
+    """vmin, vmax and colour map of a heatmap of ``metric``: distances get the reversed map, so that "more
+    similar" is bright for every metric."""
+    if metric == "shape_distance":
+        if options.get("score", "angular") == "angular":
+            top = math.pi / 2  # the angular shape distance lies in [0, π/2]
+        else:
+            finite = matrix[torch.isfinite(matrix)]
+            top = float(finite.max()) if finite.numel() and float(finite.max()) > 0 else 1.0
+        return {"vmin": 0.0, "vmax": top, "cmap": "magma_r"}
+    low, high = _RANGES[metric]
+    return {"vmin": low, "vmax": high, "cmap": "magma"}
+
+
+def _json_options(options: Mapping) -> dict:
+    """Metric options as JSON values (a (dims_x, dims_y) pair as a list)."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in options.items()}
+
+
+@dataclasses.dataclass
+class AlignmentResult:
+    """An alignment metric other than CKA between the layers of two models (or of one model with itself)
+    over a dataset: what :func:`repkern.compare_models` returns for ``metric != "cka"``.
+
+    ``matrix[i, j]`` is ``metric`` of ``layers_a[i]`` and ``layers_b[j]`` (a similarity, except
+    ``shape_distance``: a distance, 0 for the same representation); ``options`` are the metric's
+    settings (as :func:`repkern.similarity_matrix` takes them, defaults filled in); ``samples`` rows
+    (sentences or tokens, per ``pool``) were seen in ``batches`` batches."""
+
+    matrix: Tensor
+    layers_a: list
+    layers_b: list
+    metric: str
+    options: dict
+    pool: str
+    samples: int
+    batches: int
+
+    def save(self, path) -> str:
+        """Writes ``<path>.json`` and ``<path>.pt`` (a trailing ``.json`` in path is allowed); returns the JSON path."""
+        meta = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("matrix", "options")}
+        meta["options"] = _json_options(self.options)
+        meta["matrix"] = [[_json_number(v) for v in row] for row in self.matrix.double().tolist()]
+        return _write(path, "alignment", meta, {"matrix": self.matrix})
+
+    @classmethod
+    def _from_saved(cls, saved: _Saved) -> "AlignmentResult":
+        layers_a, layers_b = saved.names("layers_a"), saved.names("layers_b")
+        matrix = saved.tensor("matrix", (len(layers_a), len(layers_b)))
+        if not matrix.is_floating_point():
+            raise saved.error(f"tensor 'matrix' must be floating point, got {matrix.dtype}")
+        return cls(matrix=matrix, layers_a=layers_a, layers_b=layers_b, metric=saved.metric(),
+                   options=saved.field("options", dict, "an object"), pool=saved.field("pool", str, "a string"),
+                   samples=saved.count("samples"), batches=saved.count("batches"))
+
+    def plot(self, path=None, *, ax=None, title: Optional[str] = None, xlabel: str = "model B",
+             ylabel: str = "model A"):
+        """Heatmap with labelled layer axes and a colour bar labelled with the metric: [0, 1] for the
+        similarities bounded there, [−1, 1] for rsa and cknna, [0, π/2] reversed (bright = close) for
+        the angular shape distance. Returns the ``matplotlib.figure.Figure``; saves it to ``path``
+        when given; draws into the Axes ``ax`` when given (then its figure is returned)."""
+        label = metric_label(self.metric, self.options)
+        return plots.cka_heatmap(self.matrix, self.layers_a, self.layers_b, path, ax=ax, title=title or label,
+                                 xlabel=xlabel, ylabel=ylabel, colorbar_label=self.metric,
+                                 **_colour_scale(self.metric, self.options, self.matrix))
+
+
+@dataclasses.dataclass
+class PerturbationResult:
+    """What :func:`repkern.perturbation_sensitivity` returns: ``values[i, j, d]`` is ``metric`` between
+    layer ``layers[i]`` of the model and the same layer of the model with weight noise of relative scale
+    ``scales[j]``, draw ``d`` (a similarity, except ``shape_distance``: a distance); :attr:`mean`
+    averages the draws. ``options``: the metric's settings (defaults filled in); ``seed``: draw d used
+    seed ``seed + d``; ``samples`` rows (per ``pool``) in ``batches`` batches."""
+
+    values: Tensor
+    layers: list
+    scales: list
+    metric: str
+    options: dict
+    pool: str
+    seed: int
+    samples: int
+    batches: int
+
+    @property
+    def mean(self) -> Tensor:
+        """``(len(layers), len(scales))``: the mean over draws."""
+        return self.values.mean(-1)
+
+    @property
+    def draws(self) -> int:
+        return self.values.shape[-1]
+
+    def save(self, path) -> str:
+        """Writes ``<path>.json`` (settings, the mean per layer and scale) and ``<path>.pt`` (every draw);
+        returns the JSON path."""
+        meta = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("values", "options")}
+        meta["options"] = _json_options(self.options)
+        meta["draws"] = self.draws
+        meta["mean"] = [[_json_number(v) for v in row] for row in self.mean.double().tolist()]
+        return _write(path, "perturbation", meta, {"values": self.values})
+
+    @classmethod
+    def _from_saved(cls, saved: _Saved) -> "PerturbationResult":
+        layers = saved.names("layers")
+        scales = saved.field("scales", list, "a list of numbers")
+        if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scales):
+            raise saved.error(f"field 'scales' must be a list of numbers, got {scales!r:.80}")
+        values = saved.tensor("values", (len(layers), len(scales), saved.count("draws")))
+        if not values.is_floating_point():
+            raise saved.error(f"tensor 'values' must be floating point, got {values.dtype}")
+        return cls(values=values, layers=layers, scales=[float(s) for s in scales], metric=saved.metric(),
+                   options=saved.field("options", dict, "an object"), pool=saved.field("pool", str, "a string"),
+                   seed=saved.count("seed"), samples=saved.count("samples"), batches=saved.count("batches"))
+
+    def plot(self, path=None, *, ax=None, title: Optional[str] = None):
+        """One line per layer: the mean over draws against the noise scale, the range over draws shaded;
+        the y axis names the metric (a distance for shape_distance). Returns the
+        ``matplotlib.figure.Figure``; saves it to ``path`` when given; draws into ``ax`` when given."""
+        what = "distance" if self.metric in DISTANCES else "similarity"
+        title = title or f"Perturbation sensitivity: {metric_label(self.metric, self.options)}"
+        return plots.sensitivity_curves(self.values, self.layers, self.scales, path, ax=ax, title=title,
+                                        ylabel=f"{self.metric} {what} to the unperturbed model")
 
 
 @dataclasses.dataclass
@@ -254,7 +410,8 @@ def plot_sparsity_profiles(profiles: Mapping[str, SparsityProfile], path=None, *
     return plots.sparsity_profiles(chosen, list(first.layers), path, ax=ax, metrics=metrics, title=title)
 
 
-_RESULT_TYPES = {"cka": CkaResult, "sparsity": SparsityProfile}
+_RESULT_TYPES = {"cka": CkaResult, "alignment": AlignmentResult, "perturbation": PerturbationResult,
+                 "sparsity": SparsityProfile}
 
 
 def _own_file_name(name) -> bool:
@@ -267,7 +424,8 @@ def _own_file_name(name) -> bool:
 
 def load_result(path):
     """Reads a result written by ``.save(path)`` (``path`` with or without ``.json``): a
-    :class:`CkaResult` or :class:`SparsityProfile`, tensors on the CPU.
+    :class:`CkaResult`, :class:`AlignmentResult`, :class:`PerturbationResult` or :class:`SparsityProfile`,
+    tensors on the CPU.
 
     Only the JSON file and the tensor file it names in its own folder are read (a name with a folder
     part, absolute or with ``..``, is refused). A file that is not a complete result of this format
