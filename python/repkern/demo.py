@@ -280,7 +280,7 @@ def _upper(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def _findings(cka_self, cka_cross, knn_self, perturbation, comparison, sae) -> list:
-    m, layers = cka_self.matrix, cka_self.layers_a
+    m = cka_self.matrix
     adjacent = _adjacent(m)
     knn_adjacent = _adjacent(knn_self.matrix)
     top = perturbation.mean[:, -1]
