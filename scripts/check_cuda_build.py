@@ -27,8 +27,8 @@ CUDA_SOURCES = os.path.join(ROOT, "csrc", "cuda")
 # resident threads and blocks, shared memory usable by blocks (the largest carveout), the register
 # allocation unit per warp, the shared memory granularity and the per-block reservation (sm_80 and later).
 SM_LIMITS = {
-    "sm_80": dict(regs=65536, threads=2048, blocks=32, smem=164 * 1024),
-    "sm_90": dict(regs=65536, threads=2048, blocks=32, smem=228 * 1024),
+    "sm_80": {"regs": 65536, "threads": 2048, "blocks": 32, "smem": 164 * 1024},
+    "sm_90": {"regs": 65536, "threads": 2048, "blocks": 32, "smem": 228 * 1024},
 }
 REG_UNIT = 256  # registers are allocated per warp in units of 256
 SUB_PARTITIONS = 4  # each quarter of the register file serves the warps of one scheduler
