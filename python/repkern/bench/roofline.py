@@ -192,11 +192,12 @@ def cka_test(n: int, replicates: int, bootstrap: bool, dtype: str) -> Model:
 # ---- sparsity statistics (csrc/cuda/sparsity.cu) --------------------------------------------------------
 
 
-def sparsity(rows: int, d: int, dtype: str, ordered: bool, sms: int = H100_SMS) -> Model:
+def sparsity(rows: int, d: int, dtype: str, ordered: bool, top_p: int = 3, sms: int = H100_SMS) -> Model:
     """features_kernel (one read of x, ~25 FLOPs per element, one partial state per split and column),
     merge_kernel and row_totals_kernel; ordered: ordered_kernel reads x again (~30 FLOPs per element plus
-    P'·log²P'/4 compare-exchanges per row, counted as FLOPs) and ordered_finalize_kernel. Per-row outputs
-    of the ordered pass: (4 + 2P) values with P = 0 (no top-p masses requested)."""
+    P'·log²P'/4 compare-exchanges per row, counted as FLOPs; writes (4 + 2P) float64 sums per row, P the
+    number of top-p masses: 3 by default) and ordered_finalize_kernel (reads them and the totals, writes
+    the channels in acc)."""
     e, a = _size(dtype), _acc(dtype)
     strips = -(-d // (256 * (16 // e)))
     splits = max(1, min(-(-rows // 32), -(-2 * sms // strips)))
@@ -208,8 +209,9 @@ def sparsity(rows: int, d: int, dtype: str, ordered: bool, sms: int = H100_SMS) 
     if ordered:
         p2 = 1 << (d - 1).bit_length()
         sort = p2 * math.log2(p2) ** 2 / 4
-        steps.append(Step("ordered_kernel", rows * d * e + rows * 4 * (8 + a), rows * (30.0 * d + sort), FP32))
-        steps.append(Step("ordered_finalize_kernel", rows * 4 * 8 + rows * 4 * 8, 20.0 * rows, FP64))
+        sums = 4 + 2 * top_p
+        steps.append(Step("ordered_kernel", rows * d * e + rows * sums * 8, rows * (30.0 * d + sort), FP32))
+        steps.append(Step("ordered_finalize_kernel", rows * (4 + sums) * 8 + rows * sums * a, 20.0 * rows, FP64))
     op = "sparsity[full]" if ordered else "sparsity[one-read]"
     return Model(op, f"{rows}x{d}", dtype, tuple(steps))
 
