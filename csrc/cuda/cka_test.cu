@@ -13,7 +13,8 @@
 // Minimum traffic: A and B once (2·n²·sizeof(T); B's gathered rows come from cache after
 // their first read), the R·n indices or weights (4 bytes each) and R·n·C float64 outputs.
 // Reads through the cache per launch: R·n²·(sizeof(T) + 4 + sizeof(T)) (Permute) or
-// R·n²·(2·sizeof(T) + 4) (Bootstrap). FLOPs (float64): 2·R·n² (Permute), 12·R·n² (Bootstrap).
+// R·n²·(2·sizeof(T) + 4) (Bootstrap). FLOPs (float64): 2·R·n² (Permute), 10·R·n² (Bootstrap:
+// w·a, w·b and the five sums of replicate_add).
 #include <string>
 #include <type_traits>
 

@@ -35,6 +35,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from repkern._files import atomic_write
+from repkern.bench import roofline
 from repkern.bench.timing import (
     Ceilings,
     build_sha,
@@ -54,7 +55,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 CSV_FIELDS = (
     "op", "provider", "shape", "dtype", "device", "device_name", "status", "median_ms", "p20_ms", "p80_ms",
     "peak_mem_bytes", "speedup_vs_reference", "gbps", "copy_fraction", "read_fraction", "gflops", "matmul_fraction",
-    "matmul_ceiling_gflops", "torch", "driver", "cuda_runtime", "git_sha", "suite", "note",
+    "matmul_ceiling_gflops", "roofline_ms", "roofline_fraction", "torch", "driver", "cuda_runtime", "git_sha",
+    "suite", "note",
 )
 OK = "ok"
 SKIPPED_OOM = "skipped (out of memory)"
@@ -79,6 +81,7 @@ class Case:
     bytes_moved: Optional[float] = None
     flops: Optional[float] = None
     timing: dict = dataclasses.field(default_factory=dict)  # time_ms options (fewer repeats for slow cases)
+    model: Optional[roofline.Model] = None  # the "repkern" provider's floor (GPU cases that run CUDA kernels)
 
     def __post_init__(self):
         if self.build is None:
@@ -217,9 +220,18 @@ def run_case(case: Case, device: torch.device, ceilings: Ceilings, env: dict, *,
                 row["gflops"] = round(gflops, 1)
                 mm = ceilings.matmul(case.dtype)
                 row["matmul_fraction"] = round(gflops / mm, 3) if mm else ""
+            if case.model is not None and device.type == "cuda" and provider == "repkern":
+                row.update(roofline_columns(case.model, m.median_ms, ceilings))
         rows.append(row)
         log(format_row(row))
     return rows
+
+
+def roofline_columns(model: roofline.Model, median_ms: float, ceilings: Ceilings) -> dict:
+    """The row's roofline columns: the model's time at this device's measured ceilings
+    (:func:`roofline.expected_s`) and its share of the measured time (1: at the roofline)."""
+    expected_ms = roofline.expected_s(model, ceilings.copy_gbps, ceilings.matmul) * 1e3
+    return {"roofline_ms": round(expected_ms, 4), "roofline_fraction": round(expected_ms / median_ms, 3)}
 
 
 def run_cases(cases: Sequence[Case], device: torch.device, ceilings: Ceilings, *, env: Optional[dict] = None,
@@ -246,6 +258,8 @@ def format_row(row: dict) -> str:
         extra += f"  {row['gflops']:8.1f} GFLOP/s"
         if row["matmul_fraction"] != "":
             extra += f" ({100 * row['matmul_fraction']:.0f}% of {row['dtype']} matmul)"
+    if row.get("roofline_fraction", "") != "":
+        extra += f"  roofline {row['roofline_ms']:.3f} ms ({100 * row['roofline_fraction']:.0f}% of it)"
     return head + f"{row['median_ms']:10.3f} ms  {mem_mib:9.1f} MiB{extra}"
 
 

@@ -32,7 +32,8 @@ import torch
 
 import repkern
 from repkern import reference
-from repkern.bench import Case, generator, select_dtypes
+from repkern.bench import Case, generator, roofline, select_dtypes
+from repkern.bench.timing import dtype_name
 
 SLOW = {"warmup": 0, "min_repeats": 1, "max_repeats": 1}  # multi-second calls: one timed run
 FEW = {"warmup": 1, "min_repeats": 2, "max_repeats": 3, "min_time_s": 0.0}
@@ -75,8 +76,10 @@ def _matrix_case(kernel: str, debiased: bool, count: int, n: int, d: int, dtype:
     else:  # one Gram x xᵀ per layer
         flops = 2.0 * count * n * n * d
     label = kernel + (" debiased" if debiased else "")
+    model = (roofline.cka_matrix_rbf(count, n, d, dtype_name(dtype), debiased)
+             if device.type == "cuda" and kernel == "rbf" else None)  # linear: the feature path is GEMMs only
     return Case(op=f"cka_matrix[{label}]", shape=f"{count} layers n={n} d={d}", dtype=dtype, providers=names,
-                build=build, flops=flops, timing=timing or {})
+                build=build, flops=flops, timing=timing or {}, model=model)
 
 
 def _tiled_case(n: int, d: int, dtype: torch.dtype, device: torch.device, *, untiled: bool, with_reference: bool,

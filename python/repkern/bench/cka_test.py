@@ -19,7 +19,8 @@ import torch
 
 import repkern
 from repkern import _common, reference
-from repkern.bench import Case, generator, select_dtypes
+from repkern.bench import Case, generator, roofline, select_dtypes
+from repkern.bench.timing import dtype_name
 
 SLOW = {"warmup": 0, "min_repeats": 1, "max_repeats": 1}
 FEW = {"warmup": 1, "min_repeats": 2, "max_repeats": 3, "min_time_s": 0.0}
@@ -52,7 +53,8 @@ def _test_case(n: int, replicates: int, loop: int, bootstrap: bool, dtype, devic
     # the plan's column indices/weights (three Gram-sized streams)
     return Case(op=f"cka_test[linear {replicates} {kind}]", shape=f"n={n} d=256/128", dtype=dtype,
                 providers=("repkern", f"loop[{loop}{'b' if bootstrap else 'p'}]"), build=build,
-                bytes_moved=float(replicates) * n * n * 3 * elem, timing=timing)
+                bytes_moved=float(replicates) * n * n * 3 * elem, timing=timing,
+                model=roofline.cka_test(n, replicates, bootstrap, dtype_name(dtype)) if device.type == "cuda" else None)
 
 
 def cases(device: torch.device, quick: bool, dtypes: Optional[Sequence[torch.dtype]] = None,

@@ -14,7 +14,8 @@ import torch
 
 import repkern
 from repkern import reference
-from repkern.bench import Case, generator, select_dtypes
+from repkern.bench import Case, generator, roofline, select_dtypes
+from repkern.bench.timing import dtype_name
 from repkern.ops import gram as gram_ops
 
 QUICK_SHAPES = [(1, 1024, 128)]
@@ -36,7 +37,8 @@ def _epilogue_case(n: int, kernel: str, device: torch.device) -> Case:
         return {"repkern": lambda: gram_ops.epilogue(kind, gram_ops.GramPass.WRITE, inner, out, scale)}
 
     return Case(op=f"gram_epilogue[{kernel}]", shape=f"n={n}", dtype=torch.float32, providers=("repkern",),
-                build=build, bytes_moved=4 * n * n / 2 + 4 * n * n)  # read the upper triangle, write everything
+                build=build, bytes_moved=4 * n * n / 2 + 4 * n * n,  # read the upper triangle, write everything
+                model=roofline.gram_epilogue(kernel, n) if device.type == "cuda" else None)
 
 
 def _gram_case(b: int, n: int, d: int, dtype: torch.dtype, kernel: str, kwargs: dict, device: torch.device) -> Case:
@@ -47,7 +49,9 @@ def _gram_case(b: int, n: int, d: int, dtype: torch.dtype, kernel: str, kwargs: 
 
     label = kernel + ("+center" if kwargs.get("center") else "")
     return Case(op=f"gram[{label}]", shape=f"B={b} n={n} d={d}", dtype=dtype, providers=("repkern", "reference"),
-                build=build, flops=2.0 * b * n * n * d)
+                build=build, flops=2.0 * b * n * n * d,
+                model=roofline.gram(b, n, d, dtype_name(dtype), kernel, kwargs.get("center", False))
+                if device.type == "cuda" else None)
 
 
 def cases(device: torch.device, quick: bool, dtypes: Optional[Sequence[torch.dtype]] = None,

@@ -27,7 +27,8 @@ from typing import Optional, Sequence
 import torch
 
 import repkern
-from repkern.bench import Case, generator, select_dtypes
+from repkern.bench import Case, generator, roofline, select_dtypes
+from repkern.bench.timing import dtype_name
 
 QUICK_SHAPES = [(1024, 128, 10, "cosine")]
 CPU_SHAPES = [(16384, 768, 10, "cosine"), (8192, 768, 10, "ip"), (8192, 768, 10, "euclidean")]
@@ -59,7 +60,8 @@ def _knn_case(n, d, k, metric, dtype, device, timing) -> Case:
                 "reference": lambda: torch_knn(x, k, metric)}
 
     return Case(op=f"knn[{metric}]", shape=f"n={n} d={d} k={k}", dtype=dtype, providers=("repkern", "reference"),
-                build=build, flops=2.0 * n * n * d, timing=timing)
+                build=build, flops=2.0 * n * n * d, timing=timing,
+                model=roofline.knn(n, d, k, metric, dtype_name(dtype)) if device.type == "cuda" else None)
 
 
 def _alignment_case(n, d, k, dtype, device, timing) -> Case:

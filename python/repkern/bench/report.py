@@ -106,7 +106,8 @@ def plot(rows: Sequence[dict], path: Optional[str] = None):
 
 REQUIRED_COLUMNS = ("op", "provider", "shape", "dtype", "median_ms")
 NUMERIC_COLUMNS = ("median_ms", "p20_ms", "p80_ms", "peak_mem_bytes", "speedup_vs_reference", "gbps", "copy_fraction",
-                   "read_fraction", "gflops", "matmul_fraction", "matmul_ceiling_gflops")
+                   "read_fraction", "gflops", "matmul_fraction", "matmul_ceiling_gflops", "roofline_ms",
+                   "roofline_fraction")
 
 
 class BenchFileError(Exception):

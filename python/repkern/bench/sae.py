@@ -19,7 +19,8 @@ import torch
 
 import repkern
 from repkern import reference
-from repkern.bench import Case, generator, select_dtypes
+from repkern.bench import Case, generator, roofline, select_dtypes
+from repkern.bench.timing import dtype_name
 
 ENCODE_SHAPES = [(4096, 768, 24576, 32), (4096, 768, 24576, 64), (4096, 768, 65536, 32), (4096, 768, 65536, 64)]
 GPU_ENCODE_SHAPES = [(65536, 4096, 131072, 64), (65536, 4096, 131072, 32), (65536, 4096, 32768, 64)]
@@ -49,7 +50,8 @@ def _encode_case(n, d_in, d_sae, k, dtype, device, output, timing) -> Case:
 
     return Case(op=f"sae_encode[topk->{output}]", shape=f"N={n} d_in={d_in} d_sae={d_sae} k={k}", dtype=dtype,
                 providers=("repkern", "reference", "gemm_only"), build=build, flops=2.0 * n * d_in * d_sae,
-                timing=timing)
+                timing=timing, model=roofline.sae_encode_topk(n, d_in, d_sae, k, dtype_name(dtype))
+                if device.type == "cuda" and output == "sparse" else None)
 
 
 def _decode_case(n, d_in, d_sae, k, dtype, device, timing) -> Case:
@@ -69,7 +71,8 @@ def _decode_case(n, d_in, d_sae, k, dtype, device, timing) -> Case:
                 providers=("repkern", "reference"), build=build,
                 # gathered rows, output, codes (values + int64 indices)
                 bytes_moved=float(elem * (n * k * d_in + n * d_in) + (elem + 8) * n * k),
-                timing=timing)
+                timing=timing, model=roofline.sae_decode(n, d_in, d_sae, k, dtype_name(dtype))
+                if device.type == "cuda" else None)
 
 
 def cases(device: torch.device, quick: bool, dtypes: Optional[Sequence[torch.dtype]] = None,

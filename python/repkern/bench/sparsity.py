@@ -19,7 +19,8 @@ import torch
 
 import repkern
 from repkern import reference
-from repkern.bench import Case, generator, select_dtypes
+from repkern.bench import Case, generator, roofline, select_dtypes
+from repkern.bench.timing import dtype_name
 
 SHAPES = {  # (target shape, larger shapes)
     "quick": ((2048, 512), [(4096, 1024)]),
@@ -53,7 +54,8 @@ def _case(op: str, rows: int, d: int, dtype: torch.dtype, device: torch.device, 
 
     names = ("repkern", "reference") + (("torch.sum",) if with_sum else ())
     return Case(op=op, shape=f"{rows}x{d}", dtype=dtype, providers=names, build=build,
-                bytes_moved=float(rows * d * dtype.itemsize), timing=timing or {})
+                bytes_moved=float(rows * d * dtype.itemsize), timing=timing or {},
+                model=roofline.sparsity(rows, d, dtype_name(dtype), ordered) if device.type == "cuda" else None)
 
 
 def cases(device: torch.device, quick: bool, dtypes: Optional[Sequence[torch.dtype]] = None,
