@@ -35,11 +35,6 @@ from tests.test_properties import BACKENDS, DTYPES, ORDINARY, _set_backend, make
 
 SCHEDULES = st.sampled_from(("forward", "reverse"))
 
-EUCLIDEAN_TIES = ("knn euclidean tie at the k-th place (knn item, not fixed here): the selection ranks by "
-                  "x̃_i·x̃_j − ½‖x̃_j‖² with x̃ = x minus its mean, which is inexact even for integer-valued data, so "
-                  "among rows at exactly equal distances the list can keep a higher index and drop a lower one "
-                  "(x = [0, 0, 0, 1, 1, 2] as one column, k = 2, float32: row 4 lists rows 3, 5 instead of 3, 0); "
-                  "the lists' own order is right (re-sorted by the recomputed distances)")
 WHITENING_PRECISION = ("whitening precision on rows of mixed scales (numerical-precision item, not fixed here): "
                        "shape_distance with alpha < 1 and the CCA family whiten with the eigendecomposition of the "
                        "float64 Gram matrix X̄ᵀX̄, which squares the condition number, where the reference takes the "
@@ -50,9 +45,10 @@ EUCLIDEAN_INF = ("knn euclidean with ±Inf rows (knn item, not fixed here): the 
                  "against the rule that NaN ranks after every number (y = [inf, -0.29, inf] as one column, k = 1: "
                  "row 2 lists row 0 at NaN, the reference row 1 at inf)")
 EUCLIDEAN_MIXED = ("knn euclidean precision on rows of mixed scales (knn item, not fixed here): the selection score "
-                   "x̃_i·x̃_j − ½‖x̃_j‖² in float32 cannot resolve distances far below the data's scale, so a nearer "
-                   "row is missed (one column [-3.7e-3, -1471, 9.4e-2, 1.0e-4, 1.45], k = 1: row 0 gets row 2 at "
-                   "0.098, not row 3 at 0.0038); the listed values are exact distances of the rows listed")
+                   "x̃_i·x̃_j − ½‖x̃_j‖² in float32 cannot resolve distances far below ‖x̃‖ (x̃: x minus the column "
+                   "medians), so in a cluster far from the median a nearer row is missed (one column [0, 0.01, 0.3, "
+                   "0.31, 3000, 3001, 3002, 3003, 3004], k = 1: row 2 gets row 0 at 0.3, not row 3 at 0.01); the "
+                   "listed values are exact distances of the rows listed")
 
 
 def _against_reference(op, ref, x, y, *args, atol64=1e-9, **kwargs):
@@ -148,8 +144,7 @@ def _prop_knn_pairs(backend):
         op = data.draw(st.sampled_from(("mutual_knn", "cycle_knn", "cknna")), "op")
         n = data.draw(st.integers(4 if op == "cknna" else 2, 11), "n")
         dtype = data.draw(st.sampled_from(DTYPES), "dtype")
-        # exact ties need exact arithmetic: not cosine (it normalizes), the only metric of cknna; not
-        # euclidean either (EUCLIDEAN_TIES)
+        # exact ties need exact arithmetic: not cosine (it normalizes), the only metric of cknna
         ties = op != "cknna" and data.draw(st.booleans(), "integer rows")
         if ties:
             x, y, how = _integer_rows(data, n, dtype), _integer_rows(data, n, dtype), "integer rows"
@@ -161,7 +156,7 @@ def _prop_knn_pairs(backend):
             y, how_y = data.draw(tensors((n, data.draw(st.integers(1, 5), "d2")), (dtype,), layouts=layouts), "y")
             how = (how_x, how_y)
         k = data.draw(st.integers(1, n - 1), "k")
-        metrics = ("ip",) if ties else ("cosine", "ip", "euclidean")
+        metrics = ("ip", "euclidean") if ties else ("cosine", "ip", "euclidean")
         kwargs = {} if op == "cknna" else dict(metric=data.draw(st.sampled_from(metrics), "metric"))
         if not ties:
             _assume_no_euclidean_defect(kwargs.get("metric"), *how)
@@ -190,7 +185,8 @@ def test_knn_euclidean_inf_rows_known_defect():
 
 @pytest.mark.xfail(strict=False, reason=EUCLIDEAN_MIXED)
 def test_knn_euclidean_mixed_scales_known_defect():
-    run_isolated(_knn_example_then_property, make_values((5, 1), torch.float32, "mixed", 140), 1, "mixed")
+    x = torch.tensor([[0.0], [0.01], [0.3], [0.31], [3e3], [3e3 + 1], [3e3 + 2], [3e3 + 3], [3e3 + 4]])
+    run_isolated(_knn_example_then_property, x, 1, "mixed")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -205,8 +201,9 @@ def _euclidean_ties():
     _prop_knn_ties("cpu", "euclidean")
 
 
-@pytest.mark.xfail(strict=False, reason=EUCLIDEAN_TIES)
-def test_knn_euclidean_ties_known_defect():
+def test_knn_euclidean_ties_go_to_the_lower_index():
+    """x = [0, 0, 0, 1, 1, 2], k = 2: row 4 lists rows 3, 0 (the mean shift once made it 3, 5); the shift by
+    the column medians keeps integer-valued data exact."""
     run_isolated(_euclidean_ties)
 
 

@@ -52,6 +52,16 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(t).all(-1).all(-1)
 
 
+def finite_row_median(x: torch.Tensor) -> torch.Tensor:
+    """(d,) per column of x (n, d), the (lower) median of the rows that hold only finite values
+    (0 if none): a shift for distance computations. It is a value of the data in each column, so
+    data on a grid (integers, float32 values in float64) stay on it after the shift and exactly
+    equal distances stay equal; and it is central, so it removes a common offset as the mean
+    would, without being pulled away by outlying rows."""
+    finite = torch.isfinite(x).all(1, keepdim=True)
+    return x.masked_fill(~finite, math.nan).nanmedian(0).values.nan_to_num(0.0)
+
+
 def replicate_indices(n: int, n_permutations: int, n_bootstrap: int, seed: int, device=None):
     """The resampling plan of :func:`cka_test`, drawn on the CPU from ``torch.Generator().manual_seed(seed)``
     (the same on every device): (n_permutations, n) permutations (argsort of uniforms), then

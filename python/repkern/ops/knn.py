@@ -16,8 +16,9 @@ centered (euclidean) copy of x. The candidates of every row arrive in increasing
 (block by block), which the merge does not rely on but the k > 256 torch fallback keeps.
 
 Euclidean ranking uses the score x̃_i·x̃_j − ½‖x̃_j‖² = ½(‖x̃_i‖² − ‖x̃_i − x̃_j‖²) on x̃ = x minus
-the mean of its finite rows (translation changes no distance and removes the common offset
-that would cancel in the score); the k returned values are the distances ‖x_i − x_j‖ of the
+the column medians of its finite rows (translation changes no distance and removes the common
+offset that would cancel in the score; a median is a data value, so data on a grid stays on it
+and exact ties stay ties); the k returned values are the distances ‖x_i − x_j‖ of the
 selected pairs recomputed from the differences, and each row is sorted by them.
 """
 
@@ -58,19 +59,6 @@ def tile_rows(budget: int, acc_size: int) -> int:
 # ---- scores and the tiled top-k ------------------------------------------------------------
 
 
-def _finite_row_mean(xa: Tensor, block: int) -> Tensor:
-    """Column mean of the rows of xa (n, d) that hold only finite values (zeros if none);
-    summed block by block, no n × d temporary."""
-    total = xa.new_zeros(xa.shape[1])
-    count = xa.new_zeros(())
-    for r0 in range(0, xa.shape[0], block):
-        rows = xa[r0 : r0 + block]
-        finite = torch.isfinite(rows).all(1, keepdim=True)
-        total += torch.where(finite, rows, 0).sum(0)
-        count += finite.sum()
-    return total / count.clamp_min(1)
-
-
 def ranking_rows(xa: Tensor, metric: str, block: int) -> tuple[Tensor, Tensor]:
     """(rows the GEMM multiplies (n, d), per-candidate bias (n,)), both in xa's dtype: the
     score of candidate j for row i is rows_i·rows_j + bias_j (larger ranks first)."""
@@ -78,7 +66,7 @@ def ranking_rows(xa: Tensor, metric: str, block: int) -> tuple[Tensor, Tensor]:
         return unit_rows(xa), xa.new_zeros(xa.shape[0])
     if metric == "ip":
         return xa, xa.new_zeros(xa.shape[0])
-    centered = xa - _finite_row_mean(xa, block)
+    centered = xa - _common.finite_row_median(xa)
     return centered, -0.5 * centered.square().sum(1)
 
 
@@ -193,7 +181,7 @@ def knn(x: Tensor, k: int, *, metric: str = "cosine", tile_bytes: Optional[int] 
     Ties are broken by index among values that are equal as computed. Each tile comes from one
     GEMM, so two mathematically equal similarities (e.g. to two duplicate rows) compare equal
     when the arithmetic is exact, and otherwise may differ in the last bits. For euclidean the
-    selection ranks by x̃_i·x̃_j − ½‖x̃_j‖² (x̃: x minus the mean of its finite rows) and the
+    selection ranks by x̃_i·x̃_j − ½‖x̃_j‖² (x̃: x minus the column medians of its finite rows) and the
     values are then recomputed as ‖x_i − x_j‖ from the differences, each row re-sorted by them.
 
     NaN: NaN ranks after every number. Similarities involving a row that holds NaN are NaN, so

@@ -40,11 +40,9 @@ def condensed_dissimilarities(x: Tensor, metric: str) -> Tensor:
         z = z / z.norm(dim=1, keepdim=True)  # a constant pattern: 0/0 = NaN in its pairs
         sq = None
     else:
-        # shifted by a data value per column (the lower median; 0 where it is not finite): distances
-        # are unchanged, and differences of float32 or integer-valued data are exact, so exactly tied
-        # distances stay tied
-        shift = x64.nanmedian(0).values
-        z = x64 - torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        # shifted by a data value per column: distances are unchanged, and differences of float32 or
+        # integer-valued data are exact, so exactly tied distances stay tied
+        z = x64 - _common.finite_row_median(x64)
         # a pattern holding ±Inf gives NaN in each of its pairs (as documented), not inf − inf = NaN in some
         # and inf in others
         z = torch.where(torch.isfinite(x64).all(1, keepdim=True), z, torch.nan)
