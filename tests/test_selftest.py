@@ -131,8 +131,8 @@ def test_a_tile_merge_that_drops_the_column_side_fails_the_tiled_knn_cases(monke
     (StreamingAlignment, "compute", ["StreamingAlignment"]),
 ])
 def test_planted_wrong_alignment_results_are_caught(monkeypatch, module, name, ops):
-    """An alignment result off by 1e-3 (relative to outputs of size <= 2) fails every quick row of its op,
-    in every dtype: the outputs are float32 or float64 statistics."""
+    """An alignment result off by 1e-3 (far above 2e-5 relative to these outputs of order 1) fails every
+    quick row of its op, in every dtype: the outputs are float32 or float64 statistics."""
     honest = getattr(module, name)
 
     def shifted(*args, **kw):
