@@ -5,6 +5,7 @@ Everything runs in --quick mode."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -14,8 +15,23 @@ import torch
 import repkern
 from repkern import reference, selftest
 from repkern.__main__ import main
+from repkern._validation.similarity import SIMILARITY_METRICS
+from repkern.ops import cca as cca_ops
 from repkern.ops import gram as gram_ops
+from repkern.ops import knn as knn_ops
+from repkern.ops import rsa as rsa_ops
 from repkern.ops import sae as sae_ops
+from repkern.ops import shape as shape_ops
+from repkern.ops import similarity as similarity_ops
+from repkern.ops.streaming_alignment import StreamingAlignment
+
+ALIGNMENT_OPS = {"knn", "mutual_knn", "cycle_knn", "cknna", "shape_distance", "cca", "svcca", "pwcca", "rdm", "rsa",
+                 "similarity_matrix", "similarity_test", "StreamingAlignment"}
+# public names with no numbers of their own to check: result types, the capture and workflow layer (its
+# numbers are the ops'), cka's memory plan, metadata
+NOT_OPS = {"CkaPlan", "CkaTestResult", "SparsityStats", "SparseCodes", "CsrCodes", "CkaResult", "SparsityProfile",
+           "Neighbors", "SimilarityTestResult", "capture", "compare_models", "profile_sparsity", "load_result",
+           "cka_plan", "build_info", "reference", "__version__"}
 
 
 def _only(ops):
@@ -36,7 +52,7 @@ def test_cli_quick_on_cpu_passes_and_prints_the_table(capsys, monkeypatch):
     ops = {line.split("  ")[0].strip() for line in table}
     assert {"gram", "hsic", "cka", "cka_matrix", "StreamingCKA", "MinibatchCKA", "cka_test", "sparsity_stats",
             "SparsityAccumulator", "sae_encode", "sae_decode", "SAE", "gram backward", "cka backward",
-            "sae_encode backward", "sae_decode backward"} <= ops
+            "sae_encode backward", "sae_decode backward"} | ALIGNMENT_OPS <= ops
     assert all(f" {dtype} " in out for dtype in ("float32", "float64", "bfloat16"))
     assert re.search(r"^\d+ checks, \d+ passed, all passed \(", out.splitlines()[-1])
 
@@ -49,6 +65,7 @@ def test_cli_quick_under_the_emulator_runs_the_cuda_kernels(capsys, monkeypatch)
     assert rows and result["failed"] == 0 and result["passed"] == len(rows)
     assert {r["backend"] for r in rows} == {"emu"} and {r["device"] for r in rows} == {"cpu"}
     assert all(r["status"] == "PASS" and r["max_error"] <= r["tolerance"] for r in rows)
+    assert {"knn", "mutual_knn", "cycle_knn", "cknna"} <= {r["op"] for r in rows}  # the native kNN merge
 
 
 def test_planted_wrong_gram_is_caught(capsys, monkeypatch):
@@ -69,6 +86,75 @@ def test_planted_wrong_gram_is_caught(capsys, monkeypatch):
     assert main(["selftest", "--quick", "--device", "cpu"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "failures:" in out and "FAILED" in out.splitlines()[-1]
+
+
+def test_planted_wrong_knn_neighbours_are_caught(monkeypatch):
+    """knn with its first two neighbours swapped (values right): every knn row fails on its indices, and
+    mutual_knn / cycle_knn, which see neighbour sets only, still pass."""
+    honest = knn_ops.knn
+
+    def swapped(*args, **kw):
+        out = honest(*args, **kw)
+        return out._replace(indices=out.indices[:, [1, 0, *range(2, out.indices.shape[1])]])
+
+    monkeypatch.setattr(knn_ops, "knn", swapped)
+    rows = selftest.run("cpu", quick=True, ops=["knn", "mutual_knn", "cycle_knn"])
+    knn_rows = [r for r in rows if r.op == "knn"]
+    assert knn_rows and all(r.status == "FAIL" and r.field == "indices" for r in knn_rows)
+    assert all(r.passed for r in rows if r.op != "knn")
+
+
+def test_a_tile_merge_that_drops_the_column_side_fails_the_tiled_knn_cases(monkeypatch):
+    """The native merge of an off-diagonal tile also feeds the rows of the later block (the transposed
+    tile); without that, rows of later blocks miss earlier candidates: the cases with several tiles fail,
+    the single-tile one passes."""
+    honest = knn_ops._merge_native
+
+    def rows_only(tile, col_bias, row_bias, vals, idx, col_vals, col_idx, i0, j0):
+        honest(tile, col_bias, None, vals, idx, None, None, i0, j0)
+
+    monkeypatch.setattr(knn_ops, "_merge_native", rows_only)
+    rows = selftest.run("cpu", quick=True, ops=["knn"])
+    assert {r.variant for r in rows} == {"cosine", "euclidean shifted tiles"}
+    assert all(r.status == ("FAIL" if "tiles" in r.variant else "PASS") for r in rows)
+
+
+@pytest.mark.parametrize("module, name, ops", [
+    (shape_ops, "shape_distance", ["shape_distance"]),
+    (cca_ops, "cca", ["cca"]),
+    (cca_ops, "svcca", ["svcca"]),
+    (cca_ops, "pwcca", ["pwcca"]),
+    (rsa_ops, "rdm", ["rdm"]),
+    (rsa_ops, "rsa", ["rsa"]),
+    (knn_ops, "cknna", ["cknna"]),
+    (similarity_ops, "similarity_matrix", ["similarity_matrix"]),
+    (StreamingAlignment, "compute", ["StreamingAlignment"]),
+])
+def test_planted_wrong_alignment_results_are_caught(monkeypatch, module, name, ops):
+    """An alignment result off by 1e-3 (far above 2e-5 relative to these outputs of order 1) fails every
+    quick row of its op, in every dtype: the outputs are float32 or float64 statistics."""
+    honest = getattr(module, name)
+
+    def shifted(*args, **kw):
+        out = honest(*args, **kw)
+        return [[t + 1e-3 for t in row] for row in out] if isinstance(out, list) else out + 1e-3
+
+    monkeypatch.setattr(module, name, shifted)
+    rows = selftest.run("cpu", quick=True, ops=ops)
+    assert rows and all(r.status == "FAIL" and r.max_error > r.tolerance for r in rows)
+
+
+def test_a_planted_wrong_similarity_test_p_value_is_caught(monkeypatch):
+    honest = similarity_ops.similarity_test
+
+    def off_by_one(*args, **kw):
+        res = honest(*args, **kw)
+        step = 1.0 / (1 + res.null.numel())
+        return dataclasses.replace(res, p_value=res.p_value + step)
+
+    monkeypatch.setattr(similarity_ops, "similarity_test", off_by_one)
+    rows = selftest.run("cpu", quick=True, ops=["similarity_test"])
+    assert rows and all(r.status == "FAIL" and r.field == "p_value" for r in rows)
 
 
 def test_an_op_that_writes_into_its_input_fails(monkeypatch):
@@ -161,3 +247,17 @@ def test_case_list_covers_every_op_and_quick_is_a_subset():
     for method in ("feature", "gram", "tiled"):
         assert any(v.startswith("cka[") and method in v for v in variants), method
         assert any(v.startswith("cka backward[") and method in v for v in variants), method
+    for metric in ("cosine", "ip", "euclidean"):
+        assert any(v.startswith("knn[") and metric in v for v in variants), metric
+    assert any(v.startswith("knn[") and "tiles" in v for v in variants), "off-diagonal tiles of the kNN merge"
+    for metric in SIMILARITY_METRICS:
+        for op in ("similarity_matrix", "similarity_test"):
+            assert any(re.match(rf"{op}\[{metric}[ \]]", v) for v in variants), (op, metric)
+
+
+def test_every_public_op_has_a_selftest_case():
+    """A public op added to repkern.__all__ without a selftest case (or a stale NOT_OPS entry) fails."""
+    ops = {c.op for c in selftest.cases()}
+    public = set(repkern.__all__)
+    assert not public - NOT_OPS - ops, "public ops without a selftest case"
+    assert NOT_OPS <= public and not NOT_OPS & ops

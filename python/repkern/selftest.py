@@ -17,6 +17,9 @@ in the input's precision and once upcast to float64):
   ``max |ref64|``) — the rule of the tests' ``assert_close_to_reference``, normwise;
 - integer and boolean outputs (indices, counts, histograms): equal, except that histogram
   bins may differ by one count for non-float64 input (a statistic on a bin edge);
+- kNN neighbour indices, ties allowed: valid (another row, once per row), and the float64
+  reference similarity of the neighbour listed at each rank within the float tolerance of the
+  reference's value at that rank;
 - NaN must appear exactly where the float64 reference has NaN.
 
 Errors are reported relative to ``max |ref64|`` of the output (1 where that is 0), so the
@@ -42,6 +45,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from repkern import _C, _native, reference
+from repkern.reference.knn import similarities
 from repkern.results import sparsity as sr
 from repkern.results.sae import CsrCodes, SparseCodes
 
@@ -578,16 +582,21 @@ def _minibatch_case(variant, kernel, debiased, quick=False, **kw) -> Case:
                 quick=quick)
 
 
-def _p_value_check(fast, exact, dtype):
-    """The p-value counts null values >= the observed CKA: it may differ by one step per null value
-    within rounding of the observed one (in the float64 reference)."""
-    tol = RELATIVE_TOLERANCE[F64 if dtype == F64 else F32]
-    null, observed = exact["null"], exact["cka"]
-    scale = max(float(null.abs().max()) if null.numel() else 0.0, float(observed.abs()))
-    ties = int(((null - observed).abs() <= 2 * tol * scale).sum())
-    step = 1.0 / (1 + null.numel())
-    err = abs(float(fast["p_value"]) - float(exact["p_value"]))
-    return [("p_value", err, ties * step + (1e-12 if dtype == F64 else 1e-6))]
+def _p_value_check(observed_field):
+    """The p-value counts null values >= (a distance: <=) the observed value (output `observed_field`):
+    it may differ by one step per null value within rounding of the observed one (in the float64
+    reference)."""
+
+    def check(fast, exact, dtype):
+        tol = RELATIVE_TOLERANCE[F64 if dtype == F64 else F32]
+        null, observed = exact["null"], exact[observed_field]
+        scale = max(float(null.abs().max()) if null.numel() else 0.0, float(observed.abs()))
+        ties = int(((null - observed).abs() <= 2 * tol * scale).sum())
+        step = 1.0 / (1 + null.numel())
+        err = abs(float(fast["p_value"]) - float(exact["p_value"]))
+        return [("p_value", err, ties * step + (1e-12 if dtype == F64 else 1e-6))]
+
+    return check
 
 
 def _cka_test_case(variant, kernel, debiased, quick=False) -> Case:
@@ -604,7 +613,7 @@ def _cka_test_case(variant, kernel, debiased, quick=False) -> Case:
     return Case("cka_test", variant, build,
                 lambda x, y: fields(_ops("cka_test").cka_test(x, y, kernel, debiased=debiased, **counts(x))),
                 lambda x, y: fields(reference.cka_test(x, y, kernel, debiased=debiased, **counts(x))),
-                quick=quick, skip=("p_value",), extra=_p_value_check)
+                quick=quick, skip=("p_value",), extra=_p_value_check("cka"))
 
 
 def _stats_dict(stats, drop_rows=False) -> dict:
@@ -747,6 +756,179 @@ def _sae_module_case(variant, quick=False, theta=None, apply_b_dec_to_input=True
         return {"x_hat": reference.sae_decode(codes, W_dec, b_dec)}
 
     return Case("SAE", variant, build, fast, ref, quick=quick)
+
+
+# ---- alignment: kNN, shape, CCA, RSA, many layers (no gradients: none of these ops has one) -------
+
+
+KNN_TILE_BYTES = 1024  # knn tile_bytes of the "tiles" cases: 16-row blocks, so off-diagonal tiles merge too
+
+
+def _clusters(g, n, count, size=4):
+    """`count` layers (n, 16), (n, 12), (n, 16), ...: n/size tight clusters of `size` rows around unit-norm
+    centres, so every row's size − 1 nearest rows (cosine, ip, euclidean) are its cluster, far from the
+    next one: the kNN metrics with k = size − 1 have no near-tie at the k-th neighbour. Each layer after
+    the first regroups a random quarter of the rows (same cluster sizes), which puts mutual_knn,
+    cycle_knn and cknna between them inside (0, 1)."""
+    labels = torch.arange(n) // size
+    layers = []
+    for i in range(count):
+        lab = labels.clone()
+        if i:
+            moved = torch.randperm(n, generator=g)[: n // 4]
+            lab[moved] = labels[moved[torch.randperm(moved.numel(), generator=g)]]
+        d = 16 if i % 2 == 0 else 12
+        centres = _randn(g, n // size, d)
+        layers.append(centres[lab] / centres.norm(dim=1, keepdim=True)[lab] + 0.05 * _randn(g, n, d))
+    return layers
+
+
+def _neighbour_check(fast, exact, dtype):
+    """knn indices, ties allowed: each row lists other rows, each at most once, and the float64 reference
+    value of the neighbour listed at rank r is the reference's value at rank r (equal values may come in
+    either order)."""
+    idx, sim, ref = fast["indices"], exact["similarity"], exact["values"]
+    n = sim.shape[0]
+    if idx.dtype != torch.int64 or idx.shape != ref.shape:
+        raise Mismatch(f"indices: {idx.dtype} {tuple(idx.shape)}, expected int64 {tuple(ref.shape)}")
+    if bool(((idx < 0) | (idx >= n) | (idx == torch.arange(n)[:, None])).any()):
+        raise Mismatch("indices: a row lists itself or a row number outside [0, n)")
+    ordered = idx.sort(1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        raise Mismatch("indices: a row lists a neighbour twice")
+    got = sim.gather(1, idx)
+    if not torch.equal(got.isnan(), ref.isnan()):
+        raise Mismatch("indices: a neighbour with a NaN similarity where the reference has a number, or back")
+    scale = float(ref.nan_to_num(0).abs().max()) or 1.0
+    err = float((got - ref).nan_to_num(0).abs().max()) / scale
+    return [("indices", err, RELATIVE_TOLERANCE[F64 if dtype == F64 else F32])]
+
+
+def _knn_case(variant, metric, k, quick=False, shift=0.0, nan_row=False, **kw) -> Case:
+    """nan_row: row 3 is NaN (it ranks last for every other row; its own neighbours all tie at NaN)."""
+
+    def build(g, q):
+        x = _randn(g, _rows(q), 8) + shift
+        if nan_row:
+            x[3] = math.nan
+        return {"x": x}
+
+    def fast(x):
+        values, indices = _ops("knn").knn(x, k, metric=metric, **kw)
+        return {"values": values, "indices": indices}
+
+    def ref(x):
+        values, indices = reference.knn(x, k, metric=metric)
+        return {"values": values, "indices": indices, "similarity": similarities(x, metric)}
+
+    return Case("knn", variant, build, fast, ref, quick=quick, skip=("indices", "similarity"),
+                extra=_neighbour_check)
+
+
+def _knn_pair_case(op, variant, quick=False, tile_bytes=None, **kw) -> Case:
+    """mutual_knn / cycle_knn / cknna of clustered data with k = 3 (no near-tie at the 3rd neighbour)."""
+
+    def build(g, q):
+        x, y = _clusters(g, _rows(q), 2)
+        return {"x": x, "y": y}
+
+    return Case(op, variant, build,
+                lambda x, y: {op: getattr(_ops("knn"), op)(x, y, 3, tile_bytes=tile_bytes, **kw)},
+                lambda x, y: {op: getattr(reference, op)(x, y, 3, **kw)}, quick=quick)
+
+
+def _pair_stat_case(op, variant, quick=False, widths=(10, 6), **kw) -> Case:
+    """A scalar or vector statistic of a pair (shape_distance, cca, svcca, pwcca, rsa)."""
+    module = {"shape_distance": "shape", "cca": "cca", "svcca": "cca", "pwcca": "cca", "rsa": "rsa"}[op]
+
+    def build(g, q):
+        x, y = _pair(g, _rows(q), *widths)
+        return {"x": x, "y": y}
+
+    return Case(op, variant, build,
+                lambda x, y: {op: getattr(_ops(module), op)(x, y, **kw)},
+                lambda x, y: {op: getattr(reference, op)(x, y, **kw)}, quick=quick)
+
+
+def _rdm_case(variant, metric, quick=False) -> Case:
+    return Case("rdm", variant, lambda g, q: {"x": _randn(g, _rows(q), 9)},
+                lambda x: {"rdm": _ops("rsa").rdm(x, metric)},
+                lambda x: {"rdm": reference.rdm(x, metric)}, quick=quick)
+
+
+def _similarity_layers(g, n, metric):
+    """Three xs layers and two ys layers: clustered for the kNN metrics, noisy maps of one signal
+    otherwise."""
+    if metric in ("mutual_knn", "cycle_knn", "cknna"):
+        layers = _clusters(g, n, 5)
+        return layers[:3], layers[3:]
+    return _layers(g, n, (7, 12, 5)), _layers(g, n, (9, 4))
+
+
+def _similarity_matrix_case(variant, metric, symmetric=False, quick=False, **options) -> Case:
+    """symmetric (ys=None) sets the diagonal to exactly 1 where the reference keeps its rounding: fine for
+    the correlations (1 ± ε), not for the angular shape distance (0 against ~2e-8 rad), so no ys=None
+    case for that."""
+
+    def build(g, q):
+        xs, ys = _similarity_layers(g, _rows(q), metric)
+        return {"xs": xs, "ys": None if symmetric else ys}
+
+    return Case("similarity_matrix", variant, build,
+                lambda xs, ys: {"matrix": _ops("similarity").similarity_matrix(xs, ys, metric=metric, **options)},
+                lambda xs, ys: {"matrix": reference.similarity_matrix(xs, ys, metric=metric, **options)},
+                quick=quick)
+
+
+def _similarity_test_case(variant, metric, quick=False, **options) -> Case:
+    def build(g, q):
+        xs, ys = _similarity_layers(g, _rows(q), metric)
+        return {"x": xs[0], "y": ys[0]}
+
+    def fields(result):
+        return {"value": result.value, "p_value": result.p_value, "null": result.null}
+
+    # 20 permutations at every size: the reference recomputes the metric from scratch for each one
+    return Case("similarity_test", variant, build,
+                lambda x, y: fields(_ops("similarity").similarity_test(x, y, metric=metric, n_permutations=20, seed=5,
+                                                                       **options)),
+                lambda x, y: fields(reference.similarity_test(x, y, metric=metric, n_permutations=20, seed=5,
+                                                              **options)),
+                quick=quick, skip=("p_value",), extra=_p_value_check("value"))
+
+
+def _streaming_alignment_case(variant, debiased, symmetric=False, quick=False, shape=None) -> Case:
+    """Every metric of compute() from mean-shifted layers in batches of unequal size (the last one a
+    single row). `shape`: the shape_distance options (ys=None: compute() makes its diagonal exactly 0,
+    so the euclidean score, whose reference is 0 to rounding too; the angular one's is ~2e-8 rad)."""
+    options = {"cka": {}, "shape_distance": shape or {}, "svcca": {}, "pwcca": {}}
+    ref_options = {**options, "cka": {"kernel": "linear", "debiased": debiased}}
+
+    def build(g, q):
+        n = _rows(q)
+        return {"xs": _layers(g, n, (7, 5), shift=4.0), "ys": None if symmetric else _layers(g, n, (4, 6), -2.0)}
+
+    def sizes(n):
+        return [n // 2, n - n // 2 - 1, 1]
+
+    def with_cca(out, cca):
+        """cca's list of lists of vectors, entry by entry."""
+        for i, row in enumerate(cca):
+            out.update({f"cca[{i}][{j}]": rho for j, rho in enumerate(row)})
+        return out
+
+    def fast(xs, ys):
+        acc = _ops("streaming_alignment").StreamingAlignment(debiased=debiased)
+        parts_x, parts_y = _split(xs, sizes(xs[0].shape[0])), _split(ys, sizes(xs[0].shape[0]))
+        for i, bx in enumerate(parts_x):
+            acc.update(bx, None if parts_y is None else parts_y[i])
+        return with_cca({m: acc.compute(m, **kw) for m, kw in options.items()}, acc.compute("cca"))
+
+    def ref(xs, ys):
+        out = {m: reference.similarity_matrix(xs, ys, metric=m, **kw) for m, kw in ref_options.items()}
+        return with_cca(out, [[reference.cca(x, y) for y in (xs if ys is None else ys)] for x in xs])
+
+    return Case("StreamingAlignment", variant, build, fast, ref, quick=quick)
 
 
 # ---- backward cases: gradients against the reference's autograd -----------------------------------
@@ -934,6 +1116,50 @@ def cases() -> list:
         _sae_module_case("topk forward (sparse codes)", activation="topk", k=5, output="sparse", quick=Q),
         _sae_module_case("jumprelu forward, no b_dec on input", activation="jumprelu", theta="features",
                          apply_b_dec_to_input=False),
+        # alignment: kNN (values, and neighbours up to ties), shape, CCA, RSA, many layers, streaming
+        _knn_case("cosine", "cosine", 5, quick=Q),
+        _knn_case("cosine k=20 tiles", "cosine", 20, tile_bytes=KNN_TILE_BYTES),
+        _knn_case("cosine k=20 NaN row tiles", "cosine", 20, nan_row=True, tile_bytes=KNN_TILE_BYTES),
+        _knn_case("euclidean NaN row", "euclidean", 5, nan_row=True),
+        _knn_case("ip tiles", "ip", 5, tile_bytes=KNN_TILE_BYTES),
+        _knn_case("euclidean shifted tiles", "euclidean", 5, shift=3.0, tile_bytes=KNN_TILE_BYTES, quick=Q),
+        _knn_pair_case("mutual_knn", "cosine", quick=Q),
+        _knn_pair_case("mutual_knn", "euclidean tiles", metric="euclidean", tile_bytes=KNN_TILE_BYTES),
+        _knn_pair_case("cycle_knn", "cosine", quick=Q),
+        _knn_pair_case("cycle_knn", "ip tiles", metric="ip", tile_bytes=KNN_TILE_BYTES),
+        _knn_pair_case("cknna", "k=3", quick=Q),
+        _knn_pair_case("cknna", "k=3 tiles", tile_bytes=KNN_TILE_BYTES),
+        _pair_stat_case("shape_distance", "alpha=1 angular", quick=Q),
+        _pair_stat_case("shape_distance", "alpha=0.5 euclidean", alpha=0.5, score="euclidean"),
+        _pair_stat_case("shape_distance", "alpha=0 angular (equal widths)", widths=(6, 6), alpha=0.0),
+        _pair_stat_case("cca", "all correlations", quick=Q),
+        _pair_stat_case("svcca", "keep=0.99", quick=Q),
+        _pair_stat_case("svcca", "dims=(5, 3)", dims=(5, 3)),
+        _pair_stat_case("pwcca", "weights from x", quick=Q),
+        _rdm_case("correlation", "correlation", quick=Q),
+        _rdm_case("euclidean", "euclidean"),
+        _pair_stat_case("rsa", "correlation spearman", quick=Q),
+        _pair_stat_case("rsa", "euclidean pearson", rdm="euclidean", compare="pearson"),
+        _similarity_matrix_case("cknna k=3", "cknna", k=3, quick=Q),
+        _similarity_matrix_case("mutual_knn k=3 euclidean tiles", "mutual_knn", k=3, knn_metric="euclidean",
+                                tile_bytes=KNN_TILE_BYTES),
+        _similarity_matrix_case("cycle_knn k=3 (ys=None)", "cycle_knn", symmetric=True, k=3),
+        _similarity_matrix_case("shape_distance alpha=0.5", "shape_distance", alpha=0.5),
+        _similarity_matrix_case("svcca dims=3 (ys=None)", "svcca", symmetric=True, dims=3),
+        _similarity_matrix_case("pwcca", "pwcca"),
+        _similarity_matrix_case("rsa spearman (ys=None)", "rsa", symmetric=True),
+        _similarity_matrix_case("cka rbf debiased", "cka", kernel="rbf", debiased=True),
+        _similarity_test_case("mutual_knn k=3", "mutual_knn", k=3, quick=Q),
+        _similarity_test_case("cycle_knn k=3 ip", "cycle_knn", k=3, knn_metric="ip"),
+        _similarity_test_case("cknna k=3", "cknna", k=3),
+        _similarity_test_case("shape_distance", "shape_distance"),
+        _similarity_test_case("svcca", "svcca"),
+        _similarity_test_case("pwcca", "pwcca"),
+        _similarity_test_case("rsa pearson", "rsa", compare="pearson"),
+        _similarity_test_case("cka linear", "cka"),
+        _streaming_alignment_case("biased", False, quick=Q),
+        _streaming_alignment_case("debiased symmetric (ys=None)", True, symmetric=True,
+                                  shape=dict(alpha=0.5, score="euclidean")),
         # backward: gradients against the reference's autograd
         _gram_backward_case("linear", quick=Q),
         _gram_backward_case("cosine"),
