@@ -30,7 +30,8 @@ ALIGNMENT_OPS = {"knn", "mutual_knn", "cycle_knn", "cknna", "shape_distance", "c
 # public names with no numbers of their own to check: result types, the capture and workflow layer (its
 # numbers are the ops'), cka's memory plan, metadata
 NOT_OPS = {"CkaPlan", "CkaTestResult", "SparsityStats", "SparseCodes", "CsrCodes", "CkaResult", "SparsityProfile",
-           "Neighbors", "SimilarityTestResult", "capture", "compare_models", "profile_sparsity", "load_result",
+           "Neighbors", "SimilarityTestResult", "AlignmentResult", "PerturbationResult", "capture", "compare_models", "profile_sparsity",
+           "perturbation_sensitivity", "load_result",
            "cka_plan", "build_info", "reference", "__version__"}
 
 
