@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from repkern._validation.cka import check_hsic_args, check_samples
-from repkern._validation.common import positive_number
+from repkern._validation.common import generator_seed, integer, positive_number
 
 
 def check_cka_test_args(x, y, kernel, debiased, n_permutations, n_bootstrap, seed, ci, sigma, threshold, median):
@@ -13,13 +13,9 @@ def check_cka_test_args(x, y, kernel, debiased, n_permutations, n_bootstrap, see
         if t.dim() != 2:
             raise ValueError(f"{name}: expected shape (n, d), got {tuple(t.shape)}")
     sigma, threshold = check_hsic_args(x, y, kernel, debiased, sigma, threshold, median)
-    for name, value in (("n_permutations", n_permutations), ("n_bootstrap", n_bootstrap), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-        if value < 0:
-            raise ValueError(f"{name}: expected >= 0, got {value}")
-    if seed >= 2**64:
-        raise ValueError(f"seed: expected an int in [0, 2**64 - 1] (a torch.Generator seed), got {seed}")
+    integer("n_permutations", n_permutations, 0)
+    integer("n_bootstrap", n_bootstrap, 0)
+    generator_seed(seed)
     ci = positive_number("ci", ci)
     if not ci < 1:
         raise ValueError(f"ci: expected a level in (0, 1), got {ci}")

@@ -58,6 +58,23 @@ def boolean(name: str, value) -> bool:
     return value
 
 
+def integer(name: str, value, minimum: int) -> int:
+    """value as an int >= minimum (bool is not an int here)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected >= {minimum}, got {value}")
+    return value
+
+
+def generator_seed(value) -> int:
+    """A torch.Generator seed: an int in [0, 2**64 - 1]."""
+    integer("seed", value, 0)
+    if value >= 2**64:
+        raise ValueError(f"seed: expected an int in [0, 2**64 - 1] (a torch.Generator seed), got {value}")
+    return value
+
+
 def same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
     if t.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (where x is), got {t.device}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from repkern._validation.cca import check_cca_args, check_svcca_args, check_svcca_options
 from repkern._validation.cka import check_layers
-from repkern._validation.common import byte_budget, choice
+from repkern._validation.common import byte_budget, choice, generator_seed, integer
 from repkern._validation.knn import KNN_METRICS, check_cknna_args, check_knn_pair_args, neighbour_count
 from repkern._validation.rsa import check_rsa_args, RDM_METRICS, RSA_COMPARISONS
 from repkern._validation.shape import check_shape_args, check_shape_options
@@ -117,13 +117,8 @@ def check_similarity_test_args(x, y, metric, n_permutations, seed, options: dict
     :func:`repkern.cka_test`."""
     choice("metric", metric, SIMILARITY_METRICS)
     options = check_options(metric, options, "similarity_test")
-    for name, value in (("n_permutations", n_permutations), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-        if value < 0:
-            raise ValueError(f"{name}: expected >= 0, got {value}")
-    if seed >= 2**64:
-        raise ValueError(f"seed: expected an int in [0, 2**64 - 1] (a torch.Generator seed), got {seed}")
+    integer("n_permutations", n_permutations, 0)
+    generator_seed(seed)
     if metric in ("mutual_knn", "cycle_knn"):
         options["k"] = check_knn_pair_args(x, y, options["k"], options["knn_metric"])
     elif metric == "cknna":

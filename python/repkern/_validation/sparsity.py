@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 
 from repkern._constants import SPARSITY_MAX_TOP_P
-from repkern._validation.common import boolean, floating_tensor, is_finite
+from repkern._validation.common import boolean, floating_tensor, integer, is_finite
 
 
 def check_sparsity_args(a, eps, top_p, dense_threshold, density_bins, row_bins, ordered, *, name="a", min_rows=1):
@@ -39,11 +39,8 @@ def check_sparsity_args(a, eps, top_p, dense_threshold, density_bins, row_bins, 
     dense_threshold = float(dense_threshold)
     if not (0.0 <= dense_threshold <= 1.0):
         raise ValueError(f"dense_threshold: expected a frequency in [0, 1], got {dense_threshold}")
-    for arg, value in (("density_bins", density_bins), ("row_bins", row_bins)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{arg}: expected an int, got {type(value).__name__}")
-        if value < 1:
-            raise ValueError(f"{arg}: expected >= 1, got {value}")
+    integer("density_bins", density_bins, 1)
+    integer("row_bins", row_bins, 1)
     boolean("ordered", ordered)
     return eps, top_p, dense_threshold
 
