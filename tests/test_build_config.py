@@ -8,12 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
-import torch
-
 import repkern
+import torch
 from repkern import _info
 from repkern.__main__ import main
 
@@ -25,8 +25,12 @@ NVCC13 = "75;80;86;87;88;89;90;100;103;110;120;121"  # `nvcc --list-gpu-arch` of
 def _cmake(script: str) -> subprocess.CompletedProcess:
     if shutil.which("cmake") is None or not os.path.exists(ARCHS_CMAKE):
         pytest.skip("needs cmake and the source tree")
-    return subprocess.run(["cmake", "-P", "/dev/stdin"], input=f"include({ARCHS_CMAKE})\n{script}",
-                          capture_output=True, text=True, timeout=60)
+    with tempfile.TemporaryDirectory() as tmp:  # a file: cmake < 3.27 cannot read a script from a pipe
+        path = os.path.join(tmp, "script.cmake")
+        with open(path, "w") as f:
+            # the policies of CMakeLists.txt's cmake_minimum_required (IN_LIST), which a script lacks
+            f.write(f"cmake_policy(VERSION 3.20)\ninclude({ARCHS_CMAKE})\n{script}")
+        return subprocess.run(["cmake", "-P", path], capture_output=True, text=True, timeout=60)
 
 
 def _choose(requested="", source="REPKERN_CUDA_ARCHS", visible="", known=NVCC13):
