@@ -75,7 +75,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
 #pragma unroll
     for (int q = 0; q < kMaxPairs; ++q) slot_a[q] = group.pair_a[q], slot_b[q] = group.pair_b[q];
   }
-  __syncthreads();
+  // No barrier here: the slots are read only after the staging barrier of the first work item, which
+  // orders thread 0's writes before them (a block without work items never reads them).
 
   const unsigned tiles_r = unsigned((rows + kCols - 1) / kCols), tiles_c = unsigned((cols + kCols - 1) / kCols);
   const unsigned tile_items = diagonal_block ? tiles_r * tile_pairs_per_row(tiles_r) : tiles_r * tiles_c;
