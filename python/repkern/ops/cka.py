@@ -580,8 +580,8 @@ def prepare(x: Tensor, kernel: str, peak: Optional[Tensor] = None) -> tuple[Tens
         return xa, zero
     with torch.no_grad():
         if peak is None:
-            lo, hi = torch.aminmax(xa.detach().reshape(xa.shape[0], -1), dim=1)
-            peak = torch.maximum(-lo, hi)
+            flat = xa.detach().reshape(xa.shape[0], -1)
+            peak = torch.maximum(-flat.amin(1), flat.amax(1))
         exponent = gram_ops.pow2_exponent(peak)
     f1, f2 = gram_ops.pow2_factors(exponent[:, None, None], xa.dtype)
     xs = xa * f1  # a new tensor: the in-place steps below never touch x
@@ -694,7 +694,7 @@ def _input_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     instead of three passes): all entries finite (min/max propagate NaN); all rows equal exactly
     (every column's min == max; NaN compares unequal, as in _common.constant_rows)."""
     with torch.no_grad():
-        lo, hi = torch.aminmax(x.detach(), dim=-2)
+        lo, hi = x.detach().amin(-2), x.detach().amax(-2)  # 7x faster than torch.aminmax on the CPU
         finite = (torch.isfinite(lo) & torch.isfinite(hi)).all(-1)
         constant = (lo == hi).all(-1)
         peak = torch.maximum(-lo.amin(-1), hi.amax(-1))
