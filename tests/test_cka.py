@@ -262,15 +262,6 @@ def test_sampled_median_is_the_median_of_the_sampled_pairs(median):
     assert abs((pairs <= med20).double().mean().item() - 0.5) < 0.05
 
 
-@pytest.mark.parametrize("d", [5, 300, 768])
-def test_self_product_from_its_upper_strips_equals_the_full_product(d):
-    """‖pᵀp‖²_F from the two column strips (d >= 256; d = 300 leaves a ragged second strip)
-    against the full product in float64."""
-    p = _data((2, 50, d), torch.float64, "cpu")
-    full = (p.mT @ p).square().sum((-2, -1))
-    torch.testing.assert_close(cka_ops._self_sq_sum(p), full, rtol=1e-13, atol=0)
-
-
 def test_input_stats_equal_the_separate_checks():
     """finite / constant / peak from one per-column min-max equal all_finite, constant_rows and
     max |x| on the special values: NaN, ±Inf, -0.0 against 0.0, constant inputs."""

@@ -15,7 +15,8 @@ Cases:
                "auto" takes Gram space here: its FLOPs are (L+1)·d/n = 2.4× fewer for L layers)
   cka_matrix, RBF, 12 layers, n=4096, d=768
   cka, linear debiased, one pair n=4096, d=768 (feature path) against reference.feature_space_linear_cka,
-               plain PyTorch ‖YᵀX‖²/(‖XᵀX‖‖YᵀY‖) after centering (target: >= 1.3× it); GPU n=16384, d=4096
+               plain PyTorch ‖YᵀX‖²/(‖XᵀX‖‖YᵀY‖) after centering (target: >= 1.3× it);
+               GPU n=16384, d=4096
   cka, RBF, n=16384, d=768: tiled (auto), untiled, reference (target: time <= 1.3× untiled)
   cka, RBF, n=32768, d=768: tiled only (full mode: the n×n approaches need > 12 GB here)
 GPU (CUDA device): the same cases scaled up: cka_matrix RBF debiased 6 layers n=4096 d=1024; linear

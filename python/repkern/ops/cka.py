@@ -74,9 +74,6 @@ METHODS = ("auto", "feature", "gram", "tiled")
 MAX_TILE = 2048  # a bigger tile only costs memory: GEMMs of 2048 rows already run near the matmul rate
 TILE_COPIES = 3  # tile-sized buffers per matrix at the peak (forward block; backward K and G stacks)
 MEDIAN_WORKING_COPIES = 3  # exact median selection: packed distances, kthvalue's copy, one pass's temporary
-# XᵀX (symmetric) from d >= SELF_SPLIT_MIN_D on: as two column strips, 3/4 of the FLOPs. Not more: on
-# 2 shared cores, narrower strips cost more (2-thread GEMMs of 128-row strips took 2x their 1-thread CPU time).
-SELF_SPLIT_MIN_D = 256
 
 # ---- HSIC terms: repkern::hsic_terms, repkern::hsic_terms_backward, repkern::hsic_terms_from_grams ----
 
@@ -624,24 +621,11 @@ def gram_numerators(inputs: list[Tensor], kernel, sigma, median, threshold, pair
     return _numerators(cross, row_sums, diag, pairs_t, n, debiased), cross
 
 
-def _self_sq_sum(p: Tensor) -> Tensor:
-    """‖pᵀp‖²_F (B,) in float64 for p (B, n, d) from the upper block triangle of the symmetric
-    pᵀp: strips p_1ᵀ p and p_2ᵀ p_2 (p = [p_1 p_2], columns halved), the off-diagonal block
-    p_1ᵀ p_2 counted twice (it stands for its mirror image p_2ᵀ p_1 too)."""
-    d = p.shape[-1]
-    if d < SELF_SPLIT_MIN_D:
-        return (p.mT @ p).square().sum((-2, -1), dtype=torch.float64)
-    w = -(-d // 128) * 64  # half of d, rounded up to a multiple of 64
-    top = (p[..., :w].mT @ p).square()
-    bottom = (p[..., w:].mT @ p[..., w:]).square()
-    f64 = torch.float64
-    return top[..., :w].sum((-2, -1), dtype=f64) + 2 * top[..., w:].sum((-2, -1), dtype=f64) + bottom.sum((-2, -1), dtype=f64)
-
-
 def _feature_numerators(p: Tensor, q: Tensor, n: int, debiased: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(h_xy, h_xx, h_yy) from centered features p (B, n, d1), q (B, n, d2)."""
-    dot = (q.mT @ p).square().sum((-2, -1), dtype=torch.float64)
-    self_p, self_q = _self_sq_sum(p), _self_sq_sum(q)
+    # XᵀX in full: strips of its upper block triangle (3/4 of the FLOPs) were 12% faster at one thread but
+    # 20% slower at two, where MKL's strip GEMMs used as much CPU time as the whole product.
+    dot, self_p, self_q = ((v.mT @ u).square().sum((-2, -1), dtype=torch.float64) for u, v in ((p, q), (p, p), (q, q)))
     if not debiased:
         return dot, self_p, self_q
     a, b = p.square().sum(-1, dtype=torch.float64), q.square().sum(-1, dtype=torch.float64)  # once each
