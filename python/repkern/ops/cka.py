@@ -625,7 +625,8 @@ def _feature_numerators(p: Tensor, q: Tensor, n: int, debiased: bool) -> tuple[T
     """(h_xy, h_xx, h_yy) from centered features p (B, n, d1), q (B, n, d2)."""
     # XᵀX in full: strips of its upper block triangle (3/4 of the FLOPs) were 12% faster at one thread but
     # 20% slower at two, where MKL's strip GEMMs used as much CPU time as the whole product.
-    dot, self_p, self_q = ((v.mT @ u).square().sum((-2, -1), dtype=torch.float64) for u, v in ((p, q), (p, p), (q, q)))
+    dot, self_p, self_q = ((v.mT @ u).square().sum((-2, -1), dtype=torch.float64)
+                           for u, v in ((p, q), (p, p), (q, q)))
     if not debiased:
         return dot, self_p, self_q
     a, b = p.square().sum(-1, dtype=torch.float64), q.square().sum(-1, dtype=torch.float64)  # once each
