@@ -262,6 +262,25 @@ def test_sampled_median_is_the_median_of_the_sampled_pairs(median):
     assert abs((pairs <= med20).double().mean().item() - 0.5) < 0.05
 
 
+def test_input_stats_equal_the_separate_checks():
+    """finite / constant / peak from one per-column min-max equal all_finite, constant_rows and
+    max |x| on the special values: NaN, ±Inf, -0.0 against 0.0, constant inputs."""
+    base = _data((3, 7, 4), torch.float32, "cpu")
+    cases = [base, base[:, :1].expand(3, 7, 4).clone(), torch.zeros(2, 5, 3)]
+    signed = torch.zeros(2, 5, 3)
+    signed[0, 2, 1] = -0.0
+    signed[1, 3, 0] = -2.5
+    nan, inf, const_inf = base.clone(), base.clone(), torch.full((1, 4, 2), -math.inf)
+    nan[1, 3, 2] = math.nan
+    inf[2, 0, 1] = math.inf
+    cases += [signed, nan, inf, const_inf]
+    for x in cases:
+        finite, constant, peak = cka_ops._input_stats(x)
+        assert torch.equal(finite, _common.all_finite(x))
+        assert torch.equal(constant, _common.constant_rows(x))
+        torch.testing.assert_close(peak, x.abs().amax((-2, -1)), equal_nan=True)
+
+
 def test_cka_matrix_equals_a_loop_of_cka(backend):
     layers = [_data((40, d), torch.float64, backend.device, seed=d) for d in (3, 6, 2, 5, 4)]
     layers[3] = layers[3] + layers[1][:, :5]  # some structure

@@ -132,6 +132,22 @@ def test_nan_propagates_to_its_row_and_column(backend, kernel):
     _check(x, kernel, sigma=2.0 if kernel == "rbf" else None)
 
 
+def test_linear_inf_row_is_nan_and_an_overflowing_finite_row_is_not(backend):
+    """The NaN-row pass runs only when a diagonal ‖x_i‖² is not finite: an Inf row must still give
+    NaN (not ±inf) in its row and column, and a finite row whose ‖x_i‖² overflows keeps its finite
+    products with the other rows."""
+    x = torch.zeros(6, 3, device=backend.device)
+    x[:, 0] = torch.arange(1.0, 7.0)
+    x[:, 1] = 0.5  # without the NaN-row pass, x_1 · x_j would be +inf
+    x[1, 1] = math.inf
+    x[4, 2] = 3e38  # x_4 · x_4 overflows; x_4 · x_j = 5 x_j,0 + 0.25 for j != 1 stays finite
+    k = repkern.gram(x).cpu()
+    assert torch.isnan(k[1]).all() and torch.isnan(k[:, 1]).all()
+    rest = [0, 2, 3, 5]
+    assert torch.equal(k[4, rest], 5 * torch.tensor([1.0, 3, 4, 6]) + 0.25) and k[4, 4] == math.inf
+    torch.testing.assert_close(k, k.mT, rtol=0, atol=0, equal_nan=True)
+
+
 def test_batch_dims_equal_a_loop(backend):
     x = _data((2, 3, 20, 5), torch.float32, backend.device)
     k = repkern.gram(x, "rbf", center=True)

@@ -14,6 +14,9 @@ Cases:
   cka_matrix, linear, 12 layers, n=4096, d=768 (target: the feature path >= 70% of the matmul rate;
                "auto" takes Gram space here: its FLOPs are (L+1)·d/n = 2.4× fewer for L layers)
   cka_matrix, RBF, 12 layers, n=4096, d=768
+  cka, linear debiased, one pair n=4096, d=768 (feature path) against reference.feature_space_linear_cka,
+               plain PyTorch ‖YᵀX‖²/(‖XᵀX‖‖YᵀY‖) after centering (target: >= 1.3× it);
+               GPU n=16384, d=4096
   cka, RBF, n=16384, d=768: tiled (auto), untiled, reference (target: time <= 1.3× untiled)
   cka, RBF, n=32768, d=768: tiled only (full mode: the n×n approaches need > 12 GB here)
 GPU (CUDA device): the same cases scaled up: cka_matrix RBF debiased 6 layers n=4096 d=1024; linear
@@ -82,6 +85,21 @@ def _matrix_case(kernel: str, debiased: bool, count: int, n: int, d: int, dtype:
                 build=build, flops=flops, timing=timing or {}, model=model)
 
 
+def _feature_pair_case(n: int, d: int, dtype: torch.dtype, device: torch.device, timing) -> Case:
+    def build():
+        g = generator(device, 2)
+        x = torch.randn(n, d, generator=g, device=device)
+        y = torch.tanh(x @ (torch.randn(d, d, generator=g, device=device) / d**0.5))
+        y = y + 0.5 * torch.randn(n, d, generator=g, device=device)
+        x, y = x.to(dtype), y.to(dtype)
+        return {"repkern": lambda: repkern.cka(x, y, debiased=True),
+                "reference": lambda: reference.feature_space_linear_cka(x, y, debiased=True)}
+
+    # the plain computation's FLOPs: the GEMMs YᵀX, XᵀX, YᵀY
+    return Case(op="cka[linear debiased feature]", shape=f"n={n} d={d}", dtype=dtype,
+                providers=("repkern", "reference"), build=build, flops=3 * 2.0 * n * d * d, timing=timing)
+
+
 def _tiled_case(n: int, d: int, dtype: torch.dtype, device: torch.device, *, untiled: bool, with_reference: bool,
                 timing) -> Case:
     names = ["repkern"] + (["repkern-gram"] if untiled else []) + (["reference"] if with_reference else [])
@@ -121,6 +139,7 @@ def cases(device: torch.device, quick: bool, dtypes: Optional[Sequence[torch.dty
                 _matrix_case("rbf", True, 6, 4096, 1024, dtype, device, timing=FEW),
                 _matrix_case("linear", False, 12, 16384, 4096, dtype, device, loop_pairs=6, timing=FEW),
                 _matrix_case("rbf", False, 12, 16384, 1024, dtype, device, loop_pairs=2, timing=FEW),
+                _feature_pair_case(16384, 4096, dtype, device, timing=FEW),
                 _tiled_case(65536, 1024, dtype, device, untiled=True, with_reference=True, timing=FEW),
             ]
             if full:
@@ -130,6 +149,7 @@ def cases(device: torch.device, quick: bool, dtypes: Optional[Sequence[torch.dty
                 _matrix_case("rbf", True, 6, 1024, 384, dtype, device, timing=FEW),
                 _matrix_case("linear", False, 12, 4096, 768, dtype, device, loop_pairs=6, timing=SLOW),
                 _matrix_case("rbf", False, 12, 4096, 768, dtype, device, loop_pairs=2, timing=SLOW),
+                _feature_pair_case(4096, 768, dtype, device, timing={}),
                 _tiled_case(16384, 768, dtype, device, untiled=True, with_reference=True, timing=SLOW),
             ]
             if full:

@@ -4,7 +4,8 @@ the epilogue kernel alone (GB/s against the copy ceiling).
 
 Shapes: CPU (B, n, d) = (1, 2048, 768), (1, 4096, 768), (16, 512, 64); GPU (1, 8192, 4096),
 (1, 32768, 4096), (64, 2048, 256); --quick (1, 1024, 128). Default dtypes float32 and
-bfloat16 (quick: float32). The epilogue works on float32 inner products: float32 only."""
+bfloat16 (quick: float32). The epilogue works on float32 inner products: float32 only. Linear cases
+also time plain ``x @ x.mT`` (provider "matmul")."""
 
 from __future__ import annotations
 
@@ -42,13 +43,19 @@ def _epilogue_case(n: int, kernel: str, device: torch.device) -> Case:
 
 
 def _gram_case(b: int, n: int, d: int, dtype: torch.dtype, kernel: str, kwargs: dict, device: torch.device) -> Case:
+    plain = kernel == "linear" and not kwargs  # also bare `x @ x.mT`: no NaN-row handling, symmetry not promised
+
     def build():
         x = torch.randn(b, n, d, device=device, generator=generator(device, 0)).to(dtype)
-        return {"repkern": lambda: repkern.gram(x, kernel, **kwargs),
-                "reference": lambda: reference.gram(x, kernel, **kwargs)}
+        providers = {"repkern": lambda: repkern.gram(x, kernel, **kwargs),
+                     "reference": lambda: reference.gram(x, kernel, **kwargs)}
+        if plain:
+            providers["matmul"] = lambda: x @ x.mT
+        return providers
 
     label = kernel + ("+center" if kwargs.get("center") else "")
-    return Case(op=f"gram[{label}]", shape=f"B={b} n={n} d={d}", dtype=dtype, providers=("repkern", "reference"),
+    names = ("repkern", "reference") + (("matmul",) if plain else ())
+    return Case(op=f"gram[{label}]", shape=f"B={b} n={n} d={d}", dtype=dtype, providers=names,
                 build=build, flops=2.0 * b * n * n * d,
                 model=roofline.gram(b, n, d, dtype_name(dtype), kernel, kwargs.get("center", False))
                 if device.type == "cuda" else None)

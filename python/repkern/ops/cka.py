@@ -558,7 +558,7 @@ def acc_itemsize(dtype: torch.dtype) -> int:
 # ---- inputs ---------------------------------------------------------------------------------
 
 
-def prepare(x: Tensor, kernel: str) -> tuple[Tensor, Tensor]:
+def prepare(x: Tensor, kernel: str, peak: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """x (B, n, d) -> (x in the accumulation dtype ready for the Gram/feature path,
     log2 of the factor it was divided by (B,) float64). Linear: divided by
     2^round(log2(max |x|)) — exact (a power of two, as two factors so that a subnormal
@@ -567,7 +567,8 @@ def prepare(x: Tensor, kernel: str) -> tuple[Tensor, Tensor]:
     first mean's rounding (an offset shared by every row, large against the spread when
     |mean| ≫ std) is removed by the second, whose own rounding is relative to the
     spread. Cosine: each row rescaled by a power of two (gram_ops.unit_rows). One
-    copy of x; min/max, two multiplies, two mean passes, two subtractions."""
+    copy of x; min/max (skipped when the caller has max |x| (B,) as `peak`), two
+    multiplies, two mean passes, two subtractions."""
     xa = x.to(_common.acc_dtype(x.dtype))
     zero = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     if kernel == "cosine":
@@ -575,8 +576,10 @@ def prepare(x: Tensor, kernel: str) -> tuple[Tensor, Tensor]:
     if kernel != "linear":
         return xa, zero
     with torch.no_grad():
-        lo, hi = torch.aminmax(xa.detach().reshape(xa.shape[0], -1), dim=1)
-        exponent = gram_ops.pow2_exponent(torch.maximum(-lo, hi))
+        if peak is None:
+            flat = xa.detach().reshape(xa.shape[0], -1)
+            peak = torch.maximum(-flat.amin(1), flat.amax(1))
+        exponent = gram_ops.pow2_exponent(peak)
     f1, f2 = gram_ops.pow2_factors(exponent[:, None, None], xa.dtype)
     xs = xa * f1  # a new tensor: the in-place steps below never touch x
     xs.mul_(f2)
@@ -618,13 +621,21 @@ def gram_numerators(inputs: list[Tensor], kernel, sigma, median, threshold, pair
     return _numerators(cross, row_sums, diag, pairs_t, n, debiased), cross
 
 
-def _feature_numerator(p: Tensor, q: Tensor, n: int, debiased: bool) -> Tensor:
-    """h from centered features p (B, n, d1), q (B, n, d2)."""
-    dot = (q.mT @ p).square().sum((-2, -1), dtype=torch.float64)
+def _feature_numerators(p: Tensor, q: Tensor, n: int, debiased: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(h_xy, h_xx, h_yy) from centered features p (B, n, d1), q (B, n, d2)."""
+    # XᵀX in full: strips of its upper block triangle (3/4 of the FLOPs) were 12% faster at one thread but
+    # 20% slower at two, where MKL's strip GEMMs used as much CPU time as the whole product.
+    dot, self_p, self_q = ((v.mT @ u).square().sum((-2, -1), dtype=torch.float64)
+                           for u, v in ((p, q), (p, p), (q, q)))
     if not debiased:
-        return dot
-    a, b = p.square().sum(-1, dtype=torch.float64), q.square().sum(-1, dtype=torch.float64)
-    return dot - n / (n - 2) * (a * b).sum(-1) + a.sum(-1) * b.sum(-1) / ((n - 1) * (n - 2))
+        return dot, self_p, self_q
+    a, b = p.square().sum(-1, dtype=torch.float64), q.square().sum(-1, dtype=torch.float64)  # once each
+    sa, sb = a.sum(-1), b.sum(-1)
+
+    def correct(s, u, v, su, sv):
+        return s - n / (n - 2) * (u * v).sum(-1) + su * sv / ((n - 1) * (n - 2))
+
+    return correct(dot, a, b, sa, sb), correct(self_p, a, a, sa, sa), correct(self_q, b, b, sb, sb)
 
 
 # ---- results -----------------------------------------------------------------------------------
@@ -663,6 +674,18 @@ def ratio(h_xy: Tensor, h_xx: Tensor, h_yy: Tensor, ok: Tensor) -> Tensor:
     return torch.where(ok, h_xy / denom.sqrt(), torch.full_like(h_xy, torch.nan))
 
 
+def _input_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(finite, constant, max |x|), each (B,), of x (B, n, d) from one read (per-column min and max,
+    instead of three passes): all entries finite (min/max propagate NaN); all rows equal exactly
+    (every column's min == max; NaN compares unequal, as in _common.constant_rows)."""
+    with torch.no_grad():
+        lo, hi = x.detach().amin(-2), x.detach().amax(-2)  # 7x faster than torch.aminmax on the CPU
+        finite = (torch.isfinite(lo) & torch.isfinite(hi)).all(-1)
+        constant = (lo == hi).all(-1)
+        peak = torch.maximum(-lo.amin(-1), hi.amax(-1))
+    return finite, constant, peak
+
+
 def _pair(x, y, kernel, debiased, sigma, threshold, median, method, max_gram_bytes):
     """(h_xy, h_xx, h_yy, degenerate x, degenerate y, finite, log2 scales of x and y), each (B,)."""
     batch = x.shape[0]
@@ -670,12 +693,11 @@ def _pair(x, y, kernel, debiased, sigma, threshold, median, method, max_gram_byt
     plan = make_plan(n, [x.shape[2]] * batch + [y.shape[2]] * batch,
                  [(x.shape[2], y.shape[2]), (x.shape[2], x.shape[2]), (y.shape[2], y.shape[2])] * batch,
                  kernel, sigma, method, gram_budget(max_gram_bytes), acc_itemsize(x.dtype))
-    xp, x_log2 = prepare(x, kernel)
-    yp, y_log2 = prepare(y, kernel)
+    (finite_x, constant_x, peak_x), (finite_y, constant_y, peak_y) = _input_stats(x), _input_stats(y)
+    xp, x_log2 = prepare(x, kernel, peak_x)
+    yp, y_log2 = prepare(y, kernel, peak_y)
     if plan.method == "feature":
-        h_xy = _feature_numerator(xp, yp, n, debiased)
-        h_xx = _feature_numerator(xp, xp, n, debiased)
-        h_yy = _feature_numerator(yp, yp, n, debiased)
+        h_xy, h_xx, h_yy = _feature_numerators(xp, yp, n, debiased)
         s_xx = s_yy = None
     else:
         pairs = [p for b in range(batch) for p in ((b, batch + b), (b, b), (batch + b, batch + b))]
@@ -683,9 +705,8 @@ def _pair(x, y, kernel, debiased, sigma, threshold, median, method, max_gram_byt
         h_xy, h_xx, h_yy = h.reshape(batch, 3).unbind(1)
         cross = cross.reshape(batch, 3)
         s_xx, s_yy = cross[:, 1], cross[:, 2]
-    finite_x, finite_y = _common.all_finite(x), _common.all_finite(y)
-    bad_x = degenerate(h_xx, s_xx, x.dtype, _common.constant_rows(x), finite_x)
-    bad_y = degenerate(h_yy, s_yy, y.dtype, _common.constant_rows(y), finite_y)
+    bad_x = degenerate(h_xx, s_xx, x.dtype, constant_x, finite_x)
+    bad_y = degenerate(h_yy, s_yy, y.dtype, constant_y, finite_y)
     return h_xy, h_xx, h_yy, bad_x, bad_y, finite_x & finite_y, x_log2, y_log2
 
 

@@ -206,6 +206,17 @@ def median_backward(x: Tensor, positions: Tensor, grad_median: Tensor) -> Tensor
 # ---- repkern::gram ----------------------------------------------------------------
 
 
+def _rows_inner_products(x: Tensor, kind: GramKind, center: bool) -> Tensor:
+    """Upper inner products (inner_products) of the rows the epilogue needs: cosine rows rescaled
+    (unit_rows), linear rows centered when `center` (H x xᵀ H = (Hx)(Hx)ᵀ, exactly)."""
+    if kind == GramKind.COSINE:
+        x, _ = unit_rows(x)
+    if kind == GramKind.LINEAR and center:
+        xa = x.to(_common.acc_dtype(x.dtype))
+        return inner_products(xa - xa.mean(dim=1, keepdim=True))
+    return inner_products(x)
+
+
 @torch.library.custom_op("repkern::gram", mutates_args=())
 def _gram_op(
     x: Tensor, kernel: str, scale: Optional[Tensor], median: str, threshold: float, center: bool
@@ -218,15 +229,13 @@ def _gram_op(
     if batch == 0:
         return x.new_empty((batch, n, n)), x.new_zeros((batch,), dtype=acc), positions
     kind = KINDS[kernel]
-    x = nan_rows(x)
-    if kind == GramKind.COSINE:
-        x, _ = unit_rows(x)
-    if kind == GramKind.LINEAR and center:  # H x xᵀ H = (Hx)(Hx)ᵀ: center x, exactly
-        xa = x.to(acc)
-        xc = xa - xa.mean(dim=1, keepdim=True)
-        inner, center = inner_products(xc), False
-    else:
-        inner = inner_products(x)
+    inner = _rows_inner_products(x, kind, center)
+    # A row with NaN/Inf has a non-finite ‖x_i‖² on the diagonal: only then pay the pass that makes such
+    # rows all NaN (a finite row whose ‖x_i‖² overflows is recomputed unchanged).
+    if not bool(torch.isfinite(inner.diagonal(dim1=1, dim2=2)).all()):
+        inner = _rows_inner_products(nan_rows(x), kind, center)
+    if kind == GramKind.LINEAR and center:  # centered through x (_rows_inner_products)
+        center = False
     if kind == GramKind.RBF and scale is None:
         epilogue(GramKind.SQDIST, GramPass.WRITE, inner, inner)  # distances, in place
         med, positions = median_sq_dist(inner, median == "offdiag")
