@@ -229,10 +229,13 @@ def _gram_op(
     if batch == 0:
         return x.new_empty((batch, n, n)), x.new_zeros((batch,), dtype=acc), positions
     kind = KINDS[kernel]
+    on_cpu = x.device.type == "cpu"
+    if not on_cpu:  # no host sync on a GPU, where the NaN-row pass is a cheap elementwise step
+        x = nan_rows(x)
     inner = _rows_inner_products(x, kind, center)
-    # A row with NaN/Inf has a non-finite ‖x_i‖² on the diagonal: only then pay the pass that makes such
-    # rows all NaN (a finite row whose ‖x_i‖² overflows is recomputed unchanged).
-    if not bool(torch.isfinite(inner.diagonal(dim1=1, dim2=2)).all()):
+    # On the CPU a row with NaN/Inf has a non-finite ‖x_i‖² on the diagonal: only then pay the pass that
+    # makes such rows all NaN (a finite row whose ‖x_i‖² overflows is recomputed unchanged).
+    if on_cpu and not bool(torch.isfinite(inner.diagonal(dim1=1, dim2=2)).all()):
         inner = _rows_inner_products(nan_rows(x), kind, center)
     if kind == GramKind.LINEAR and center:  # centered through x (_rows_inner_products)
         center = False
