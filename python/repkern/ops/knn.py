@@ -244,11 +244,16 @@ def mutual_knn(x: Tensor, y: Tensor, k: int, *, metric: str = "cosine",
     tile_budget(tile_bytes)
     if _native.use_reference():
         return reference.mutual_knn(x, y, k, metric=metric)
+    return _from_both_lists(mutual_from_lists, x, y, k, metric, tile_bytes)
+
+
+def _from_both_lists(stat, x: Tensor, y: Tensor, k: int, metric: str, tile_bytes) -> Tensor:
+    """stat (mutual_from_lists or cycle_from_lists) of x's and y's kNN lists, in the pair's result dtype."""
     nx = knn(x, k, metric=metric, tile_bytes=tile_bytes)[1].reshape(-1)
     ny = knn(y, k, metric=metric, tile_bytes=tile_bytes)[1].reshape(-1)
     n = x.shape[0]
     src = sources(n, k, x.device)
-    return mutual_from_lists(Edges(src, nx, n), src, ny, k).to(_pair_stat_dtype(x, y))
+    return stat(Edges(src, nx, n), src, ny, k).to(_pair_stat_dtype(x, y))
 
 
 def mutual_from_lists(ex: Edges, src: Tensor, ny: Tensor, k: int) -> Tensor:
@@ -275,11 +280,7 @@ def cycle_knn(x: Tensor, y: Tensor, k: int, *, metric: str = "cosine",
     tile_budget(tile_bytes)
     if _native.use_reference():
         return reference.cycle_knn(x, y, k, metric=metric)
-    nx = knn(x, k, metric=metric, tile_bytes=tile_bytes)[1].reshape(-1)
-    ny = knn(y, k, metric=metric, tile_bytes=tile_bytes)[1].reshape(-1)
-    n = x.shape[0]
-    src = sources(n, k, x.device)
-    return cycle_from_lists(Edges(src, nx, n), src, ny, k).to(_pair_stat_dtype(x, y))
+    return _from_both_lists(cycle_from_lists, x, y, k, metric, tile_bytes)
 
 
 def sparse_hsic(n: int, rows: Tensor, cols: Tensor, a: Tensor, b: Tensor) -> Tensor:
