@@ -28,8 +28,23 @@ struct GramEpilogueParams {
   int64_t batch, n;
 };
 
+// The RBF median bandwidth's order statistics, CPU only (on CUDA, torch.kthvalue is a radix select
+// already): for each batch matrix and rank k, the k-th smallest of the n(n−1)/2 entries d_ij, i < j, and
+// its flat position i·n + j, the lowest among the entries equal to it (every NaN equal, −0 equal to +0).
+// The result does not depend on the thread count.
+struct MedianSelectParams {
+  DType dtype;                            // of d and values: float32 or float64
+  const void* d;                          // [batch, n, n] dtype; only the strict upper triangle is read
+  int64_t ranks[kMedianSelectMaxRanks];   // 1-based, in [1, n(n−1)/2]
+  int num_ranks;                          // 1 or 2
+  void* values;                           // [batch, num_ranks] dtype: the selected entries
+  int64_t* positions;                     // [batch, num_ranks] int64: their flat positions i·n + j
+  int64_t batch, n;
+};
+
 namespace cpu {
 REPKERN_CPU_KERNEL(gram_epilogue, GramEpilogueParams)
+REPKERN_CPU_KERNEL(median_select, MedianSelectParams)
 }
 namespace cuda {
 void gram_epilogue(const GramEpilogueParams& p, void* stream);  // stream: cudaStream_t

@@ -50,6 +50,33 @@ GramEpilogueParams make_gram_epilogue(const int& kind_code, const int& pass_code
 const Binder<GramEpilogueParams, int, int, ViewArg, OptView, OptView, OptView, OptView, OptView> kGramEpilogue(
     "gram_epilogue", make_gram_epilogue, {"kind", "pass_", "inner", "aux", "out", "scale", "row_sums", "totals"});
 
+MedianSelectParams make_median_select(const ViewArg& d_arg, const std::vector<int64_t>& ranks,
+                                      const ViewArg& values_arg, const ViewArg& positions_arg) {
+  MedianSelectParams p{};
+  const TensorView d = view(d_arg, "d");
+  if (d.sizes.size() != 3 || d.sizes[1] != d.sizes[2]) throw std::invalid_argument("d: expected shape [B, n, n]");
+  p.batch = d.sizes[0];
+  p.n = d.sizes[1];
+  p.dtype = accumulation_of(d);
+  p.d = d.expect(p.dtype, {p.batch, p.n, p.n}).data;
+  if (ranks.empty() || ranks.size() > size_t(kMedianSelectMaxRanks))
+    throw std::invalid_argument("ranks: expected 1 or 2 ranks");
+  const int64_t count = p.n * (p.n - 1) / 2;
+  for (size_t r = 0; r < ranks.size(); ++r) {
+    if (ranks[r] < 1 || ranks[r] > count)
+      throw std::invalid_argument("ranks: " + std::to_string(ranks[r]) + " is outside [1, " + std::to_string(count) +
+                                  "], the entries of the strict upper triangle");
+    p.ranks[r] = ranks[r];
+  }
+  p.num_ranks = int(ranks.size());
+  p.values = view(values_arg, "values").expect(p.dtype, {p.batch, int64_t(p.num_ranks)}).data;
+  p.positions = view(positions_arg, "positions").expect(DType::Int64, {p.batch, int64_t(p.num_ranks)}).as<int64_t>();
+  return p;
+}
+
+const Binder<MedianSelectParams, ViewArg, std::vector<int64_t>, ViewArg, ViewArg> kMedianSelect(
+    "median_select", make_median_select, {"d", "ranks", "values", "positions"});
+
 }  // namespace
 
 void def_gram(py::module_& m) {
@@ -64,6 +91,7 @@ void def_gram(py::module_& m) {
       .value("ROW_SUMS", GramPass::RowSums)
       .value("WRITE_CENTERED", GramPass::WriteCentered);
   REPKERN_BIND(m, kGramEpilogue, gram_epilogue);
+  REPKERN_BIND_CPU(m, kMedianSelect, median_select);
 }
 
 }  // namespace repkern::bindings

@@ -10,6 +10,10 @@
 //   RbfFromSqDist  the input already holds SqDist (median path): k = exp(scale · g_ij)
 // (Linear, RbfFromSqDist need no aux; SqDist/Rbf: aux_i = g_ii; Cosine: aux_i = 1/‖x_i‖.)
 // NaN anywhere in x_i propagates to row and column i.
+//
+// Median bandwidth (median_select, CPU): order statistics of the strict upper triangle of the squared
+// distances by a radix select, kGramSelectBits bits per pass from the top, on the SAE top-k key
+// (sae_order_key: monotone in the value, every NaN one key above +inf, as torch sorts, −0 equal to +0).
 #pragma once
 
 #include <stdexcept>
@@ -18,6 +22,7 @@
 #include "common/dispatch.h"
 #include "common/macros.h"
 #include "common/math.h"
+#include "common/sae_math.h"
 
 namespace repkern {
 
@@ -67,6 +72,9 @@ template <typename A>
 RK_HD A gram_center(A k, A mean_i, A mean_j, A mean_all) {
   return k - mean_i - mean_j + mean_all;
 }
+
+constexpr int kGramSelectBits = 11;        // digit width of one radix-select pass
+constexpr int kMedianSelectMaxRanks = 2;  // the two middle ranks of an even count
 
 // Host-side: calls f.template operator()<K, P, Acc, Out>() for the runtime
 // arguments, rejecting combinations no caller needs: Linear is centered through

@@ -2,9 +2,16 @@
 // vectorizable inner loop) and written to both triangles. Each task reads only
 // its own upper tile, so `out` may be `inner` (in-place, as on CUDA). Row sums
 // for centering are owned per row tile, so they do not depend on the thread count.
+//
+// Median selection: a radix select over the strict upper triangle in place (no packed copy). Each pass
+// histograms the next kGramSelectBits bits of the keys that share the bits chosen so far (per-part
+// histograms, summed); once few candidates are left, one pass gathers them in position order and the
+// rest is chosen among those. Histogram sums, the gathered order and the lowest position found do not
+// depend on how the triangle is split, so neither does the result.
 #include "gram.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
@@ -155,7 +162,194 @@ void run(const A* inner, const A* aux, Out* out, const A* scale, double* row_sum
   }
 }
 
+// ---- median selection ----
+
+constexpr int64_t kBuckets = int64_t(1) << kGramSelectBits;
+constexpr int64_t kSelectMinPart = int64_t(1) << 16;  // packed entries per thread, at least
+constexpr int64_t kCollectMin = int64_t(1) << 14;     // candidates gathered instead of another pass
+constexpr int64_t kKeyBlock = 256;                    // keys computed per vectorized step
+
+// Packed index of (i, i + 1): where row i of the strict upper triangle of n×n starts.
+inline int64_t packed_start(int64_t i, int64_t n) { return i * (n - 1) - i * (i - 1) / 2; }
+
+// fn(keys, count, flat index i·n + j of keys[0]) over the keys of the packed entries [p0, p1) in order,
+// a block of one row at a time, until fn returns false.
+template <typename A, typename F>
+void for_each_key(const A* d, int64_t n, int64_t p0, int64_t p1, F&& fn) {
+  using K = sae_key_t<A>;
+  K keys[kKeyBlock];
+  const double b = 2.0 * double(n) - 1.0;  // row of p0 from the quadratic, then exact integer fix-ups
+  int64_t i = std::clamp<int64_t>(int64_t((b - std::sqrt(std::max(0.0, b * b - 8.0 * double(p0)))) / 2.0), 0, n - 2);
+  while (i > 0 && packed_start(i, n) > p0) --i;
+  while (packed_start(i + 1, n) <= p0) ++i;
+  for (int64_t p = p0; p < p1; ++i) {
+    const int64_t j0 = i + 1 + (p - packed_start(i, n));
+    const int64_t count = std::min(n - j0, p1 - p);
+    const A* row = d + i * n + j0;
+    for (int64_t c0 = 0; c0 < count; c0 += kKeyBlock) {
+      const int64_t m = std::min(kKeyBlock, count - c0);
+#pragma omp simd
+      for (int64_t c = 0; c < m; ++c) keys[c] = sae_order_key(row[c0 + c]);
+      if (!fn(static_cast<const K*>(keys), m, i * n + j0 + c0)) return;
+    }
+    p += count;
+  }
+}
+
+// The bits of `key` above bit `hi` (none when hi is the key width: nothing is chosen yet).
+template <typename K>
+inline K key_top(K key, int hi) {
+  return hi >= int(8 * sizeof(K)) ? K(0) : K(key >> hi);
+}
+
+// Adds to hist[g][digit] (digit: the bits [shift, hi) of the key) for the keys whose bits above `hi`
+// equal prefix[g], g < G; G = 0: every key, into hist[0]. Consecutive keys count into kCopies separate
+// 32-bit histograms (summed at the end of each slice of kSlice keys, so none overflows): distances
+// crowd into one or two digits, and increments of one counter would wait on each other.
+template <int G, typename A>
+void count_digits(const A* d, int64_t n, int64_t p0, int64_t p1, int hi, int shift, const sae_key_t<A>* prefix,
+                  int64_t* hist) {
+  using K = sae_key_t<A>;
+  constexpr int64_t kCopies = 4, kSlice = int64_t(1) << 30;
+  constexpr int64_t kGroups = G == 2 ? 2 : 1;
+  const K mask = K(kBuckets - 1);
+  std::vector<uint32_t> copies(size_t(kGroups * kCopies * kBuckets));
+  for (int64_t s0 = p0; s0 < p1; s0 += kSlice) {
+    std::fill(copies.begin(), copies.end(), 0u);
+    uint32_t* h0 = copies.data();
+    uint32_t* h1 = copies.data() + kCopies * kBuckets;
+    for_each_key(d, n, s0, std::min(p1, s0 + kSlice), [&](const K* keys, int64_t m, int64_t) {
+      for (int64_t c = 0; c < m; ++c) {
+        const K key = keys[c];
+        const int64_t bucket = (c & (kCopies - 1)) * kBuckets + int64_t((key >> shift) & mask);
+        if constexpr (G == 0) {
+          ++h0[bucket];
+        } else {
+          const K top = key >> hi;  // no branch: about half the keys match, unpredictably
+          h0[bucket] += uint32_t(top == prefix[0]);
+          if constexpr (G == 2) h1[bucket] += uint32_t(top == prefix[1]);
+        }
+      }
+      return true;
+    });
+    for (int64_t g = 0; g < kGroups; ++g)
+      for (int64_t c = 0; c < kCopies; ++c)
+        for (int64_t b = 0; b < kBuckets; ++b) hist[g * kBuckets + b] += copies[size_t((g * kCopies + c) * kBuckets + b)];
+  }
+}
+
+// The order statistics of one n×n matrix d (see MedianSelectParams).
+template <typename A>
+void select_matrix(const A* d, int64_t n, const MedianSelectParams& p, A* values, int64_t* positions,
+                   int num_threads) {
+  using K = sae_key_t<A>;
+  constexpr int kBits = 8 * sizeof(K);
+  const int64_t total = n * (n - 1) / 2;
+  const int64_t parts =
+      std::clamp<int64_t>((total + kSelectMinPart - 1) / kSelectMinPart, 1, std::max(1, num_threads));
+  const int64_t chunk = (total + parts - 1) / parts;
+  auto part_begin = [&](int64_t t) { return std::min(total, t * chunk); };
+
+  // Per rank: the key bits above `hi` chosen so far, the rank among the keys sharing them, their count.
+  // One rank is tracked as two equal ones; equal prefixes share one histogram.
+  K prefix[2] = {0, 0};
+  int64_t rank[2] = {p.ranks[0], p.ranks[p.num_ranks - 1]};
+  int64_t count[2] = {total, total};
+  int hi = kBits;
+  const int64_t collect_max = std::max(kCollectMin, total >> 6);
+  auto groups = [&] { return prefix[0] == prefix[1] ? 1 : 2; };
+  std::vector<int64_t> hist;
+  while (hi > 0 && (groups() == 1 ? count[0] : count[0] + count[1]) > collect_max) {
+    const int shift = std::max(hi - kGramSelectBits, 0);
+    const int G = hi == kBits ? 0 : groups();
+    hist.assign(size_t(parts * 2 * kBuckets), 0);
+    parallel_for(parts, num_threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t* h = hist.data() + t * 2 * kBuckets;
+        const int64_t q0 = part_begin(t), q1 = part_begin(t + 1);
+        if (G == 0) count_digits<0>(d, n, q0, q1, hi, shift, prefix, h);
+        if (G == 1) count_digits<1>(d, n, q0, q1, hi, shift, prefix, h);
+        if (G == 2) count_digits<2>(d, n, q0, q1, hi, shift, prefix, h);
+      }
+    });
+    for (int64_t t = 1; t < parts; ++t)
+      for (int64_t b = 0; b < 2 * kBuckets; ++b) hist[size_t(b)] += hist[size_t(t * 2 * kBuckets + b)];
+    for (int r = 0; r < 2; ++r) {
+      const int64_t* h = hist.data() + (G == 2 ? r : 0) * kBuckets;
+      int64_t below = 0, b = 0;
+      while (below + h[b] < rank[r]) below += h[b++];
+      prefix[r] = K(prefix[r] << (hi - shift)) | K(b);
+      rank[r] -= below;
+      count[r] = h[b];
+    }
+    hi = shift;
+  }
+
+  int64_t pos[2] = {-1, -1};
+  if (hi == 0) {  // every key bit chosen (many equal entries): the lowest position holding each key
+    for (int r = 0; r < 2; ++r) {
+      if (r == 1 && prefix[1] == prefix[0]) {
+        pos[1] = pos[0];
+        continue;
+      }
+      std::vector<int64_t> first(size_t(parts), -1);
+      parallel_for(parts, num_threads, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          for_each_key(d, n, part_begin(t), part_begin(t + 1), [&](const K* keys, int64_t m, int64_t flat) {
+            for (int64_t c = 0; c < m; ++c) {
+              if (keys[c] == prefix[r]) {
+                first[size_t(t)] = flat + c;
+                return false;
+              }
+            }
+            return true;
+          });
+        }
+      });
+      pos[r] = *std::find_if(first.begin(), first.end(), [](int64_t f) { return f >= 0; });
+    }
+  } else {  // few candidates: gather them in position order, then select among them
+    std::vector<std::vector<std::pair<K, int64_t>>> found(static_cast<size_t>(parts));
+    parallel_for(parts, num_threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        auto& out = found[size_t(t)];
+        for_each_key(d, n, part_begin(t), part_begin(t + 1), [&](const K* keys, int64_t m, int64_t flat) {
+          for (int64_t c = 0; c < m; ++c) {
+            const K top = key_top(keys[c], hi);
+            if (top == prefix[0] || top == prefix[1]) out.emplace_back(keys[c], flat + c);
+          }
+          return true;
+        });
+      }
+    });
+    std::vector<std::pair<K, int64_t>> candidates;
+    for (const auto& f : found) candidates.insert(candidates.end(), f.begin(), f.end());
+    std::vector<K> keys;
+    for (int r = 0; r < 2; ++r) {
+      keys.clear();
+      for (const auto& c : candidates)
+        if (key_top(c.first, hi) == prefix[r]) keys.push_back(c.first);
+      std::nth_element(keys.begin(), keys.begin() + (rank[r] - 1), keys.end());
+      const K key = keys[size_t(rank[r] - 1)];
+      pos[r] = std::find_if(candidates.begin(), candidates.end(), [&](const auto& c) { return c.first == key; })->second;
+    }
+  }
+  for (int r = 0; r < p.num_ranks; ++r) {
+    positions[r] = pos[r];
+    values[r] = d[pos[r]];
+  }
+}
+
 }  // namespace
+
+void median_select(const MedianSelectParams& p, int num_threads) {
+  switch_acc(p.dtype, "median_select", [&](auto acc_t) {
+    using A = typename decltype(acc_t)::type;
+    for (int64_t b = 0; b < p.batch; ++b)
+      select_matrix(static_cast<const A*>(p.d) + b * p.n * p.n, p.n, p, static_cast<A*>(p.values) + b * p.num_ranks,
+                    p.positions + b * p.num_ranks, num_threads);
+  });
+}
 
 void gram_epilogue(const GramEpilogueParams& p, int num_threads) {
   if (p.batch == 0 || p.n == 0) return;

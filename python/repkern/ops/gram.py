@@ -28,7 +28,7 @@ from repkern._constants import GramKind, GramPass
 __all__ = ["gram"]
 
 GRAM_EPILOGUE = _native.kernel("gram_epilogue")
-
+MEDIAN_SELECT = _native.kernel("median_select", cuda=False)
 
 
 KINDS = {"linear": GramKind.LINEAR, "cosine": GramKind.COSINE, "rbf": GramKind.RBF}
@@ -138,57 +138,78 @@ def upper_to_flat(p: Tensor, n: int) -> Tensor:
     return i * n + (p - start(i) + i + 1)
 
 
+def _middle_ranks(n: int, offdiag: bool) -> list[Optional[int]]:
+    """The two middle ranks of the numpy median over the full ('full': n², diagonal zeros included) or
+    off-diagonal multiset of n×n distances, each as its 1-based rank k among the n(n−1)/2 upper-triangle
+    values (each off-diagonal value appears twice), or None for a diagonal zero."""
+    total, zeros = (n * (n - 1), 0) if offdiag else (n * n, n)
+    return [None if rank <= zeros else (rank - zeros + 1) // 2 for rank in ((total + 1) // 2, total // 2 + 1)]
+
+
+def _middle_values(ranks: list[Optional[int]], selected: dict, zero: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean of the two middle values (B,), their flat positions (B, 2)) from selected: k -> (value (B,),
+    flat position (B,)); a diagonal zero is value 0 at position 0."""
+    picked = [selected[k] if k is not None else (zero, torch.zeros_like(zero, dtype=torch.int64)) for k in ranks]
+    return (picked[0][0] + picked[1][0]) / 2, torch.stack([picked[0][1], picked[1][1]], dim=1)
+
+
 def median_sq_dist(d: Tensor, offdiag: bool) -> tuple[Tensor, Tensor]:
-    """Median of the squared distances d (B, n, n) (exactly symmetric), numpy-style:
-    the mean of the two middle values for an even count. Over all n² entries the
-    diagonal counts as n exact zeros; NaN sorts above every number (torch's order).
-    Each off-diagonal value appears twice, so the order statistics are taken over
-    the n(n−1)/2 upper-triangle values. Returns (median (B,), flat positions i·n + j
-    (B, 2) of the two middle entries; a diagonal position stands for a zero)."""
+    """Median of the squared distances d (B, n, n) (exactly symmetric; only the strict upper triangle is
+    read), numpy-style: the mean of the two middle values for an even count. Over all n² entries the
+    diagonal counts as n exact zeros; NaN sorts above every number (torch's order). Each off-diagonal
+    value appears twice, so the order statistics are taken over the n(n−1)/2 upper-triangle values.
+    Returns (median (B,), flat positions i·n + j (B, 2) of the two middle entries, the lowest i·n + j
+    among equal values; a diagonal position stands for a zero).
+
+    CPU: a native radix select over the triangle in place. CUDA: the triangle packed, then
+    torch.kthvalue (a radix select on the GPU)."""
     batch, n, _ = d.shape
-    values = d.new_empty((batch, n * (n - 1) // 2))
-    for i in range(n - 1):  # row slices: a boolean-mask gather of all n² entries costs as much as the GEMM
-        start = i * (n - 1) - i * (i - 1) // 2
-        values[:, start : start + n - 1 - i] = d[:, i, i + 1 :]
-    return median_from_upper(values, n, offdiag)
+    if _native.backend_for(d.device) != "cpu":
+        values = d.new_empty((batch, n * (n - 1) // 2))
+        for i in range(n - 1):  # row slices: a boolean-mask gather of all n² entries costs as much as the GEMM
+            start = i * (n - 1) - i * (i - 1) // 2
+            values[:, start : start + n - 1 - i] = d[:, i, i + 1 :]
+        return median_from_upper(values, n, offdiag)
+    ranks = _middle_ranks(n, offdiag)
+    wanted = sorted({k for k in ranks if k is not None})
+    selected = {}
+    if wanted:
+        values = d.new_empty((batch, len(wanted)))
+        positions = torch.empty((batch, len(wanted)), dtype=torch.int64, device=d.device)
+        _native.call(MEDIAN_SELECT, d.device, d, wanted, values, positions)
+        selected = {k: (values[:, c], positions[:, c]) for c, k in enumerate(wanted)}
+    return _middle_values(ranks, selected, d.new_zeros(batch))
 
 
-def _next_order_statistic(values: Tensor, value: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k-th smallest of values (B, N) given the (k−1)-th (value, index (B,)): the
-    same value when at least k entries are <= it (ties), else the smallest entry
-    above it, NaN when only NaN is left (torch's order). A few streaming passes
-    instead of a second kthvalue."""
+def _next_order_statistic(values: Tensor, value: Tensor, k: int) -> Tensor:
+    """The k-th smallest of values (B, N) given the (k−1)-th, value (B,): the same value when at least
+    k entries are <= it (ties), else the smallest entry above it, NaN when only NaN is left (torch's
+    order). A few streaming passes instead of a second kthvalue."""
     tie = torch.count_nonzero(values <= value[:, None], dim=1) >= k
     above = values > value[:, None]
-    nearest, nearest_index = torch.where(above, values, math.inf).min(1)
-    has_above = above.any(1)
-    nan_index = values.isnan().to(torch.uint8).argmax(1)
-    value = torch.where(tie, value, torch.where(has_above, nearest, torch.full_like(value, math.nan)))
-    index = torch.where(tie, index, torch.where(has_above, nearest_index, nan_index))
-    return value, index
+    nearest = torch.where(above, values, math.inf).amin(1)
+    return torch.where(tie, value, torch.where(above.any(1), nearest, torch.full_like(value, math.nan)))
+
+
+def _lowest_index_of(values: Tensor, value: Tensor) -> Tensor:
+    """The lowest index (B,) of values (B, N) that equals value (B,) (NaN equal to NaN, −0 to +0)."""
+    equal = (values == value[:, None]) | (values.isnan() & value.isnan()[:, None])
+    return equal.to(torch.uint8).argmax(1)
 
 
 def median_from_upper(values: Tensor, n: int, offdiag: bool) -> tuple[Tensor, Tensor]:
     """:func:`median_sq_dist` from the strict upper triangle of d packed row-major
-    into values (B, n(n−1)/2)."""
-    batch = values.shape[0]
-    total, zeros = (n * (n - 1), 0) if offdiag else (n * n, n)
-    selected = {}  # k -> (value, packed index)
-    meds, positions = [], []
-    for rank in ((total + 1) // 2, total // 2 + 1):  # 1-based ranks in the full multiset
-        if rank <= zeros:
-            meds.append(values.new_zeros(batch))
-            positions.append(torch.zeros(batch, dtype=torch.int64, device=values.device))
-            continue
-        k = (rank - zeros + 1) // 2  # ceil((rank − zeros) / 2): each value counted twice
-        if k not in selected:
-            if k - 1 in selected:  # the two middle ranks are neighbours
-                selected[k] = _next_order_statistic(values, *selected[k - 1], k)
-            else:
-                selected[k] = torch.kthvalue(values, k, dim=1)
-        meds.append(selected[k][0])
-        positions.append(upper_to_flat(selected[k][1], n))
-    return (meds[0] + meds[1]) / 2, torch.stack(positions, dim=1)
+    into values (B, n(n−1)/2) (packed order is flat order, so the lowest packed index
+    among equal values is the lowest flat one)."""
+    ranks = _middle_ranks(n, offdiag)
+    selected = {}  # k -> (value, flat position)
+    for k in sorted({k for k in ranks if k is not None}):
+        if k - 1 in selected:  # the two middle ranks are neighbours
+            value = _next_order_statistic(values, selected[k - 1][0], k)
+        else:
+            value = torch.kthvalue(values, k, dim=1).values
+        selected[k] = (value, upper_to_flat(_lowest_index_of(values, value), n))
+    return _middle_values(ranks, selected, values.new_zeros(values.shape[0]))
 
 
 def median_backward(x: Tensor, positions: Tensor, grad_median: Tensor) -> Tensor:
