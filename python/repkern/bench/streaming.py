@@ -16,10 +16,15 @@ Cases:
 GPU (CUDA device): StreamingCKA 4 + 4 layers d=1024, N=262144 in batches of 16384; MinibatchCKA 4
   layers d=1024, 16 batches of 4096; the updates of 7 + 7 layers d=384 in 16 batches of 4096.
 Default dtype float32; ``dtypes`` runs every case in each of them.
+
+``python -m repkern.bench.streaming [rounds]`` times the two CPU update cases alone, repkern and the
+per-pair update alternating in one process, and prints their medians and ratio.
 """
 
 from __future__ import annotations
 
+import statistics
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -27,6 +32,7 @@ import torch
 import repkern
 from repkern import _common, reference
 from repkern.bench import Case, generator, select_dtypes
+from repkern.bench.timing import alternating_ms
 from repkern.ops import streaming
 
 FEW = {"warmup": 1, "min_repeats": 2, "max_repeats": 3, "min_time_s": 0.0}
@@ -202,3 +208,18 @@ def cases(device: torch.device, quick: bool, dtypes: Optional[Sequence[torch.dty
                 _update_case(True, 7, 8, 512, 384, dtype, device, FEW),
             ]
     return out
+
+
+def _main(rounds: int) -> None:
+    device = torch.device("cpu")
+    print(f"{torch.get_num_threads()} threads, {rounds} alternating rounds")
+    for debiased in (False, True):
+        case = _update_case(debiased, 7, 8, 512, 384, torch.float32, device, {})
+        times = alternating_ms(case.make(), device, rounds)
+        median = {name: statistics.median(ms) for name, ms in times.items()}
+        print(f"{case.op} {case.shape}: repkern {median['repkern']:.1f} ms, per-pair {median['reference']:.1f} ms, "
+              f"per-pair / repkern {median['reference'] / median['repkern']:.2f}")
+
+
+if __name__ == "__main__":
+    _main(int(sys.argv[1]) if len(sys.argv) > 1 else 9)
