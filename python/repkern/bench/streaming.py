@@ -18,7 +18,7 @@ GPU (CUDA device): StreamingCKA 4 + 4 layers d=1024, N=262144 in batches of 1638
 Default dtype float32; ``dtypes`` runs every case in each of them.
 
 ``python -m repkern.bench.streaming [rounds]`` times the two CPU update cases alone, repkern and the
-per-pair update alternating in one process, and prints their medians and ratio.
+per-pair update alternating in one process, and prints their medians and ratios.
 """
 
 from __future__ import annotations
@@ -217,8 +217,10 @@ def _main(rounds: int) -> None:
         case = _update_case(debiased, 7, 8, 512, 384, torch.float32, device, {})
         times = alternating_ms(case.make(), device, rounds)
         median = {name: statistics.median(ms) for name, ms in times.items()}
+        ratios = [old / new for new, old in zip(times["repkern"], times["reference"])]
         print(f"{case.op} {case.shape}: repkern {median['repkern']:.1f} ms, per-pair {median['reference']:.1f} ms, "
-              f"per-pair / repkern {median['reference'] / median['repkern']:.2f}")
+              f"per-pair / repkern {median['reference'] / median['repkern']:.2f} (per round: median "
+              f"{statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f})")
 
 
 if __name__ == "__main__":
