@@ -112,6 +112,87 @@ def test_shift_map_matches_statistics_of_shifted_data():
         torch.testing.assert_close(moved[f"shift/{a}"], direct[f"shift/{a}"] - deltas[a])
 
 
+# ---- the row-block update == the per-pair statistics ------------------------------------------------
+
+
+def _direct_state(layers, pairs, shifts, debiased):
+    """The statistics of all rows about the shifts c_a, each pair on its own in float64 (module
+    docstring of repkern.ops.streaming): z = x − c_a, s_a = Σz, M_ab = Σ z_a z_bᵀ, g, h, P."""
+    zs = [t - c for t, c in zip(layers, shifts)]
+    u = [z.square().sum(-1) for z in zs]
+    stats = {f"sum/{a}": z.sum(0) for a, z in enumerate(zs)}
+    stats.update({f"M/{a},{b}": zs[a].T @ zs[b] for a, b in pairs})
+    if debiased:
+        stats.update({f"g/{a},{b}": zs[b].T @ u[a] for a, b in pairs})
+        stats.update({f"h/{a},{b}": zs[a].T @ u[b] for a, b in pairs})
+        stats["P"] = torch.stack([u[a] @ u[b] for a, b in pairs])
+    return stats
+
+
+def _assert_state(state, expected, per_pair):
+    """`state` (a state_dict) holds `expected` to float64 rounding, and the per-pair accumulator's
+    state_dict `per_pair` has the same entries, shapes and values."""
+    stats = state["stats"]
+    assert stats.keys() == per_pair["stats"].keys() and state["layout"] == per_pair["layout"]
+    for key, value in stats.items():
+        other = per_pair["stats"][key]
+        assert value.shape == other.shape and value.dtype == other.dtype == torch.float64, key
+        assert value.is_contiguous(), key
+        torch.testing.assert_close(value, other, rtol=1e-11, atol=1e-9, msg=key)
+    for key, value in expected.items():
+        torch.testing.assert_close(stats[key], value, rtol=1e-11, atol=1e-9, msg=key)
+
+
+@pytest.mark.parametrize("debiased", (False, True))
+@pytest.mark.parametrize("symmetric", (False, True), ids=("ys", "ys=None"))
+def test_row_block_update_equals_per_pair_statistics(symmetric, debiased):
+    """One GEMM per layer against all its partners gives every pair's statistics: layers of different
+    widths, a self-comparison and two models, several batches (one of a single row), a merge, a state
+    dict restored and continued, the packed form all_reduce gathers."""
+    from repkern.bench.streaming import PerPairStreamingCKA
+
+    xs = _model_layers(203, (7, 12, 1, 5), seed=140, shift=30.0)
+    ys = None if symmetric else _model_layers(203, (9, 4, 6), seed=150, shift=-12.0)
+    sizes = [50, 1, 64, 88]
+    batches = list(zip(_split(xs, sizes), [None] * 4 if symmetric else _split(ys, sizes)))
+    layout = (tuple(t.shape[1] for t in xs), None if symmetric else tuple(t.shape[1] for t in ys))
+    pairs = streaming._streaming_pairs(layout)
+    layers = xs + ([] if symmetric else ys)
+
+    def fed(cls, part):
+        acc = cls(debiased=debiased)
+        for bx, by in part:
+            acc.update(bx, by)
+        return acc
+
+    acc, per_pair = fed(repkern.StreamingCKA, batches), fed(PerPairStreamingCKA, batches)
+    state = acc.state_dict()
+    shifts = [state["stats"][f"shift/{a}"] for a in range(len(layers))]
+    for c, t in zip(shifts, layers):  # the shift is the first batch's mean
+        torch.testing.assert_close(c, t[:50].mean(0), rtol=0, atol=1e-12)
+    _assert_state(state, _direct_state(layers, pairs, shifts, debiased), per_pair.state_dict())
+    torch.testing.assert_close(acc.compute(), per_pair.compute(), rtol=1e-12, atol=1e-13)
+    for a in range(len(layers)):  # each layer's pairs stay views of one row block, updated in one pass
+        assert len({acc._stats[f"M/{a},{b}"].untyped_storage().data_ptr() for r, b in pairs if r == a}) == 1
+
+    # merged (into an accumulator with data, and into an empty one), restored and continued, packed
+    merged = fed(repkern.StreamingCKA, batches[:2]).merge(fed(repkern.StreamingCKA, batches[2:]))
+    _assert_state(merged.state_dict(), _direct_state(layers, pairs, shifts, debiased), per_pair.state_dict())
+    late = repkern.StreamingCKA(debiased=debiased).merge(fed(repkern.StreamingCKA, batches[1:]))
+    late_shifts = [late.state_dict()["stats"][f"shift/{a}"] for a in range(len(layers))]
+    rest = [t[50:] for t in layers]
+    _assert_state(late.state_dict(), _direct_state(rest, pairs, late_shifts, debiased),
+                  fed(PerPairStreamingCKA, batches[1:]).state_dict())
+    restored = repkern.StreamingCKA(debiased=debiased)
+    restored.load_state_dict(fed(repkern.StreamingCKA, batches[:3]).state_dict())
+    restored.update(*batches[3])
+    _assert_state(restored.state_dict(), _direct_state(layers, pairs, shifts, debiased), per_pair.state_dict())
+    unpacked = acc._unpacked(acc._packed(torch.device("cpu")))
+    gathered = repkern.StreamingCKA(debiased=debiased).merge(unpacked).merge(fed(repkern.StreamingCKA, batches))
+    doubled = _direct_state([torch.cat([t, t]) for t in layers], pairs, shifts, debiased)
+    _assert_state(gathered.state_dict(), doubled, per_pair.merge(fed(PerPairStreamingCKA, batches)).state_dict())
+
+
 def test_streaming_memory_budget_refuses_and_suggests_minibatch():
     acc = repkern.StreamingCKA(max_state_bytes=100_000)
     xs = [torch.randn(8, 64), torch.randn(8, 64)]

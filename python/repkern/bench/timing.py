@@ -93,6 +93,20 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, 
     return times
 
 
+def alternating_ms(fns: dict, device: torch.device, rounds: int) -> dict:
+    """{name: [ms per round]}: each callable once per round after one warm-up call each, in the given
+    order in even rounds and reversed in odd ones, so a shared machine's load drifts over all alike."""
+    items = list(fns.items())
+    for _, fn in items:
+        fn()
+    _sync(device)
+    times: dict = {name: [] for name, _ in items}
+    for r in range(rounds):
+        for name, fn in (items if r % 2 == 0 else items[::-1]):
+            times[name].append(_timed_call(fn, device))
+    return times
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
     if device.type == "cuda":
         _sync(device)

@@ -14,7 +14,12 @@ side's shift; compute() moves everything onto the overall mean (δ = −s/n), wh
     debiased h_ab = ‖M_ab‖²_F − (n/(n−2)) P_ab + tr(M_aa) tr(M_bb)/((n−1)(n−2))
 and CKA_ab = h_ab / sqrt(h_aa h_bb), exactly the one-shot feature-space estimator.
 Each batch is centered on its own mean before its products (in the accumulation dtype),
-so mean-shifted float32 data loses nothing to cancellation.
+so mean-shifted float32 data loses nothing to cancellation. The statistics of layer a with
+all its partners b (the pairs (a, b) above, (a, a) first) are one row block: per batch one
+GEMM z_aᵀ [z_b | z_b' | ...] gives M of every pair of the row, and the shift map moves and
+adds the whole row at once (a rank-2 update; debiased, one product with the partners' δ).
+The per-pair entries of the state (M/{a},{b}, g/{a},{b}, h/{a},{b}: the state_dict format)
+are views of the row blocks.
 
 MinibatchCKA — Nguyen, Raghu & Kornblith (2021): per batch, the unbiased HSIC₁ of every
 pair (the fused HSIC-terms kernel, or the feature path for the linear kernel, as
@@ -25,6 +30,7 @@ sqrt(Σ_b HSIC₁(K_b, K_b) Σ_b HSIC₁(L_b, L_b)).
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from typing import Optional, Sequence
 
@@ -384,31 +390,139 @@ def _streaming_pairs(layout: Layout) -> list[tuple[int, int]]:
     return [(a, a) for a in range(lx + len(ys))] + [(a, lx + b) for a in range(lx) for b in range(len(ys))]
 
 
+def _rows(pairs: list[tuple[int, int]], count: int) -> list[list[int]]:
+    """Per positional layer a, the indices into `pairs` of its pairs (a, b), in order, (a, a) first:
+    a's statistics with all its partners form one row block, the partners' columns side by side."""
+    rows: list[list[int]] = [[] for _ in range(count)]
+    for p, (a, _) in enumerate(pairs):
+        rows[a].append(p)
+    return rows
+
+
+def _joined(parts: list[Tensor], dim: int) -> Tensor:
+    """`parts` concatenated along `dim` (dim=-1: 1-D parts stacked as rows). A view, no copy, where the
+    parts already are consecutive slices of one tensor (the per-pair views of :func:`_row_views`),
+    else a new tensor."""
+    first = parts[0]
+    if dim == -1:
+        step = parts[1].storage_offset() - first.storage_offset() if len(parts) > 1 else first.shape[0]
+        shape, strides, sizes = (len(parts), first.shape[0]), (step, first.stride(0)), [1] * len(parts)
+        consecutive = step >= first.shape[0] * first.stride(0)  # rows that do not overlap
+    else:
+        sizes = [p.shape[dim] for p in parts]
+        shape = tuple(sum(sizes) if i == dim else s for i, s in enumerate(first.shape))
+        strides, step, consecutive = first.stride(), first.stride(dim), True
+    storage, start = first.untyped_storage().data_ptr(), 0
+    for p, size in zip(parts, sizes):
+        consecutive = (consecutive and p.untyped_storage().data_ptr() == storage and p.stride() == first.stride()
+                       and p.storage_offset() == first.storage_offset() + start * step)
+        start += size
+    if consecutive:
+        return first.as_strided(shape, strides, first.storage_offset())
+    return torch.stack(parts) if dim == -1 else torch.cat(parts, dim)
+
+
+def _row_blocks(stats: dict, pairs: list[tuple[int, int]], rows: list[list[int]], debiased: bool) -> list[dict]:
+    """Per layer a, its statistics with all its partners b (in `rows` order) as blocks: M (d_a, Σd_b),
+    debiased also g (Σd_b,) and h (partners, d_a); views where the per-pair entries are slices of them."""
+    blocks = []
+    for a, row in enumerate(rows):
+        keys = [f"{a},{pairs[p][1]}" for p in row]
+        block = {"M": _joined([stats[f"M/{k}"] for k in keys], 1)}
+        if debiased:
+            block["g"] = _joined([stats[f"g/{k}"] for k in keys], 0)
+            block["h"] = _joined([stats[f"h/{k}"] for k in keys], -1)
+        blocks.append(block)
+    return blocks
+
+
+def _row_views(stats: dict, blocks: list[dict], pairs: list[tuple[int, int]], rows: list[list[int]]) -> dict:
+    """`stats` with every per-pair entry replaced by its slice of the row blocks (no copies)."""
+    out = dict(stats)
+    for a, (row, block) in enumerate(zip(rows, blocks)):
+        start = 0
+        for j, p in enumerate(row):
+            b = pairs[p][1]
+            width = stats[f"sum/{b}"].shape[0]
+            out[f"M/{a},{b}"] = block["M"][:, start : start + width]
+            if "g" in block:
+                out[f"g/{a},{b}"] = block["g"][start : start + width]
+                out[f"h/{a},{b}"] = block["h"][j]
+            start += width
+    return out
+
+
+def _shift_rows(stats: dict, blocks: list[dict], deltas: list[Tensor], n: int, pairs: list[tuple[int, int]],
+                rows: list[list[int]], debiased: bool, into: Optional[list[dict]] = None):
+    """(row blocks, P) of z' = z + δ_a per layer a from the row blocks and the sums and P of z (module
+    docstring), all float64, each term one product per row block for all of its partners at once.
+    `into`: the moved blocks are added into those (in place) and returned."""
+    count = len(deltas)
+    sums = [stats[f"sum/{a}"] for a in range(count)]
+    kappa = torch.stack([d @ d for d in deltas])
+    traces = torch.stack([torch.diagonal(blocks[a]["M"][:, : len(deltas[a])]).sum() for a in range(count)])
+    sum_dot = torch.stack([s @ d for s, d in zip(sums, deltas)])  # s_a·δ_a
+    p_new = stats["P"].clone() if debiased else None
+    out = []
+    for a, row in enumerate(rows):
+        partners = [pairs[p][1] for p in row]
+        m, da, ka = blocks[a]["M"], deltas[a], kappa[a]
+        db = torch.cat([deltas[b] for b in partners])  # the partners' δ side by side, as M's columns
+        sb = torch.cat([sums[b] for b in partners])
+        # M + s_a δ_bᵀ + δ_a (s_b + n δ_b)ᵀ for every partner: one rank-2 product over the row
+        left, right = torch.stack([sums[a], da], 1), torch.stack([db, sb + n * db])
+        if into is None:
+            moved = {"M": torch.addmm(m, left, right)}
+        else:
+            moved = into[a]
+            moved["M"].add_(m).addmm_(left, right)
+        if debiased:
+            idx = torch.tensor(partners, device=m.device)
+            kb, trb, sdb = kappa[idx], traces[idx], sum_dot[idx]
+            g, h = blocks[a]["g"], blocks[a]["h"]
+            # (Σd_b, partners), block diagonal: column j holds partner j's δ_b in its rows of M
+            spread = m.new_zeros(m.shape[1], len(partners))
+            start = 0
+            for j, b in enumerate(partners):
+                spread[start : start + len(deltas[b]), j] = deltas[b]
+                start += len(deltas[b])
+            m_db = m @ spread  # column j: M_ab δ_b
+            p_row = torch.tensor(row, device=m.device)
+            p_new[p_row] = (stats["P"][p_row] + 2 * (g @ spread) + 2 * (h @ da) + 4 * (da @ m_db) + kb * traces[a]
+                            + ka * trb + 2 * kb * sum_dot[a] + 2 * ka * sdb + n * ka * kb)
+            g_new = g + (traces[a] + 2 * sum_dot[a] + n * ka) * db + 2 * (m.T @ da) + ka * sb
+            h_new = h + torch.outer(trb + 2 * sdb + n * kb, da) + 2 * m_db.T + torch.outer(kb, sums[a])
+            if into is None:
+                moved["g"], moved["h"] = g_new, h_new
+            else:
+                moved["g"].add_(g_new)
+                moved["h"].add_(h_new)
+        out.append(moved)
+    return out, p_new
+
+
 def _shift(stats: dict, deltas: list[Tensor], n: int, pairs: list[tuple[int, int]], debiased: bool) -> dict:
     """The statistics of z' = z + δ_a per layer a from those of z (module docstring), all float64."""
-    out = dict(stats)
-    sums = [stats[f"sum/{a}"] for a in range(len(deltas))]
-    kappa = [d @ d for d in deltas]
-    traces = {a: torch.diagonal(stats[f"M/{a},{a}"]).sum() for a in range(len(deltas))}
-    sum_dot = [s @ d for s, d in zip(sums, deltas)]  # s_a·δ_a
-    if debiased:
-        p_new = stats["P"].clone()
-    for p, (a, b) in enumerate(pairs):
-        m = stats[f"M/{a},{b}"]
-        da, db, ka, kb = deltas[a], deltas[b], kappa[a], kappa[b]
-        if debiased:
-            g, h = stats[f"g/{a},{b}"], stats[f"h/{a},{b}"]
-            p_new[p] = (stats["P"][p] + 2 * (db @ g) + 2 * (da @ h) + 4 * (da @ (m @ db)) + kb * traces[a]
-                        + ka * traces[b] + 2 * kb * sum_dot[a] + 2 * ka * sum_dot[b] + n * ka * kb)
-            out[f"g/{a},{b}"] = g + traces[a] * db + 2 * (m.T @ da) + 2 * sum_dot[a] * db + ka * sums[b] + n * ka * db
-            out[f"h/{a},{b}"] = h + traces[b] * da + 2 * (m @ db) + 2 * sum_dot[b] * da + kb * sums[a] + n * kb * da
-        out[f"M/{a},{b}"] = torch.addr(m, sums[a], db).addr_(da, sums[b] + n * db)  # two rank-1 passes
+    rows = _rows(pairs, len(deltas))
+    moved, p_new = _shift_rows(stats, _row_blocks(stats, pairs, rows, debiased), deltas, n, pairs, rows, debiased)
+    out = _row_views(stats, moved, pairs, rows)
     if debiased:
         out["P"] = p_new
     for a, d in enumerate(deltas):
-        out[f"sum/{a}"] = sums[a] + n * d
+        out[f"sum/{a}"] = stats[f"sum/{a}"] + n * d
         out[f"shift/{a}"] = stats[f"shift/{a}"] - d
     return out
+
+
+def _column_runs(partners: list[int]) -> list[tuple[int, int]]:
+    """The partners (ascending layer indices) as runs [first, last] of consecutive layers."""
+    runs = [[partners[0], partners[0]]]
+    for b in partners[1:]:
+        if b == runs[-1][1] + 1:
+            runs[-1][1] = b
+        else:
+            runs.append([b, b])
+    return [(first, last) for first, last in runs]
 
 
 def _state_bytes(layout: Layout, debiased: bool) -> int:
@@ -479,35 +593,64 @@ class StreamingCKA(_LayerAccumulator):
         if self._layout is None:
             self._check_budget(layout)
         acc = _common.acc_dtype(layers[0].dtype)
-        stats, zs, norms, zs64 = {}, [], [], []
+        dims = [t.shape[1] for t in layers]
+        starts = [0] + list(itertools.accumulate(dims))
+        # every layer centered on its batch mean, side by side: the products below do not cancel, and a
+        # layer's partners are column ranges of z
+        z = torch.empty(layers[0].shape[0], starts[-1], dtype=acc, device=layers[0].device)
+        stats, norms = {}, []
         for a, t in enumerate(layers):
             ta = t.to(acc)
             mean = ta.mean(0)
-            z = ta - mean  # centered on the batch mean: the products below do not cancel
-            zs.append(z)
+            za = torch.sub(ta, mean, out=z[:, starts[a] : starts[a + 1]])
             stats[f"shift/{a}"] = mean.double()
-            stats[f"sum/{a}"] = z.sum(0).double()  # centered: no cancellation in the accumulation dtype
+            stats[f"sum/{a}"] = za.sum(0).double()  # centered: no cancellation in the accumulation dtype
             if self.debiased:
-                zs64.append(z.double())
-                norms.append(z.square().sum(-1, dtype=torch.float64))
+                norms.append(za.square().sum(-1, dtype=torch.float64))
         pairs = _streaming_pairs(layout)
-        for a, b in pairs:
-            stats[f"M/{a},{b}"] = (zs[a].T @ zs[b]).double()
-            if self.debiased:
-                stats[f"g/{a},{b}"] = zs64[b].T @ norms[a]
-                stats[f"h/{a},{b}"] = zs64[a].T @ norms[b]
+        rows = _rows(pairs, len(layers))
         if self.debiased:
-            stats["P"] = torch.stack([norms[a] @ norms[b] for a, b in pairs])
+            u = torch.stack(norms, 1)
+            ug = u.T @ z.double()  # row a, columns of layer b: g_ab = z_bᵀ u_a; row b, columns of a: h_ab
+        blocks = []
+        for a, row in enumerate(rows):
+            partners = [pairs[p][1] for p in row]
+            runs = [(starts[first], starts[last + 1]) for first, last in _column_runs(partners)]
+            za = z[:, starts[a] : starts[a + 1]]
+            if len(runs) == 1:
+                m = za.T @ z[:, runs[0][0] : runs[0][1]]  # one GEMM against every partner
+            else:
+                m = z.new_empty(dims[a], sum(hi - lo for lo, hi in runs))
+                col = 0
+                for lo, hi in runs:
+                    torch.matmul(za.T, z[:, lo:hi], out=m[:, col : col + hi - lo])
+                    col += hi - lo
+            block = {"M": m.double()}
+            if self.debiased:
+                block["g"] = _joined([ug[a, lo:hi] for lo, hi in runs], 0)
+                block["h"] = ug[partners, starts[a] : starts[a + 1]]
+            blocks.append(block)
+        stats = _row_views(stats, blocks, pairs, rows)
+        if self.debiased:
+            pp = u.T @ u
+            stats["P"] = pp[[a for a, _ in pairs], [b for _, b in pairs]]
         return stats
 
     def _combine(self, theirs: dict, their_samples: int) -> None:
         pairs = _streaming_pairs(self._layout)
         count = len(_positional_layers(self._layout))
+        rows = _rows(pairs, count)
         deltas = [theirs[f"shift/{a}"] - self._stats[f"shift/{a}"] for a in range(count)]
-        moved = _shift(theirs, deltas, their_samples, pairs, self.debiased)
-        for key, _ in self._stat_shapes(self._layout):
-            if not key.startswith("shift/"):
-                self._stats[key].add_(moved[key])
+        # this state's row blocks: copied together once (after the first batch, a merge or a load), then
+        # the per-pair entries are views of them and every later batch updates each row in one pass
+        mine = _row_blocks(self._stats, pairs, rows, self.debiased)
+        self._stats = _row_views(self._stats, mine, pairs, rows)
+        _, p_new = _shift_rows(theirs, _row_blocks(theirs, pairs, rows, self.debiased), deltas, their_samples,
+                               pairs, rows, self.debiased, into=mine)
+        if self.debiased:
+            self._stats["P"].add_(p_new)
+        for a, d in enumerate(deltas):
+            self._stats[f"sum/{a}"].add_(theirs[f"sum/{a}"] + their_samples * d)
 
     def _check_loaded_layout(self, layout: Layout) -> None:
         self._check_budget(layout, "state_dict")
