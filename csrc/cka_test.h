@@ -22,7 +22,8 @@ struct ReplicateRowsParams {
   const int32_t* index;  // [replicates, n] permutations of 0..n−1 (Permute) or null; each index is
                          // checked to lie in [0, n) (common/index_check.h: kBadPermutation)
   const float* weight;   // [replicates, n] multinomial counts (Bootstrap) or null
-  double* out;           // [replicates, n, replicate_channels(mode)] row sums, written
+  double* out;           // [replicates, n, replicate_channels(mode)] row sums (Permute: each row's
+                         // upper-triangle share, cka_test_math.h), written
   int32_t* error;        // [1] IndexError bits (CUDA kernel; the CPU launcher throws)
   int64_t replicates, n;
 };

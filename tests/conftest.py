@@ -147,3 +147,9 @@ def run_gloo_processes(worker, world: int = 2) -> None:
             if process.exitcode != 0:
                 warnings.warn(f"rank {rank} passed, then exited with {process.exitcode} in torch's gloo "
                               "teardown", RuntimeWarning, stacklevel=2)
+
+
+def upper_shares(p: torch.Tensor) -> torch.Tensor:
+    """Rows of cka_test's Permute kernel output for the products P (n, n) of one replicate:
+    P_ii + 2 Σ_{j>i} P_ij (csrc/common/cka_test_math.h); they add up to Σ_ij P_ij."""
+    return p.diagonal() + 2 * p.triu(1).sum(1)

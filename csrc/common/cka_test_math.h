@@ -3,9 +3,10 @@
 // python/repkern/ops/cka_test.py).
 //
 // Replicate r, row i of two symmetric n×n matrices A, B:
-//   Permute   (π_r a permutation):     out[r,i,0] = Σ_j A_ij · B_{π_r(i) π_r(j)}
-//             With A, B centered (HKH, HLH) or U-centered, Σ_i out[r,i,0] is the HSIC numerator
-//             of K and the permuted L (centering commutes with permutations, and
+//   Permute   (π_r a permutation):     out[r,i,0] = P_ii + 2 · Σ_{j>i} P_ij,  P_ij = A_ij · B_{π_r(i) π_r(j)}
+//             P is symmetric, so these upper-triangle shares add up to Σ_ij P_ij over i (half the
+//             products of full rows). With A, B centered (HKH, HLH) or U-centered, that total is the
+//             HSIC numerator of K and the permuted L (centering commutes with permutations, and
 //             ⟨HKH, HLH⟩ = ⟨HKH, L⟩), without a permuted copy of L.
 //   Bootstrap (w_r multinomial counts, Σ w = n: w_j copies of sample j in the resample):
 //             out[r,i,·] = Σ_j w_j · (A_ij B_ij, A_ij², B_ij², A_ij, B_ij)

@@ -1,14 +1,12 @@
 // CPU replicate row sums. Each (replicate, row) sum is written, not accumulated across
 // threads, so the result does not depend on the thread count.
-//   Permute: replicates split over threads, each replicate whole on one thread. A and B are
-//            symmetric, so P_ij = A_ij B_π(i)π(j) = P_ji: row i gathers only its products with
-//            j > i and adds each to row j's sum as well (half the gathers of full rows).
+//   Permute: replicates split over threads, each replicate whole on one thread; row i gathers only
+//            its products with j ≥ i (common/cka_test_math.h: the upper-triangle share of the total).
 //   Bootstrap: rows split over threads, walked in blocks that stay in L2 while every replicate
 //            passes over them (a replicate's weights stay in cache across the block's rows).
 #include "cka_test.h"
 
 #include <algorithm>
-#include <vector>
 
 #include "common/parallel.h"
 
@@ -21,11 +19,8 @@ template <typename T>
 void run_permute(const T* a, const T* b, const int32_t* index, double* out, int64_t replicates, int64_t n,
                  int num_threads) {
   parallel_for(replicates, num_threads, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<double> lower(static_cast<size_t>(n));  // lower[j] = Σ_{i<j} P_ij, complete when row j is reached
-    double* low = lower.data();
     for (int64_t r = r0; r < r1; ++r) {
       const int32_t* perm = index + r * n;
-      std::fill(lower.begin(), lower.end(), 0.0);
       for (int64_t i = 0; i < n; ++i) {
         const T* a_row = a + i * n;
         const T* b_row = b + int64_t(perm[i]) * n;
@@ -35,14 +30,10 @@ void run_permute(const T* a, const T* b, const int32_t* index, double* out, int6
           const T* next = b + int64_t(perm[i + 1]) * n;
           for (int64_t j = 0; j < n; j += 64 / int64_t(sizeof(T))) __builtin_prefetch(next + j, 0, 1);
         }
-        double s = double(a_row[i]) * double(b_row[perm[i]]);
+        double s = 0;
 #pragma omp simd reduction(+ : s)
-        for (int64_t j = i + 1; j < n; ++j) {
-          const double p = double(a_row[j]) * double(b_row[perm[j]]);
-          s += p;
-          low[j] += p;
-        }
-        out[r * n + i] = s + low[i];
+        for (int64_t j = i + 1; j < n; ++j) s += double(a_row[j]) * double(b_row[perm[j]]);
+        out[r * n + i] = double(a_row[i]) * double(b_row[perm[i]]) + 2 * s;
       }
     }
   });

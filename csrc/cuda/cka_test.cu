@@ -1,7 +1,8 @@
 // CUDA replicate row sums (common/cka_test_math.h): one warp per (row i, replicate r),
 // lanes striding over the columns with 16-byte loads of A's row (Bootstrap: and B's; and of
-// the replicate's permutation or weights), two vectors in flight per lane; Permute gathers B's row π_r(i)
-// at π_r(j) (the row, n·sizeof(T), stays in L1/L2 while the warp reads it). Warp-shuffle
+// the replicate's permutation or weights), two vectors in flight per lane; Permute reads the columns
+// j > i only (from the vector holding i + 1) and gathers B's row π_r(i) at π_r(j) (the row,
+// n·sizeof(T), stays in L1/L2 while the warp reads it). Warp-shuffle
 // sums in float64; lane 0 writes the (r, i) entry: no atomics, so the result is the same
 // bits on every run. Consecutive warps take consecutive replicates of one row, so a block
 // reads A's row from DRAM once for kWarps replicates. Grid: kBlocksPerSM blocks per SM,
@@ -10,11 +11,12 @@
 // Permute checks every index it reads (common/index_check.h): an item whose row index π_r(i) is
 // outside [0, n) is written as 0, a column index outside it adds nothing; both set kBadPermutation.
 //
-// Minimum traffic: A and B once (2·n²·sizeof(T); B's gathered rows come from cache after
-// their first read), the R·n indices or weights (4 bytes each) and R·n·C float64 outputs.
-// Reads through the cache per launch: R·n²·(sizeof(T) + 4 + sizeof(T)) (Permute) or
-// R·n²·(2·sizeof(T) + 4) (Bootstrap). FLOPs (float64): 2·R·n² (Permute), 10·R·n² (Bootstrap:
-// w·a, w·b and the five sums of replicate_add).
+// Minimum traffic: Permute A's upper triangle and B once (1.5·n²·sizeof(T); B's gathered rows
+// come from cache after their first read), Bootstrap A and B once (2·n²·sizeof(T)); the R·n indices
+// or weights (4 bytes each) and R·n·C float64 outputs. Reads through the cache per launch:
+// R·n²/2·(sizeof(T) + 4 + sizeof(T)) (Permute) or R·n²·(2·sizeof(T) + 4) (Bootstrap). FLOPs
+// (float64): R·n² (Permute: 2 per upper entry), 10·R·n² (Bootstrap: w·a, w·b and the five sums of
+// replicate_add).
 #include <string>
 #include <type_traits>
 
@@ -63,7 +65,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
     }
     const T* b_row = b + b_index * n;
     double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
-    for (int64_t j0 = int64_t(lane) * V; j0 < n; j0 += int64_t(32) * V * kUnroll) {
+    const int64_t first = M == ReplicateMode::Permute ? (i + 1) / V * V : 0;  // whole vectors only
+    for (int64_t j0 = first + int64_t(lane) * V; j0 < n; j0 += int64_t(32) * V * kUnroll) {
       Packed<T, V> av[kUnroll] = {};
       Packed<Companion, V> cv[kUnroll] = {};
       [[maybe_unused]] Packed<T, V> bv[kUnroll] = {};  // Bootstrap: B's row i, read like A's
@@ -86,7 +89,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
               const int32_t c = cv[u].v[v];
               const bool ok = c >= 0 && int64_t(c) < n;
               if (!ok) atomicOr(error, int32_t(kBadPermutation));
-              replicate_add<M>(s0, s1, s2, s3, s4, double(av[u].v[v]), ok ? double(b_row[c]) : 0.0, 1.0);
+              const bool upper = j + v > i;
+              replicate_add<M>(s0, s1, s2, s3, s4, upper ? double(av[u].v[v]) : 0.0,
+                               ok && upper ? double(b_row[c]) : 0.0, 1.0);
             } else {
               replicate_add<M>(s0, s1, s2, s3, s4, double(av[u].v[v]), double(bv[u].v[v]), double(cv[u].v[v]));
             }
@@ -94,8 +99,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
         }
       }
     }
-    const double s[5] = {warp_sum(s0), C > 1 ? warp_sum(s1) : 0.0, C > 1 ? warp_sum(s2) : 0.0,
-                         C > 1 ? warp_sum(s3) : 0.0, C > 1 ? warp_sum(s4) : 0.0};
+    s0 = warp_sum(s0);
+    if constexpr (M == ReplicateMode::Permute) s0 = double(a_row[i]) * double(b_row[b_index]) + 2 * s0;  // P_ii
+    const double s[5] = {s0, C > 1 ? warp_sum(s1) : 0.0, C > 1 ? warp_sum(s2) : 0.0, C > 1 ? warp_sum(s3) : 0.0,
+                         C > 1 ? warp_sum(s4) : 0.0};
     if (lane == 0) {
 #pragma unroll
       for (int c = 0; c < C; ++c) out[(r * n + i) * C + c] = s[c];

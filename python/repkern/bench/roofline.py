@@ -172,10 +172,11 @@ def cka_matrix_rbf(layers: int, n: int, d: int, dtype: str, debiased: bool) -> M
 
 def cka_test(n: int, replicates: int, bootstrap: bool, dtype: str) -> Model:
     """The two linear Grams (repkern.gram of x (n, 256) and y (n, 128)), then replicate_rows_kernel in
-    launches of ops.cka_test.REPLICATE_BYTES worth of plans: per launch A and B from DRAM once (gathered
-    rows from cache), plus the R·n indices or weights and R·n·C float64 outputs; float64 FLOPs per entry
-    and replicate: 2 (Permute: s0 += a·b) or 10 (Bootstrap: w·a, w·b and the five sums of
-    common/cka_test_math.h). The centering of the Grams (torch) is not counted."""
+    launches of ops.cka_test.REPLICATE_BYTES worth of plans: per launch A (Permute: its upper triangle)
+    and B from DRAM once (gathered rows from cache), plus the R·n indices or weights and R·n·C float64
+    outputs; float64 FLOPs per replicate: 2 per upper entry, n² in all (Permute: s0 += a·b over j > i)
+    or 10 per entry (Bootstrap: w·a, w·b and the five sums of common/cka_test_math.h). The centering of
+    the Grams (torch) is not counted."""
     from repkern.ops.cka_test import REPLICATE_BYTES
 
     a = _acc(dtype)
@@ -183,8 +184,8 @@ def cka_test(n: int, replicates: int, bootstrap: bool, dtype: str) -> Model:
     per_launch = max(1, REPLICATE_BYTES // (n * (4 + 8 * channels)))
     launches = -(-replicates // per_launch)
     steps = gram(1, n, 256, dtype, "linear").steps + gram(1, n, 128, dtype, "linear").steps + (
-        Step("replicate_rows_kernel", launches * 2.0 * n * n * a + replicates * n * (4 + channels * 8),
-             (10 if bootstrap else 2) * float(replicates) * n * n, FP64),)
+        Step("replicate_rows_kernel", launches * (2.0 if bootstrap else 1.5) * n * n * a
+             + replicates * n * (4 + channels * 8), (10 if bootstrap else 1) * float(replicates) * n * n, FP64),)
     kind = "bootstrap" if bootstrap else "permutations"
     return Model(f"cka_test[linear {replicates} {kind}]", f"n={n} d=256/128", dtype, steps)
 

@@ -5,7 +5,8 @@ centering commutes with permuting the samples and ⟨HKH, HLH⟩ = ⟨HKH, L⟩-
 hold for both centerings, so with A, B the centered (biased) or U-centered (debiased) Grams
 the HSIC numerator of K and L permuted by π is Σ_ij A_ij B_π(i)π(j), and the self terms
 do not change. The native kernel ``repkern::replicate_rows`` evaluates R permutations per
-launch by index gather from the one copy of B. The bootstrap resamples rows with
+launch by index gather from the one copy of B, over the upper triangle only (A and B are
+symmetric: row i contributes A_ii B_π(i)π(i) + 2 Σ_{j>i} A_ij B_π(i)π(j)). The bootstrap resamples rows with
 replacement: with w the multinomial counts of a draw, every term of the HSIC of the
 resampled data (duplicates included) is a w-weighted sum over K and L (cka_test_math.h),
 evaluated by the same kernel's Bootstrap mode from the uncentered K and L, then finished in
