@@ -153,3 +153,23 @@ def upper_shares(p: torch.Tensor) -> torch.Tensor:
     """Rows of cka_test's Permute kernel output for the products P (n, n) of one replicate:
     P_ii + 2 Σ_{j>i} P_ij (csrc/common/cka_test_math.h); they add up to Σ_ij P_ij."""
     return p.diagonal() + 2 * p.triu(1).sum(1)
+
+
+class Gathered(Exception):
+    """Raised by gather_devices' stand-in for all_gather_states once it has seen the packed state."""
+
+
+def gather_devices(monkeypatch, module) -> list:
+    """Replaces `module`'s group_device (a "meta" group) and all_gather_states (records the packed
+    state's device, then raises Gathered); returns the list the devices are recorded in. For the check
+    that an accumulator without data gathers on the group's device: NCCL takes CUDA tensors only, so a
+    rank with no data must not offer a CPU tensor there."""
+    seen = []
+
+    def fake_gather(packed, signature, group=None):
+        seen.append(packed.device)
+        raise Gathered
+
+    monkeypatch.setattr(module, "group_device", lambda group=None: torch.device("meta"))
+    monkeypatch.setattr(module, "all_gather_states", fake_gather)
+    return seen

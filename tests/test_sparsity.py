@@ -13,7 +13,7 @@ import repkern
 from repkern import reference
 from repkern._constants import sparsity_row_channels
 from repkern.ops import sparsity as sparsity_ops
-from tests.conftest import assert_close_to_reference, run_gloo_processes
+from tests.conftest import Gathered, assert_close_to_reference, gather_devices, run_gloo_processes
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 TOP_P = (0.01, 0.05, 0.1, 0.5)
@@ -591,17 +591,7 @@ def test_compute_sync_over_two_gloo_processes_leaves_the_local_state_alone():
 
 
 def test_compute_sync_of_an_accumulator_without_device_gathers_on_the_groups_device(monkeypatch):
-    seen = []
-
-    class Gathered(Exception):
-        pass
-
-    def fake_gather(packed, signature, group=None):
-        seen.append(packed.device)
-        raise Gathered
-
-    monkeypatch.setattr(sparsity_ops, "group_device", lambda group=None: torch.device("meta"))
-    monkeypatch.setattr(sparsity_ops, "all_gather_states", fake_gather)
+    seen = gather_devices(monkeypatch, sparsity_ops)
     acc = repkern.SparsityAccumulator(4)
     for call in (lambda: acc.compute(sync=True), acc.all_reduce):
         with pytest.raises(Gathered):

@@ -14,7 +14,7 @@ import torch
 import repkern
 from repkern import _common, reference
 from repkern.ops import streaming
-from tests.conftest import assert_close_to_reference, run_gloo_processes
+from tests.conftest import Gathered, assert_close_to_reference, gather_devices, run_gloo_processes
 
 
 def _data(shape, seed):
@@ -522,18 +522,7 @@ def test_compute_sync_over_two_gloo_processes_leaves_the_local_state_alone():
 
 
 def test_compute_sync_of_an_accumulator_without_device_gathers_on_the_groups_device(monkeypatch):
-    """NCCL takes CUDA tensors only: a rank with no data must not offer a CPU tensor there."""
-    seen = []
-
-    class Gathered(Exception):
-        pass
-
-    def fake_gather(packed, signature, group=None):
-        seen.append(packed.device)
-        raise Gathered
-
-    monkeypatch.setattr(streaming, "group_device", lambda group=None: torch.device("meta"))
-    monkeypatch.setattr(streaming, "all_gather_states", fake_gather)
+    seen = gather_devices(monkeypatch, streaming)
     for acc in (repkern.StreamingCKA(), repkern.MinibatchCKA(), repkern.StreamingAlignment()):
         with pytest.raises(Gathered):
             acc.compute(sync=True)
