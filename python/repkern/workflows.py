@@ -377,14 +377,6 @@ def _check_scales(scales) -> list[float]:
     return [float(s) for s in scales]
 
 
-def _count(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name}: expected >= {low}, got {value}")
-    return value
-
-
 def _perturb(params: list[tuple[nn.Parameter, Tensor, float]], scale: float, seed: int) -> None:
     """p ← p₀ + (scale·rms(p₀))·z for every parameter, z ~ N(0, 1) from a CPU generator seeded with
     ``seed``, drawn parameter by parameter in ``named_parameters()`` order (so a draw's noise is the same
@@ -452,8 +444,8 @@ def perturbation_sensitivity(
     _check_common(dataloader, progress)
     _validation.choice("metric", metric, SIMILARITY_METRICS)
     scales = _check_scales(scales)
-    _count("draws", draws, 1)
-    if _count("seed", seed, 0) + draws - 1 >= 2**64:
+    _validation.integer("draws", draws, 1)
+    if _validation.integer("seed", seed, 0) + draws - 1 >= 2**64:
         raise ValueError(f"seed: seed + draws - 1 must be below 2**64 (torch.Generator seeds), got seed={seed}")
     filled = check_options(metric, options, "perturbation_sensitivity")
     limit = _max_samples(metric, max_samples)
