@@ -41,10 +41,12 @@ SPLITS = ([203], [64, 64, 64, 11], [1, 100, 102], [50, 50, 50, 50, 3])
 # ---- StreamingCKA == one-shot cka_matrix --------------------------------------------------------
 
 
+@pytest.mark.parametrize("hold_rows", (None, 0, 64))
 @pytest.mark.parametrize("debiased", (False, True))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16))
-def test_streaming_equals_one_shot_cka_matrix(dtype, debiased):
-    """Several batch splits (one batch, an unequal last batch, a batch of one sample), mean-shifted data."""
+def test_streaming_equals_one_shot_cka_matrix(dtype, debiased, hold_rows):
+    """Several batch splits (one batch, an unequal last batch, a batch of one sample), mean-shifted data;
+    the batches held and added together (default: all of them), each added on its own (0), or some held."""
     xs64 = _model_layers(203, (7, 12, 5), seed=0, shift=40.0)
     ys64 = _model_layers(203, (9, 4), seed=10, shift=-25.0)
     xs, ys = [t.to(dtype) for t in xs64], [t.to(dtype) for t in ys64]
@@ -57,8 +59,8 @@ def test_streaming_equals_one_shot_cka_matrix(dtype, debiased):
         one_shot = repkern.cka_matrix(xs, ys_arg, "linear", debiased=debiased)
         expected[ys_arg is None] = (ref_low, ref64, one_shot)
     for sizes in SPLITS:
-        acc = repkern.StreamingCKA(debiased=debiased)
-        sym = repkern.StreamingCKA(debiased=debiased)
+        acc = repkern.StreamingCKA(debiased=debiased, hold_rows=hold_rows)
+        sym = repkern.StreamingCKA(debiased=debiased, hold_rows=hold_rows)
         for bx, by in zip(_split(xs, sizes), _split(ys, sizes)):
             acc.update(bx, by)
             sym.update(bx)
@@ -143,12 +145,14 @@ def _assert_state(state, expected, per_pair):
         torch.testing.assert_close(stats[key], value, rtol=1e-11, atol=1e-9, msg=key)
 
 
+@pytest.mark.parametrize("hold_rows", (0, 64))
 @pytest.mark.parametrize("debiased", (False, True))
 @pytest.mark.parametrize("symmetric", (False, True), ids=("ys", "ys=None"))
-def test_row_block_update_equals_per_pair_statistics(symmetric, debiased):
+def test_row_block_update_equals_per_pair_statistics(symmetric, debiased, hold_rows):
     """One GEMM per layer against all its partners gives every pair's statistics: layers of different
     widths, a self-comparison and two models, several batches (one of a single row), a merge, a state
-    dict restored and continued, the packed form all_reduce gathers."""
+    dict restored and continued, the packed form all_reduce gathers. hold_rows=64: the first two
+    batches (51 rows) are held and added together, the others (>= 64 rows) on their own."""
     from repkern.bench.streaming import PerPairStreamingCKA
 
     xs = _model_layers(203, (7, 12, 1, 5), seed=140, shift=30.0)
@@ -160,7 +164,11 @@ def test_row_block_update_equals_per_pair_statistics(symmetric, debiased):
     layers = xs + ([] if symmetric else ys)
 
     def fed(cls, part):
-        acc = cls(debiased=debiased)
+        acc = cls(debiased=debiased, hold_rows=hold_rows)
+        if cls is PerPairStreamingCKA and hold_rows and len(part) > 1 and part[0] is batches[0]:
+            (x0, y0), (x1, y1) = part[:2]  # the rows StreamingCKA holds and adds as one batch
+            joined_y = None if symmetric else tuple(map(torch.cat, zip(y0, y1)))
+            part = [(tuple(map(torch.cat, zip(x0, x1))), joined_y)] + part[2:]
         for bx, by in part:
             acc.update(bx, by)
         return acc
@@ -168,8 +176,9 @@ def test_row_block_update_equals_per_pair_statistics(symmetric, debiased):
     acc, per_pair = fed(repkern.StreamingCKA, batches), fed(PerPairStreamingCKA, batches)
     state = acc.state_dict()
     shifts = [state["stats"][f"shift/{a}"] for a in range(len(layers))]
-    for c, t in zip(shifts, layers):  # the shift is the first batch's mean
-        torch.testing.assert_close(c, t[:50].mean(0), rtol=0, atol=1e-12)
+    first = 50 if hold_rows == 0 else 51
+    for c, t in zip(shifts, layers):  # the shift is the first added batch's mean
+        torch.testing.assert_close(c, t[:first].mean(0), rtol=0, atol=1e-12)
     _assert_state(state, _direct_state(layers, pairs, shifts, debiased), per_pair.state_dict())
     torch.testing.assert_close(acc.compute(), per_pair.compute(), rtol=1e-12, atol=1e-13)
     for a in range(len(layers)):  # each layer's pairs stay views of one row block, updated in one pass
@@ -201,6 +210,102 @@ def test_streaming_memory_budget_refuses_and_suggests_minibatch():
     with pytest.raises(ValueError, match="MinibatchCKA"):
         acc.update(xs)
     repkern.StreamingCKA(max_state_bytes=need).update(xs)  # exactly at the budget is fine
+
+
+# ---- held rows -------------------------------------------------------------------------------------------
+
+
+def _state_values(acc):
+    state = acc.state_dict()
+    return state["samples"], state["layout"], state["stats"]
+
+
+def _assert_equal_states(a, b):
+    (samples_a, layout_a, stats_a), (samples_b, layout_b, stats_b) = _state_values(a), _state_values(b)
+    assert samples_a == samples_b and layout_a == layout_b and stats_a.keys() == stats_b.keys()
+    for key, value in stats_a.items():  # held rows are strided views: sums may round differently
+        torch.testing.assert_close(value, stats_b[key], rtol=1e-12, atol=1e-10, msg=key)
+
+
+@pytest.mark.parametrize("debiased", (False, True))
+def test_held_batches_are_added_as_one_batch(debiased):
+    """Batches held together give the state of their concatenation added as one batch; a batch
+    that does not fit adds the held rows first, one that fills the buffer adds them at once, and one of at
+    least hold_rows rows is added on its own. The rows are copied: the caller may reuse its tensors."""
+    xs = _model_layers(150, (6, 3), seed=300, shift=7.0)
+    ys = _model_layers(150, (4,), seed=310, shift=-2.0)
+    groups = [[30, 20, 14], [40], [16, 30]]  # 64 (fills the buffer), 40 (then 16 + 40 > 64), 46 (at compute)
+    sizes = [s for g in groups for s in g]
+    held = repkern.StreamingCKA(debiased=debiased, hold_rows=64)
+    for bx, by in zip(_split(xs, sizes), _split(ys, sizes)):
+        bx, by = [t.clone() for t in bx], [t.clone() for t in by]
+        held.update(bx, by)
+        for t in bx + by:
+            t.fill_(1e6)  # reused by the caller: the held copy must not change
+    assert held.samples == 150 and held.batches == 6
+    joined = repkern.StreamingCKA(debiased=debiased, hold_rows=0)
+    for bx, by in zip(_split(xs, [sum(g) for g in groups]), _split(ys, [sum(g) for g in groups])):
+        joined.update(bx, by)
+    _assert_equal_states(held, joined)
+    assert held.state_dict()["batches"] == 6
+    torch.testing.assert_close(held.compute(), joined.compute(), rtol=1e-12, atol=1e-13)
+
+    big = repkern.StreamingCKA(debiased=debiased, hold_rows=64)
+    big.update(*[[t[:10] for t in layers] for layers in (xs, ys)])  # held
+    big.update(*[[t[10:] for t in layers] for layers in (xs, ys)])  # 140 rows: the 10 first, then these alone
+    split = repkern.StreamingCKA(debiased=debiased, hold_rows=0)
+    split.update(*[[t[:10] for t in layers] for layers in (xs, ys)]).update(*[[t[10:] for t in layers]
+                                                                            for layers in (xs, ys)])
+    _assert_equal_states(big, split)
+
+
+def test_held_rows_are_added_before_the_state_is_read():
+    """merge (both sides), compute(sync) through the packed state, state_dict, load_state_dict (replaces them),
+    reset (drops them), a batch of another accumulation dtype (adds them first), and a second batch of other
+    widths is refused while rows are held."""
+    xs = _model_layers(60, (5, 3), seed=320, shift=3.0)
+    first, second = [t[:30] for t in xs], [t[30:] for t in xs]
+    whole = repkern.StreamingCKA().update(xs).compute()
+    a, b = repkern.StreamingCKA().update(first), repkern.StreamingCKA().update(second)
+    torch.testing.assert_close(a.merge(b).compute(), whole, rtol=1e-12, atol=1e-13)
+    assert a.samples == 60 and a.batches == 2 and b.samples == 30
+    packed = repkern.StreamingCKA().update(first)._packed(torch.device("cpu"))
+    assert packed[0] == 30  # the held rows were added before packing
+    restored = repkern.StreamingCKA()
+    restored.load_state_dict(repkern.StreamingCKA().update(first).state_dict())
+    torch.testing.assert_close(restored.update(second).compute(), whole, rtol=1e-12, atol=1e-13)
+    replaced = repkern.StreamingCKA().update(second)
+    replaced.load_state_dict(repkern.StreamingCKA().update(first).state_dict())
+    assert replaced.samples == 30  # its own held rows are gone
+    dropped = repkern.StreamingCKA().update(first)
+    dropped.reset()
+    assert dropped.samples == 0 and dropped.batches == 0
+    with pytest.raises(ValueError, match="no data yet"):
+        dropped.compute()
+
+    mixed = repkern.StreamingCKA().update([t.float() for t in first]).update(second)
+    assert mixed.compute().dtype == torch.float64  # the float32 rows were added on their own
+    expected = repkern.StreamingCKA(hold_rows=0).update([t.float() for t in first]).update(second)
+    _assert_equal_states(mixed, expected)
+
+    acc = repkern.StreamingCKA().update(first)
+    with pytest.raises(ValueError, match=r"xs\[1\]: xs\[1\] has width 4, but this accumulator has 3"):
+        acc.update([second[0], torch.randn(30, 4, dtype=torch.float64)])
+    assert acc.samples == 30
+
+
+def test_hold_rows_is_checked_and_the_buffer_fits_the_budget():
+    with pytest.raises(ValueError, match="hold_rows: expected >= 0, got -1"):
+        repkern.StreamingCKA(hold_rows=-1)
+    with pytest.raises(TypeError, match="hold_rows: expected an int, got float"):
+        repkern.StreamingCKA(hold_rows=8.0)
+    layout = ((64, 64), None)
+    need = streaming._state_bytes(layout, False)
+    row = 128 * 4  # one held float32 row of both layers
+    acc = repkern.StreamingCKA(max_state_bytes=need + 10 * row + row // 2)
+    assert acc._hold_capacity(layout, torch.float32) == 10
+    assert acc._hold_capacity(layout, torch.float64) == 5
+    assert repkern.StreamingCKA(hold_rows=3)._hold_capacity(layout, torch.float32) == 3
 
 
 # ---- MinibatchCKA == the published estimator ------------------------------------------------------
@@ -335,7 +440,9 @@ def test_state_dict_round_trips_exactly_and_continues(kind):
     fresh = make()
     for batch in batches:
         fresh.update(batch)
-    torch.testing.assert_close(restored.compute(), fresh.compute(), rtol=0, atol=0)
+    # StreamingCKA adds its held rows at state_dict: the fresh one added all three batches together
+    exact = 0 if kind == "minibatch" else None
+    torch.testing.assert_close(restored.compute(), fresh.compute(), rtol=exact, atol=exact)
 
 
 # ---- degenerate data ------------------------------------------------------------------------------------

@@ -106,9 +106,11 @@ class PerPairStreamingCKA(repkern.StreamingCKA):
     z_aᵀ z_b per pair of layers, and each pair's statistics moved onto the state's shift and added on
     their own. Same statistics and state format."""
 
-    def _batch_stats(self, layers, layout):
-        if self._layout is None:
-            self._check_budget(layout)
+    def _hold_capacity(self, layout, dtype):
+        super()._hold_capacity(layout, dtype)  # the budget check
+        return 0  # every batch on its own
+
+    def _batch_stats(self, layers, layout, held=None):
         acc = _common.acc_dtype(layers[0].dtype)
         stats, zs, norms, zs64 = {}, [], [], []
         for a, t in enumerate(layers):
@@ -151,7 +153,7 @@ def _update_case(debiased: bool, layers: int, batches: int, batch: int, d: int, 
             acc = cls(debiased=debiased)
             for bx, by in split:
                 acc.update(bx, by)
-            return acc
+            return acc.compute()  # the held rows of repkern's included
 
         return {"repkern": lambda: feed(repkern.StreamingCKA), "reference": lambda: feed(PerPairStreamingCKA)}
 

@@ -44,6 +44,9 @@ from repkern.ops import cka as cka_ops
 __all__ = ["StreamingCKA", "MinibatchCKA", "DEFAULT_MAX_STATE_BYTES"]
 
 DEFAULT_MAX_STATE_BYTES = 1 << 30  # StreamingCKA's statistics; argument max_state_bytes overrides it
+# StreamingCKA's held rows: batches smaller than this are added together (one GEMM per row block over
+# all of them: 1.3x faster products at b=512, and one float64 pass over the state instead of one per batch)
+DEFAULT_HOLD_ROWS = 4096
 
 # (widths of the layers of xs, widths of the layers of ys or None for a self-comparison)
 Layout = tuple[tuple[int, ...], Optional[tuple[int, ...]]]
@@ -60,7 +63,12 @@ class _LayerAccumulator:
     State: a layout (fixed by the first batch), counts, and a dict of float64 tensors on
     the accumulator's device. The base keeps, per positional layer (xs then ys), its first
     row, whether any later row differed (a constant layer gives NaN with a warning, as in
-    ``cka_matrix``) and whether every value was finite; subclasses add their statistics."""
+    ``cka_matrix``) and whether every value was finite; subclasses add their statistics.
+
+    Held rows: a subclass whose statistics of a batch are the same computed over any
+    concatenation of batches (StreamingCKA) may hold small batches — copied side by side into
+    one buffer in the accumulation dtype — and add them as one batch once they reach its
+    capacity (:meth:`_hold_capacity`), or before anything reads the statistics (:meth:`_flush`)."""
 
     _min_samples_per_batch = 1
 
@@ -84,12 +92,19 @@ class _LayerAccumulator:
     def _stat_shapes(self, layout: Layout) -> list[tuple[str, tuple]]:
         raise NotImplementedError
 
-    def _batch_stats(self, layers: list[Tensor], layout: Layout) -> dict:
+    def _batch_stats(self, layers: list[Tensor], layout: Layout, held: Optional[Tensor] = None) -> dict:
+        """The statistics of one batch. held: the (b, Σd) buffer of held rows whose column ranges
+        `layers` are (it may be overwritten), or None."""
         raise NotImplementedError
 
     def _combine(self, theirs: dict, their_samples: int) -> None:
         """Adds another state's statistics (same layout and device) into self._stats."""
         raise NotImplementedError
+
+    def _hold_capacity(self, layout: Layout, dtype: torch.dtype) -> int:
+        """Rows of small batches of these layers and accumulation dtype held and added together
+        (0: every batch is added on its own). Checks that the state fits, at the first batch."""
+        return 0
 
     def _terms(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """(numerators (Lx, Ly), self terms (L,), Σ K∘K-type scale of the self terms (L,) or None)."""
@@ -103,6 +118,10 @@ class _LayerAccumulator:
         self._samples = 0
         self._batches = 0
         self._float64 = False
+        self._held: Optional[Tensor] = None  # (capacity, Σd) buffer of held rows, accumulation dtype
+        self._held_layout: Optional[Layout] = None
+        self._held_rows = 0
+        self._held_batches = 0
 
     def _fresh(self):
         """An empty accumulator with these settings (the copy's state is rebound, never shared)."""
@@ -118,9 +137,10 @@ class _LayerAccumulator:
 
     def _check_layout(self, layout: Layout, name: Optional[str] = None) -> None:
         """Same layers as before; errors name `name`, or the argument (xs / ys) for update."""
-        if self._layout is None:
+        mine = self._layout if self._layout is not None else self._held_layout
+        if mine is None:
             return
-        (mine_x, mine_y), (xs, ys) = self._layout, layout
+        (mine_x, mine_y), (xs, ys) = mine, layout
         if len(xs) != len(mine_x):
             raise ValueError(f"{name or 'xs'}: {len(xs)} layers of xs, but this accumulator has {len(mine_x)}")
         if (ys is None) != (mine_y is None):
@@ -136,6 +156,7 @@ class _LayerAccumulator:
                                      f"has {w}")
 
     def _to(self, device: torch.device) -> None:
+        self._flush()
         self.device = device
         self._stats = {k: v.to(device) for k, v in self._stats.items()}
 
@@ -182,20 +203,63 @@ class _LayerAccumulator:
         if b < self._min_samples_per_batch:
             raise ValueError(f"xs[0]: {type(self).__name__}(debiased={self.debiased}) needs batches of at least "
                              f"{self._min_samples_per_batch} samples, got b={b}")
-        layers = list(xs) + list(ys or ())
+        layers = [t.detach() for t in list(xs) + list(ys or ())]
+        acc = _common.acc_dtype(xs[0].dtype)
+        held = self._held
+        if self._held_rows and (self._held_rows + b > held.shape[0] or held.dtype != acc):
+            self._flush()
+        capacity = self._hold_capacity(layout, acc)
+        if b >= capacity:
+            self._add_batch(layers, layout, 1)
+        else:
+            self._hold(layers, layout, acc, capacity)
+        if self.device is None:
+            self.device = device
+        return self
+
+    def _hold(self, layers: list[Tensor], layout: Layout, acc: torch.dtype, capacity: int) -> None:
+        """Copies the batch into the held rows (added once they fill the buffer)."""
+        width = sum(t.shape[1] for t in layers)
+        if self._held is None or self._held.shape != (capacity, width) or self._held.dtype != acc:
+            self._held = torch.empty(capacity, width, dtype=acc, device=layers[0].device)
+        rows = slice(self._held_rows, self._held_rows + layers[0].shape[0])
+        start = 0
         with torch.no_grad():
-            layers = [t.detach() for t in layers]
-            stats = {f"first_row/{a}": t[0].double() for a, t in enumerate(layers)}
+            for t in layers:
+                self._held[rows, start : start + t.shape[1]].copy_(t)
+                start += t.shape[1]
+        self._held_layout = layout
+        self._held_rows = rows.stop
+        self._held_batches += 1
+        if self._held_rows == capacity:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Adds the held rows (as one batch), if any."""
+        if not self._held_rows:
+            return
+        layout, rows, batches = self._held_layout, self._held_rows, self._held_batches
+        self._held_rows, self._held_batches = 0, 0  # the buffer's rows are consumed by the add below
+        starts = [0] + list(itertools.accumulate(_positional_layers(layout)))
+        held = self._held[:rows]
+        self._add_batch([held[:, lo:hi] for lo, hi in zip(starts, starts[1:])], layout, batches, held)
+        self._held_layout = None
+
+    def _add_batch(self, layers: list[Tensor], layout: Layout, batches: int, held: Optional[Tensor] = None) -> None:
+        """Adds the statistics of one batch (layers: (b, d) each, detached; held as in _batch_stats) counted
+        as `batches` update calls."""
+        with torch.no_grad():
+            # copies (a float64 row would be a view of rows _batch_stats may center in place)
+            stats = {f"first_row/{a}": t[0].to(torch.float64, copy=True) for a, t in enumerate(layers)}
             # one read per layer for both flags: column min and max (NaN and ±Inf show up in them)
-            bounds = [torch.aminmax(t, dim=0) for t in layers]
+            bounds = [(t.amin(0), t.amax(0)) for t in layers]  # faster than torch.aminmax on the CPU
             stats["varying"] = torch.stack([(lo != hi).any() for lo, hi in bounds]).double()
             stats["finite"] = torch.stack([torch.isfinite(lo).all() & torch.isfinite(hi).all()
                                            for lo, hi in bounds]).double()
-            stats.update(self._batch_stats(layers, layout))
+            stats.update(self._batch_stats(layers, layout, held))
         if self.device is None:
-            self.device = device
-        self._add(stats, layout, b, 1, xs[0].dtype == torch.float64)
-        return self
+            self.device = layers[0].device
+        self._add(stats, layout, layers[0].shape[0], batches, layers[0].dtype == torch.float64)
 
     @_common.outside_inference_mode
     def merge(self, other):
@@ -204,6 +268,8 @@ class _LayerAccumulator:
         if type(other) is not type(self):
             raise TypeError(f"other: expected a {type(self).__name__}, got {type(other).__name__}")
         self._check_config(other._config(), "other")
+        self._flush()
+        other._flush()
         if other._layout is None:
             return self
         self._check_layout(other._layout, "other")
@@ -221,12 +287,12 @@ class _LayerAccumulator:
     @property
     def samples(self) -> int:
         """Samples (rows per layer) seen so far."""
-        return self._samples
+        return self._samples + self._held_rows
 
     @property
     def batches(self) -> int:
         """update calls (merged accumulators' included) seen so far."""
-        return self._batches
+        return self._batches + self._held_batches
 
     def compute(self, sync: bool = False, group=None) -> Tensor:
         """The ``(len(xs), len(ys))`` CKA matrix (ys=None: ``(len(xs), len(xs))``, exactly
@@ -242,6 +308,7 @@ class _LayerAccumulator:
         _validation.boolean("sync", sync)
         if sync:
             return self._merge_all_ranks(self._fresh(), group).compute()
+        self._flush()
         if self._layout is None:
             raise ValueError(f"{type(self).__name__}.compute: no data yet (call update first)")
         self._check_enough_samples()
@@ -272,6 +339,7 @@ class _LayerAccumulator:
 
     def state_dict(self) -> dict:
         """Everything needed to continue: format version, settings, layout, counts and the float64 statistics."""
+        self._flush()
         layout = None
         if self._layout is not None:
             layout = {"xs": list(self._layout[0]), "ys": None if self._layout[1] is None else list(self._layout[1])}
@@ -318,6 +386,7 @@ class _LayerAccumulator:
         self._check_loaded_layout(layout)
         device = torch.device(self.device or stats[shapes[0][0]].device)
         restored = {key: stats[key].to(device).clone() for key, _ in shapes}  # may fail: nothing changed yet
+        self._reset()  # held rows included: the restored state replaces everything
         self.device, self._layout, self._stats = device, layout, restored
         self._samples, self._batches, self._float64 = samples, batches, float64
 
@@ -325,6 +394,7 @@ class _LayerAccumulator:
 
     def _packed(self, device: torch.device) -> Tensor:
         """[samples, batches, float64, has layout, (ys is None, Lx, Ly, widths...), statistics...]."""
+        self._flush()
         head = [float(self._samples), float(self._batches), float(self._float64), float(self._layout is not None)]
         parts = []
         if self._layout is not None:
@@ -534,7 +604,7 @@ def _state_bytes(layout: Layout, debiased: bool) -> int:
 class StreamingCKA(_LayerAccumulator):
     """Exact linear CKA over batches of activations, from mergeable float64 statistics.
 
-    ``StreamingCKA(kernel="linear", debiased=False, *, max_state_bytes=None, device=None)``
+    ``StreamingCKA(kernel="linear", debiased=False, *, max_state_bytes=None, hold_rows=None, device=None)``
 
     ``update(xs, ys)`` adds a batch (see :meth:`update`); ``compute()`` equals
     ``repkern.cka_matrix(cat(xs), cat(ys), "linear", debiased=...)`` over all samples seen
@@ -549,16 +619,24 @@ class StreamingCKA(_LayerAccumulator):
     update whose layers would need more raises ValueError; :class:`MinibatchCKA` needs
     O(batch²) memory per layer instead. Only the linear kernel has finite sufficient
     statistics; other kernels raise ValueError (use MinibatchCKA).
+
+    Held rows: batches of fewer than ``hold_rows`` rows (default 4096; 0 or 1: none held) are
+    copied into one buffer and added together once they fill it (or when the state is read:
+    compute, merge, state_dict, all_reduce) — their products as one GEMM per layer, as if
+    they were one batch, which is faster than many small ones, and the float64 state updated
+    once. The buffer holds at most ``hold_rows`` rows of every layer in the accumulation dtype,
+    and no more than fit in ``max_state_bytes`` beside the statistics.
     """
 
     def __init__(self, kernel: str = "linear", debiased: bool = False, *, max_state_bytes: Optional[int] = None,
-                 device=None):
+                 hold_rows: Optional[int] = None, device=None):
         if kernel != "linear":
             _validation.choice("kernel", kernel, _validation.GRAM_KERNELS)
             raise ValueError(f"kernel: StreamingCKA is exact for kernel='linear' only (got {kernel!r}); "
                              "use repkern.MinibatchCKA for other kernels")
         self.max_state_bytes = (DEFAULT_MAX_STATE_BYTES if max_state_bytes is None
                                 else _validation.byte_budget("max_state_bytes", max_state_bytes))
+        self.hold_rows = DEFAULT_HOLD_ROWS if hold_rows is None else _validation.integer("hold_rows", hold_rows, 0)
         super().__init__(kernel, debiased, device)
 
     def _config(self) -> dict:
@@ -589,15 +667,21 @@ class StreamingCKA(_LayerAccumulator):
                 f"({need / 2**20:.1f} MiB: d_a·d_b float64 per pair of layers) > max_state_bytes="
                 f"{self.max_state_bytes}; {self._budget_advice}")
 
-    def _batch_stats(self, layers: list[Tensor], layout: Layout) -> dict:
-        if self._layout is None:
+    def _hold_capacity(self, layout: Layout, dtype: torch.dtype) -> int:
+        need = _state_bytes(layout, self.debiased)
+        if self._layout is None and not self._held_rows:
             self._check_budget(layout)
+        row_bytes = sum(_positional_layers(layout)) * dtype.itemsize
+        return min(self.hold_rows, (self.max_state_bytes - need) // row_bytes)
+
+    def _batch_stats(self, layers: list[Tensor], layout: Layout, held: Optional[Tensor] = None) -> dict:
         acc = _common.acc_dtype(layers[0].dtype)
         dims = [t.shape[1] for t in layers]
         starts = [0] + list(itertools.accumulate(dims))
         # every layer centered on its batch mean, side by side: the products below do not cancel, and a
-        # layer's partners are column ranges of z
-        z = torch.empty(layers[0].shape[0], starts[-1], dtype=acc, device=layers[0].device)
+        # layer's partners are column ranges of z (held rows: centered in place)
+        z = held if held is not None and held.dtype == acc else torch.empty(
+            layers[0].shape[0], starts[-1], dtype=acc, device=layers[0].device)
         stats, norms = {}, []
         for a, t in enumerate(layers):
             ta = t.to(acc)
@@ -611,21 +695,22 @@ class StreamingCKA(_LayerAccumulator):
         rows = _rows(pairs, len(layers))
         if self.debiased:
             u = torch.stack(norms, 1)
-            ug = u.T @ z.double()  # row a, columns of layer b: g_ab = z_bᵀ u_a; row b, columns of a: h_ab
+            # row a, columns of layer b: g_ab = z_bᵀ u_a; row b, columns of a: h_ab. In float64, by blocks of
+            # rows (no float64 copy of all of z)
+            ug = sum(u[r : r + 1024].T @ z[r : r + 1024].double() for r in range(0, z.shape[0], 1024))
         blocks = []
         for a, row in enumerate(rows):
             partners = [pairs[p][1] for p in row]
             runs = [(starts[first], starts[last + 1]) for first, last in _column_runs(partners)]
             za = z[:, starts[a] : starts[a + 1]]
-            if len(runs) == 1:
-                m = za.T @ z[:, runs[0][0] : runs[0][1]]  # one GEMM against every partner
-            else:
-                m = z.new_empty(dims[a], sum(hi - lo for lo, hi in runs))
-                col = 0
-                for lo, hi in runs:
-                    torch.matmul(za.T, z[:, lo:hi], out=m[:, col : col + hi - lo])
-                    col += hi - lo
-            block = {"M": m.double()}
+            # Mᵀ = [z_b | z_b' | ...]ᵀ z_a, one GEMM against every run of partners (10-15% faster than
+            # z_aᵀ [z_b ...] with MKL at b = 4096), then M transposed into float64
+            mt = z.new_empty(sum(hi - lo for lo, hi in runs), dims[a])
+            col = 0
+            for lo, hi in runs:
+                torch.matmul(z[:, lo:hi].T, za, out=mt[col : col + hi - lo])
+                col += hi - lo
+            block = {"M": torch.empty(mt.shape[::-1], dtype=torch.float64, device=mt.device).copy_(mt.T)}
             if self.debiased:
                 block["g"] = _joined([ug[a, lo:hi] for lo, hi in runs], 0)
                 block["h"] = ug[partners, starts[a] : starts[a + 1]]
@@ -731,7 +816,7 @@ class MinibatchCKA(_LayerAccumulator):
         count = len(_positional_layers(layout))
         return [("hsic", (len(xs), len(xs) if ys is None else len(ys))), ("self", (count,)), ("self_scale", (count,))]
 
-    def _batch_stats(self, layers: list[Tensor], layout: Layout) -> dict:
+    def _batch_stats(self, layers: list[Tensor], layout: Layout, held: Optional[Tensor] = None) -> dict:
         lx = len(layout[0])
         xs, ys = layers[:lx], None if layout[1] is None else layers[lx:]
         distinct, _, (x_idx, y_idx), pairs = cka_ops.matrix_layout(xs, ys)

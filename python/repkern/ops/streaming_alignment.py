@@ -88,8 +88,8 @@ class StreamingAlignment(StreamingCKA):
     def _signature(self) -> list[float]:
         return [3.0, float(self.debiased)]
 
-    def _batch_stats(self, layers: list[Tensor], layout) -> dict:
-        # float64 products: StreamingCKA's statistics of the float64 batch
+    def _batch_stats(self, layers: list[Tensor], layout, held=None) -> dict:
+        # float64 products: StreamingCKA's statistics of the float64 batch (a copy, so `held` is not needed)
         return super()._batch_stats([t.double() for t in layers], layout)
 
     _budget_advice = "raise max_state_bytes or compare fewer layers per accumulator"
@@ -136,6 +136,7 @@ class StreamingAlignment(StreamingCKA):
             return self._merge_all_ranks(self._fresh(), group).compute(metric, **options)
         if metric == "cka":
             return super().compute()
+        self._flush()
         if self._layout is None:
             raise ValueError("StreamingAlignment.compute: no data yet (call update first)")
         n = self._samples
