@@ -61,12 +61,14 @@ def _one_shot(fn, xs, ys):
     return torch.stack([torch.stack([fn(x, y) for y in cols]) for x in xs])
 
 
+@pytest.mark.parametrize("hold_rows", (None, 0))
 @pytest.mark.parametrize("sizes", SPLITS)
 @pytest.mark.parametrize("symmetric", (False, True))
-def test_every_metric_equals_one_shot(sizes, symmetric):
+def test_every_metric_equals_one_shot(sizes, symmetric, hold_rows):
+    """All batches held and added together (default), or each on its own (hold_rows=0)."""
     xs, ys = _models(shift=30.0)
     ys_arg = None if symmetric else ys
-    acc = _stream(xs, ys_arg, sizes)
+    acc = _stream(xs, ys_arg, sizes, hold_rows=hold_rows)
     assert acc.samples == N and acc.batches == len(sizes)
     for metric, options, fn in CASES:
         got = acc.compute(metric, **options)

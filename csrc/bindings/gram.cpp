@@ -77,6 +77,21 @@ MedianSelectParams make_median_select(const ViewArg& d_arg, const std::vector<in
 const Binder<MedianSelectParams, ViewArg, std::vector<int64_t>, ViewArg, ViewArg> kMedianSelect(
     "median_select", make_median_select, {"d", "ranks", "values", "positions"});
 
+InnerProductsParams make_inner_products(const ViewArg& x_arg, const ViewArg& out_arg) {
+  InnerProductsParams p{};
+  const TensorView x = view(x_arg, "x");
+  if (x.sizes.size() != 3) throw std::invalid_argument("x: expected shape [B, n, d]");
+  p.batch = x.sizes[0];
+  p.n = x.sizes[1];
+  p.d = x.sizes[2];
+  p.x = x.expect(DType::Float32, {p.batch, p.n, p.d}).as<const float>();
+  p.out = view(out_arg, "out").expect(DType::Float32, {p.batch, p.n, p.n}).as<float>();
+  return p;
+}
+
+const Binder<InnerProductsParams, ViewArg, ViewArg> kInnerProducts("inner_products", make_inner_products,
+                                                                   {"x", "out"});
+
 }  // namespace
 
 void def_gram(py::module_& m) {
@@ -92,6 +107,7 @@ void def_gram(py::module_& m) {
       .value("WRITE_CENTERED", GramPass::WriteCentered);
   REPKERN_BIND(m, kGramEpilogue, gram_epilogue);
   REPKERN_BIND_CPU(m, kMedianSelect, median_select);
+  REPKERN_BIND_CPU(m, kInnerProducts, inner_products);
 }
 
 }  // namespace repkern::bindings

@@ -340,6 +340,67 @@ void select_matrix(const A* d, int64_t n, const MedianSelectParams& p, A* values
   }
 }
 
+
+// ---- inner_products: x xᵀ of small-width float32 matrices ----------------------------------------------
+//
+// Column strips of kStrip = 2 vectors; in each strip the rows above and in its diagonal block, kPanel rows
+// at a time, accumulate a kPanel × kStrip tile in registers over d (one row of xᵀ per step: two vector
+// loads, kPanel broadcasts, 2·kPanel FMAs). Then the strip is mirrored into the lower part while it is in
+// cache. Entry (i, j) and (j, i) of the diagonal block are the same products summed in the same order, so
+// the result is exactly symmetric. The panel height fits the accumulators in the register file.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kPanel = 8;  // 16 of 32 zmm accumulators
+#elif defined(__AVX__)
+constexpr int kLanes = 8, kPanel = 6;  // 12 of 16 ymm
+#else
+constexpr int kLanes = 4, kPanel = 6;  // 12 of 16 xmm
+#endif
+constexpr int64_t kStrip = 2 * kLanes;
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+
+// out rows [r0, r0 + kPanel) × columns [c0, c0 + min(kStrip, n − c0)); xt: [d, ld] (columns >= n are 0).
+inline void inner_panel(const float* x, const float* xt, float* out, int64_t n, int64_t d, int64_t ld,
+                        int64_t r0, int64_t c0) {
+  Lanes acc[kPanel][2];
+  for (int r = 0; r < kPanel; ++r) acc[r][0] = acc[r][1] = Lanes{};
+  const float* xr = x + r0 * d;
+  for (int64_t k = 0; k < d; ++k) {
+    Lanes b0, b1;
+    std::memcpy(&b0, xt + k * ld + c0, sizeof(Lanes));
+    std::memcpy(&b1, xt + k * ld + c0 + kLanes, sizeof(Lanes));
+#pragma GCC unroll 8
+    for (int r = 0; r < kPanel; ++r) {
+      const float a = xr[r * d + k];
+      acc[r][0] += a * b0;
+      acc[r][1] += a * b1;
+    }
+  }
+  const size_t cols = size_t(std::min(kStrip, n - c0));
+  for (int r = 0; r < kPanel; ++r) std::memcpy(out + (r0 + r) * n + c0, acc[r], cols * sizeof(float));
+}
+
+// Strip s of one matrix: its upper rows, then the mirror of the rows above its diagonal block.
+void inner_strip(const float* x, const float* xt, float* out, int64_t n, int64_t d, int64_t ld, int64_t s) {
+  const int64_t c0 = s * kStrip, c1 = std::min(n, c0 + kStrip);
+  // panels end at c1; the last one shifted up to stay inside the matrix (its overlap is recomputed
+  // identically), or, for n < kPanel, one row at a time
+  if (n >= kPanel) {
+    for (int64_t r0 = 0; r0 < c1; r0 += kPanel) inner_panel(x, xt, out, n, d, ld, std::min(r0, c1 - kPanel), c0);
+  } else {
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t c = c0; c < c1; ++c) {
+        float sum = 0.f;
+        for (int64_t k = 0; k < d; ++k) sum += x[r * d + k] * xt[k * ld + c];
+        out[r * n + c] = sum;
+      }
+  }
+  for (int64_t i0 = 0; i0 < c0; i0 += 8) {
+    const int64_t i1 = std::min(c0, i0 + 8);
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t i = i0; i < i1; ++i) out[c * n + i] = out[i * n + c];
+  }
+}
+
 }  // namespace
 
 void median_select(const MedianSelectParams& p, int num_threads) {
@@ -356,6 +417,46 @@ void gram_epilogue(const GramEpilogueParams& p, int num_threads) {
   dispatch_gram(p.kind, p.pass, p.acc_dtype, p.out_dtype, [&]<GramKind K, GramPass P, typename A, typename Out>() {
     run<K, P, A, Out>(static_cast<const A*>(p.inner), static_cast<const A*>(p.aux), static_cast<Out*>(p.out),
                       static_cast<const A*>(p.scale), p.row_sums, p.totals, p.batch, p.n, num_threads);
+  });
+}
+
+void inner_products(const InnerProductsParams& p, int num_threads) {
+  if (p.batch == 0 || p.n == 0) return;
+  const int64_t strips = (p.n + kStrip - 1) / kStrip;
+  const int64_t ld = strips * kStrip;  // xᵀ rows padded with zero columns: whole-vector loads
+  const int64_t matrix = p.d * ld;
+  auto pack = [&](int64_t b, float* xt) {
+    const float* x = p.x + b * p.n * p.d;
+    for (int64_t k = 0; k < p.d; ++k) {
+      float* row = xt + k * ld;
+      for (int64_t i = 0; i < p.n; ++i) row[i] = x[i * p.d + k];
+      std::fill(row + p.n, row + ld, 0.f);
+    }
+  };
+  auto strip = [&](int64_t b, const float* xt, int64_t s) {
+    inner_strip(p.x + b * p.n * p.d, xt, p.out + b * p.n * p.n, p.n, p.d, ld, s);
+  };
+  if (p.batch >= num_threads) {  // a matrix per task: its xᵀ packed just before use, in cache
+    parallel_for(p.batch, num_threads, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> xt(static_cast<size_t>(matrix));
+      for (int64_t b = b0; b < b1; ++b) {
+        pack(b, xt.data());
+        for (int64_t s = 0; s < strips; ++s) strip(b, xt.data(), s);
+      }
+    });
+    return;
+  }
+  // fewer matrices than threads: all packed first, then a task = strips s and strips − 1 − s of one matrix
+  // (equal work: strip s has about s + 1 panels)
+  std::vector<float> xt(static_cast<size_t>(p.batch * matrix));
+  for (int64_t b = 0; b < p.batch; ++b) pack(b, xt.data() + b * matrix);
+  const int64_t pairs = (strips + 1) / 2;
+  parallel_for(p.batch * pairs, num_threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / pairs, s = t % pairs;
+      strip(b, xt.data() + b * matrix, s);
+      if (strips - 1 - s != s) strip(b, xt.data() + b * matrix, strips - 1 - s);
+    }
   });
 }
 

@@ -45,7 +45,7 @@ _NAN_WHEN_CONSTANT = {"shape_distance": "the angular shape distance is NaN", "sv
 class StreamingAlignment(StreamingCKA):
     """Exact linear alignment metrics over batches, from mergeable float64 second-order statistics.
 
-    ``StreamingAlignment(debiased=False, *, max_state_bytes=None, device=None)``
+    ``StreamingAlignment(debiased=False, *, max_state_bytes=None, hold_rows=None, device=None)``
 
     ``update(xs, ys)`` adds a batch of the layers of two models (``ys=None``: xs against itself), as
     :meth:`repkern.StreamingCKA.update`; ``merge``, ``reset``, ``state_dict`` / ``load_state_dict`` and
@@ -74,13 +74,15 @@ class StreamingAlignment(StreamingCKA):
     full whitening (alpha=0) of a rank-deficient or zero-padded layer.
 
     Memory: StreamingCKA's state — per pair of layers with statistics d_a·d_b float64 — independent of
-    the number of rows; ``max_state_bytes`` (default 1 GiB) caps it. Cost per batch of b rows: the
+    the number of rows; ``max_state_bytes`` (default 1 GiB) caps it; small batches are held and added
+    together as StreamingCKA's (``hold_rows``). Cost per batch of b rows: the
     d_a·d_b·b products of each pair in float64 (on GPUs without fast float64, much slower than
     StreamingCKA's float32 products); compute: an eigendecomposition per layer and an SVD per pair.
     """
 
-    def __init__(self, debiased: bool = False, *, max_state_bytes: Optional[int] = None, device=None):
-        super().__init__("linear", debiased, max_state_bytes=max_state_bytes, device=device)
+    def __init__(self, debiased: bool = False, *, max_state_bytes: Optional[int] = None,
+                 hold_rows: Optional[int] = None, device=None):
+        super().__init__("linear", debiased, max_state_bytes=max_state_bytes, hold_rows=hold_rows, device=device)
 
     def _config(self) -> dict:
         return {"class": "StreamingAlignment", "kernel": self.kernel, "debiased": self.debiased}
