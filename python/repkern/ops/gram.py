@@ -19,12 +19,13 @@ Custom op (fake impl and autograd registered):
 from __future__ import annotations
 
 import math
+import platform
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from repkern import _common, _native, _validation, reference
+from repkern import _C, _common, _native, _validation, reference
 from repkern._constants import GramKind, GramPass
 
 __all__ = ["gram"]
@@ -32,9 +33,11 @@ __all__ = ["gram"]
 GRAM_EPILOGUE = _native.kernel("gram_epilogue")
 MEDIAN_SELECT = _native.kernel("median_select", cuda=False)
 INNER_PRODUCTS = _native.kernel("inner_products", cuda=False)
-# widest float32 rows the native inner-products kernel takes on the CPU: 16 × 512 × d, 1 thread, against
-# the bmm x xᵀ: 1.4× at d = 64, 1.2× at 128 (AVX-512); 1.1× and 1.0× at the AVX2 level
+# Where the native inner-products kernel replaces the GEMM path on the CPU: float32 rows of at most
+# SMALL_WIDTH features, at the CPU levels where it wins (docs/benchmarks.md: 16 × 512 × d, d = 64 and 128,
+# 1.0–1.4× of the bmm x xᵀ at the avx2 and avx512 levels; the SSE copy, 0.65×, loses to MKL's GEMM)
 SMALL_WIDTH = 128
+INNER_PRODUCTS_ISAS = ("avx2", "avx512", "native") if platform.machine() in ("x86_64", "AMD64") else ()
 
 
 KINDS = {"linear": GramKind.LINEAR, "cosine": GramKind.COSINE, "rbf": GramKind.RBF}
@@ -63,7 +66,7 @@ def _gemm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
 def native_inner_products(x: Tensor) -> bool:
     """Whether inner_products(x) takes the native kernel, which fills both triangles."""
     return (_native.backend_for(x.device) == "cpu" and _common.acc_dtype(x.dtype) == torch.float32
-            and x.shape[-1] <= SMALL_WIDTH)
+            and x.shape[-1] <= SMALL_WIDTH and _C.cpu_isa() in INNER_PRODUCTS_ISAS)
 
 
 def inner_products(x: Tensor) -> Tensor:
