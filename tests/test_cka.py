@@ -682,3 +682,36 @@ X = torch.ones(6, 3)
 def test_bad_input_names_the_argument(call, exc, message):
     with pytest.raises(exc, match=message):
         call()
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_square_sum64_matches_float64_squares_in_blocks(dtype):
+    """_common.square_sum64 over rows and over whole matrices, with several row blocks and a partial one
+    (300 rows of 700: blocks of 93), against the float64 sum of exact squares; its input is left alone and
+    its gradient is 2t; torch.compile gives the same values."""
+    g = torch.Generator().manual_seed(5)
+    t = (torch.randn((2, 300, 700), generator=g, dtype=torch.float64) * 3).to(dtype)
+    before = t.clone()
+    oracle_rows, oracle_all = t.double().square().sum(-1), t.double().square().sum((-2, -1))
+    rows, whole = _common.square_sum64(t, -1), _common.square_sum64(t, (-2, -1))
+    assert torch.equal(t, before) and rows.dtype == whole.dtype == torch.float64
+    torch.testing.assert_close(rows, oracle_rows, rtol=1e-12, atol=0)
+    torch.testing.assert_close(whole, oracle_all, rtol=1e-12, atol=0)
+    leaf = t.double().requires_grad_()
+    _common.square_sum64(leaf, -1).sum().backward()
+    torch.testing.assert_close(leaf.grad, 2 * leaf.detach(), rtol=0, atol=0)
+    compiled = torch.compile(lambda u: _common.square_sum64(u, (-2, -1)), fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(t), oracle_all, rtol=1e-12, atol=0)
+
+
+def test_feature_path_past_one_square_block_matches_reference():
+    """n·d above _common.SQUARE_BLOCK: the debiased terms from blocked row norms."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn((400, 300), generator=g, dtype=torch.float64)
+    y = x[:, :200] @ torch.randn((200, 250), generator=g, dtype=torch.float64) + torch.randn((400, 250), generator=g,
+                                                                                               dtype=torch.float64)
+    assert x.numel() > _common.SQUARE_BLOCK
+    for debiased in (False, True):
+        got = repkern.cka(x, y, debiased=debiased, method="feature")
+        expected = reference.cka(x, y, "linear", debiased=debiased)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)

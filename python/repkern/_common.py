@@ -41,6 +41,21 @@ def zero_variance_tolerance(dtype: torch.dtype) -> float:
     return max(16 * torch.finfo(acc_dtype(dtype)).eps ** 2, 2.0**-36)
 
 
+SQUARE_BLOCK = 1 << 16  # elements per matrix converted at a time by square_sum64 (512 KiB of float64)
+
+
+def square_sum64(t: torch.Tensor, dim) -> torch.Tensor:
+    """Σ t² over dim = -1 or (-2, -1) of t (..., r, c), in float64 from exact float64 squares, converted by
+    blocks of rows that stay in cache: t.square().sum(dim, dtype=torch.float64) rounds the squares to t's
+    dtype and writes all of them out as float64, 5x slower on the CPU (4096 x 768 float32: 4.0 ms against
+    0.75). Differentiable; one expression under torch.compile, which fuses it."""
+    if torch.compiler.is_compiling() or t.shape[-2] * t.shape[-1] <= SQUARE_BLOCK:
+        return t.to(torch.float64, copy=True).square_().sum(dim)
+    rows = max(1, SQUARE_BLOCK // max(1, t.shape[-1]))
+    parts = [block.to(torch.float64, copy=True).square_().sum(dim) for block in t.split(rows, -2)]
+    return torch.cat(parts, -1) if dim == -1 else torch.stack(parts).sum(0)
+
+
 def constant_rows(x: torch.Tensor) -> torch.Tensor:
     """(...,) True where all n rows of x (..., n, d) are identical (a zero-variance
     representation; exact comparison, NaN rows are not identical)."""

@@ -625,11 +625,10 @@ def _feature_numerators(p: Tensor, q: Tensor, n: int, debiased: bool) -> tuple[T
     """(h_xy, h_xx, h_yy) from centered features p (B, n, d1), q (B, n, d2)."""
     # XᵀX in full: strips of its upper block triangle (3/4 of the FLOPs) were 12% faster at one thread but
     # 20% slower at two, where MKL's strip GEMMs used as much CPU time as the whole product.
-    dot, self_p, self_q = ((v.mT @ u).square().sum((-2, -1), dtype=torch.float64)
-                           for u, v in ((p, q), (p, p), (q, q)))
+    dot, self_p, self_q = (_common.square_sum64(v.mT @ u, (-2, -1)) for u, v in ((p, q), (p, p), (q, q)))
     if not debiased:
         return dot, self_p, self_q
-    a, b = p.square().sum(-1, dtype=torch.float64), q.square().sum(-1, dtype=torch.float64)  # once each
+    a, b = _common.square_sum64(p, -1), _common.square_sum64(q, -1)  # once each
     sa, sb = a.sum(-1), b.sum(-1)
 
     def correct(s, u, v, su, sv):
@@ -945,7 +944,7 @@ def feature_matrix_numerators(prepared: list[Tensor], pairs, n: int, debiased: b
     offsets = [0]
     for d in dims:
         offsets.append(offsets[-1] + d)
-    sq_rows = [p[0].square().sum(-1, dtype=torch.float64) for p in prepared] if debiased else None
+    sq_rows = [_common.square_sum64(p[0], -1) for p in prepared] if debiased else None
     partners: dict[int, list[int]] = {}
     for a, b in pairs:
         partners.setdefault(a, []).append(b)

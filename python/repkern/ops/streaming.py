@@ -690,7 +690,7 @@ class StreamingCKA(_LayerAccumulator):
             stats[f"shift/{a}"] = mean.double()
             stats[f"sum/{a}"] = za.sum(0).double()  # centered: no cancellation in the accumulation dtype
             if self.debiased:
-                norms.append(za.square().sum(-1, dtype=torch.float64))
+                norms.append(_common.square_sum64(za, -1))
         pairs = _streaming_pairs(layout)
         rows = _rows(pairs, len(layers))
         if self.debiased:
