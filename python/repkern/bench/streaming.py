@@ -110,6 +110,9 @@ class PerPairStreamingCKA(repkern.StreamingCKA):
         super()._hold_capacity(layout, dtype)  # the budget check
         return 0  # every batch on its own
 
+    def _add(self, stats, layout, samples, batches, float64, owned=False):
+        super()._add(stats, layout, samples, batches, float64)  # the first batch's statistics copied, as it did
+
     def _batch_stats(self, layers, layout, held=None):
         acc = _common.acc_dtype(layers[0].dtype)
         stats, zs, norms, zs64 = {}, [], [], []
@@ -153,7 +156,8 @@ def _update_case(debiased: bool, layers: int, batches: int, batch: int, d: int, 
             acc = cls(debiased=debiased)
             for bx, by in split:
                 acc.update(bx, by)
-            return acc.compute()  # the held rows of repkern's included
+            acc._flush()  # repkern's held rows added (as the next read of the state would), timed with the updates
+            return acc
 
         return {"repkern": lambda: feed(repkern.StreamingCKA), "reference": lambda: feed(PerPairStreamingCKA)}
 

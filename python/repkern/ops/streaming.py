@@ -160,10 +160,13 @@ class _LayerAccumulator:
         self.device = device
         self._stats = {k: v.to(device) for k, v in self._stats.items()}
 
-    def _add(self, stats: dict, layout: Layout, samples: int, batches: int, float64: bool) -> None:
+    def _add(self, stats: dict, layout: Layout, samples: int, batches: int, float64: bool,
+             owned: bool = False) -> None:
+        """Adds statistics of `samples` rows; owned: fresh tensors (a batch's) this state may keep as they are,
+        else (another accumulator's) copied before they become this state."""
         if self._layout is None:
             self._layout = layout
-            self._stats = {k: v.to(self.device).clone() for k, v in stats.items()}
+            self._stats = {k: v if owned else v.to(self.device).clone() for k, v in stats.items()}
         else:
             mine = self._stats
             dims = _positional_layers(layout)
@@ -259,7 +262,7 @@ class _LayerAccumulator:
             stats.update(self._batch_stats(layers, layout, held))
         if self.device is None:
             self.device = layers[0].device
-        self._add(stats, layout, layers[0].shape[0], batches, layers[0].dtype == torch.float64)
+        self._add(stats, layout, layers[0].shape[0], batches, layers[0].dtype == torch.float64, owned=True)
 
     @_common.outside_inference_mode
     def merge(self, other):
