@@ -12,7 +12,8 @@ Cases:
   StreamingCKA, linear (biased, debiased), 4 + 4 layers d=256, N=16384 in batches of 2048
   MinibatchCKA, RBF debiased, 4 layers d=256, 8 batches of 512
   StreamingCKA updates (biased, debiased), 7 + 7 layers d=384 (two MiniLM-sized models), 8 batches of
-  512 tokens: the row-block update (one GEMM per layer against all its partners) against the per-pair one
+  512 tokens, then the held rows added: StreamingCKA (batches held and added together, one GEMM per layer
+  against all its partners) against the per-pair update (every batch on its own, one GEMM per pair)
 GPU (CUDA device): StreamingCKA 4 + 4 layers d=1024, N=262144 in batches of 16384; MinibatchCKA 4
   layers d=1024, 16 batches of 4096; the updates of 7 + 7 layers d=384 in 16 batches of 4096.
 Default dtype float32; ``dtypes`` runs every case in each of them.
