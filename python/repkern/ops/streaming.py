@@ -41,11 +41,11 @@ from repkern import _common, _validation
 from repkern._distributed import all_gather_states, group_device
 from repkern.ops import cka as cka_ops
 
-__all__ = ["StreamingCKA", "MinibatchCKA", "DEFAULT_MAX_STATE_BYTES"]
+__all__ = ["StreamingCKA", "MinibatchCKA", "DEFAULT_MAX_STATE_BYTES", "DEFAULT_HOLD_ROWS"]
 
 DEFAULT_MAX_STATE_BYTES = 1 << 30  # StreamingCKA's statistics; argument max_state_bytes overrides it
-# StreamingCKA's held rows: batches smaller than this are added together (one GEMM per row block over
-# all of them: 1.3x faster products at b=512, and one float64 pass over the state instead of one per batch)
+# StreamingCKA's held rows: batches smaller than this are added together (one GEMM per row block over all
+# of them, and one float64 pass over the state instead of one per batch); argument hold_rows overrides it
 DEFAULT_HOLD_ROWS = 4096
 
 # (widths of the layers of xs, widths of the layers of ys or None for a self-comparison)
