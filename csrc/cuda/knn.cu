@@ -93,24 +93,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     K kth_key;
     int32_t kth_col;
     broadcast_kth(key, col, kth_lane, kth_slot, kth_key, kth_col);
-    const A* p = tile + r * cols;
     const int64_t self = row0 + r;
-    for (int64_t base = 0; base < cols; base += 32 * Vec) {
-      const int64_t c = base + lane * Vec;
-      Packed<A, Vec> h{}, b{};
-      if (c < cols) {
-        h = load_packed<Vec>(p + c);
-        b = load_packed<Vec>(bias + c);
-      }
-#pragma unroll
-      for (int j = 0; j < Vec; ++j) {
-        const K my_key = knn_order_key(A(h.v[j] + b.v[j]));
-        const int64_t cand = col0 + c + j;
-        const bool pending =
-            c + j < cols && cand != self && sae_ranks_before(my_key, int32_t(cand), kth_key, kth_col);
-        warp_offer(key, col, kth_key, kth_col, my_key, int32_t(cand), pending, lane, k, kth_lane, kth_slot);
-      }
-    }
+    warp_offer_row<Vec>(
+        tile + r * cols, bias, cols, col0, [](A v) { return knn_order_key(v); },
+        [self](int64_t cand) { return cand == self; }, key, col, kth_key, kth_col, lane, k, kth_lane, kth_slot);
     store_state(key, col, vals + r * k, idx + r * k, lane, k);
   }
 }

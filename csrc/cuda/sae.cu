@@ -189,23 +189,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     K kth_key;
     int32_t kth_col;
     broadcast_kth(key, col, kth_lane, kth_slot, kth_key, kth_col);
-    const A* p = pre + r * cols;
-    for (int64_t base = 0; base < cols; base += 32 * Vec) {
-      const int64_t c = base + lane * Vec;
-      Packed<A, Vec> h{}, b{};
-      if (c < cols) {
-        h = load_packed<Vec>(p + c);
-        b = load_packed<Vec>(bias + c);
-      }
-#pragma unroll
-      for (int j = 0; j < Vec; ++j) {
-        const A v = A(h.v[j] + b.v[j]);
-        const K my_key = sae_order_key(relu_first ? sae_activation(v, 0.0f) : v);
-        const int32_t my_col = int32_t(col0 + c + j);
-        const bool pending = c + j < cols && sae_ranks_before(my_key, my_col, kth_key, kth_col);
-        warp_offer(key, col, kth_key, kth_col, my_key, my_col, pending, lane, k, kth_lane, kth_slot);
-      }
-    }
+    warp_offer_row<Vec>(
+        pre + r * cols, bias, cols, col0,
+        [relu_first](A v) { return sae_order_key(relu_first ? sae_activation(v, 0.0f) : v); },
+        [](int64_t) { return false; }, key, col, kth_key, kth_col, lane, k, kth_lane, kth_slot);
 #pragma unroll
     for (int s = 0; s < R; ++s) {
       const int q = lane * R + s;

@@ -11,6 +11,7 @@
 
 #include "common/macros.h"
 #include "common/sae_math.h"
+#include "cuda/packed.cuh"
 #include "cuda/reduce.cuh"
 
 namespace repkern::cuda {
@@ -71,6 +72,30 @@ __device__ __forceinline__ void warp_offer(K (&key)[R], int32_t (&col)[R], K& kt
     warp_insert(key, col, new_key, new_col, lane, k);
     broadcast_kth(key, col, kth_lane, kth_slot, kth_key, kth_col);
     pending = pending && lane != src && sae_ranks_before(my_key, my_col, kth_key, kth_col);
+  }
+}
+
+// Offers every entry j of one row, p[j] + bias[j] for j in [0, cols) (Vec-wide loads, lane l
+// reading Vec entries at a time), as the candidate (key_of(value), col0 + j) unless skip(col0 + j).
+template <int Vec, typename A, typename K, int R, typename KeyOf, typename Skip>
+__device__ __forceinline__ void warp_offer_row(const A* p, const A* bias, int64_t cols, int64_t col0, KeyOf key_of,
+                                               Skip skip, K (&key)[R], int32_t (&col)[R], K& kth_key,
+                                               int32_t& kth_col, int lane, int k, int kth_lane, int kth_slot) {
+  for (int64_t base = 0; base < cols; base += 32 * Vec) {
+    const int64_t c = base + lane * Vec;
+    Packed<A, Vec> h{}, b{};
+    if (c < cols) {
+      h = load_packed<Vec>(p + c);
+      b = load_packed<Vec>(bias + c);
+    }
+#pragma unroll
+    for (int j = 0; j < Vec; ++j) {
+      const K my_key = key_of(A(h.v[j] + b.v[j]));
+      const int64_t my_col = col0 + c + j;
+      const bool pending =
+          c + j < cols && !skip(my_col) && sae_ranks_before(my_key, int32_t(my_col), kth_key, kth_col);
+      warp_offer(key, col, kth_key, kth_col, my_key, int32_t(my_col), pending, lane, k, kth_lane, kth_slot);
+    }
   }
 }
 
