@@ -340,7 +340,6 @@ void select_matrix(const A* d, int64_t n, const MedianSelectParams& p, A* values
   }
 }
 
-
 // ---- inner_products: x xᵀ of small-width float32 matrices ----------------------------------------------
 //
 // Column strips of kStrip = 2 vectors; in each strip the rows above and in its diagonal block, kPanel rows

@@ -935,6 +935,18 @@ def cka_matrix(
     return out.to(_common.stat_dtype(xs[0].dtype))
 
 
+def column_runs(partners: list[int]) -> list[tuple[int, int]]:
+    """The partners (ascending layer indices) as runs [first, last] of consecutive layers: the column
+    ranges one GEMM covers where the layers sit side by side."""
+    runs = [[partners[0], partners[0]]]
+    for b in partners[1:]:
+        if b == runs[-1][1] + 1:
+            runs[-1][1] = b
+        else:
+            runs.append([b, b])
+    return [(first, last) for first, last in runs]
+
+
 def feature_matrix_numerators(prepared: list[Tensor], pairs, n: int, debiased: bool) -> Tensor:
     """h of every pair from centered features: all layers side by side in one
     (n, Σd) matrix; per layer a, one GEMM x_aᵀ [x_b ...] over each contiguous run
@@ -950,15 +962,10 @@ def feature_matrix_numerators(prepared: list[Tensor], pairs, n: int, debiased: b
         partners.setdefault(a, []).append(b)
     dots = {}
     for a, bs in partners.items():
-        bs = sorted(bs)
-        runs, start = [], bs[0]
-        for prev, cur in zip(bs, bs[1:] + [None]):
-            if cur != prev + 1:
-                runs.append((start, prev))
-                start = cur
         xa = feats[:, offsets[a] : offsets[a + 1]]
-        for first, last in runs:
-            col_sq = (xa.T @ feats[:, offsets[first] : offsets[last + 1]]).square().sum(0, dtype=torch.float64)
+        for first, last in column_runs(sorted(bs)):
+            # squared-entry sums per column of xaᵀ x_b (rows of its transpose)
+            col_sq = _common.square_sum64((xa.T @ feats[:, offsets[first] : offsets[last + 1]]).T, -1)
             for b, block in zip(range(first, last + 1), col_sq.split(dims[first : last + 1])):
                 dots[(a, b)] = block.sum()
     out = []

@@ -587,17 +587,6 @@ def _shift(stats: dict, deltas: list[Tensor], n: int, pairs: list[tuple[int, int
     return out
 
 
-def _column_runs(partners: list[int]) -> list[tuple[int, int]]:
-    """The partners (ascending layer indices) as runs [first, last] of consecutive layers."""
-    runs = [[partners[0], partners[0]]]
-    for b in partners[1:]:
-        if b == runs[-1][1] + 1:
-            runs[-1][1] = b
-        else:
-            runs.append([b, b])
-    return [(first, last) for first, last in runs]
-
-
 def _state_bytes(layout: Layout, debiased: bool) -> int:
     dims = _positional_layers(layout)
     per_pair = sum(dims[a] * dims[b] + (dims[a] + dims[b] + 1 if debiased else 0) for a, b in _streaming_pairs(layout))
@@ -704,7 +693,7 @@ class StreamingCKA(_LayerAccumulator):
         blocks = []
         for a, row in enumerate(rows):
             partners = [pairs[p][1] for p in row]
-            runs = [(starts[first], starts[last + 1]) for first, last in _column_runs(partners)]
+            runs = [(starts[first], starts[last + 1]) for first, last in cka_ops.column_runs(partners)]
             za = z[:, starts[a] : starts[a + 1]]
             # Mᵀ = [z_b | z_b' | ...]ᵀ z_a, one GEMM against every run of partners (10-15% faster than
             # z_aᵀ [z_b ...] with MKL at b = 4096), then M transposed into float64
