@@ -51,10 +51,22 @@ struct InnerProductsParams {
   int64_t batch, n, d;
 };
 
+// ‖xᵀx‖²_F of float32 matrices in float64, CPU only: the self terms of the feature-space linear CKA.
+// xᵀx is symmetric, so one register-tiled pass over its upper block triangle (half the FLOPs of the GEMM)
+// squares each tile once it is complete, and the d × d product is never stored. Each tile accumulates in
+// float32 over blocks of kXtxBlock rows of x and in float64 across blocks. The result does not depend on
+// the thread count.
+struct XtxSqNormParams {
+  const float* x;  // [batch, n, d] float32
+  double* out;     // [batch] float64: Σ_ij ((xᵀx)_ij)²
+  int64_t batch, n, d;
+};
+
 namespace cpu {
 REPKERN_CPU_KERNEL(gram_epilogue, GramEpilogueParams)
 REPKERN_CPU_KERNEL(median_select, MedianSelectParams)
 REPKERN_CPU_KERNEL(inner_products, InnerProductsParams)
+REPKERN_CPU_KERNEL(xtx_sq_norm, XtxSqNormParams)
 }
 namespace cuda {
 void gram_epilogue(const GramEpilogueParams& p, void* stream);  // stream: cudaStream_t

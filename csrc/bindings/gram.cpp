@@ -92,6 +92,20 @@ InnerProductsParams make_inner_products(const ViewArg& x_arg, const ViewArg& out
 const Binder<InnerProductsParams, ViewArg, ViewArg> kInnerProducts("inner_products", make_inner_products,
                                                                    {"x", "out"});
 
+XtxSqNormParams make_xtx_sq_norm(const ViewArg& x_arg, const ViewArg& out_arg) {
+  XtxSqNormParams p{};
+  const TensorView x = view(x_arg, "x");
+  if (x.sizes.size() != 3) throw std::invalid_argument("x: expected shape [B, n, d]");
+  p.batch = x.sizes[0];
+  p.n = x.sizes[1];
+  p.d = x.sizes[2];
+  p.x = x.expect(DType::Float32, {p.batch, p.n, p.d}).as<const float>();
+  p.out = view(out_arg, "out").expect(DType::Float64, {p.batch}).as<double>();
+  return p;
+}
+
+const Binder<XtxSqNormParams, ViewArg, ViewArg> kXtxSqNorm("xtx_sq_norm", make_xtx_sq_norm, {"x", "out"});
+
 }  // namespace
 
 void def_gram(py::module_& m) {
@@ -108,6 +122,7 @@ void def_gram(py::module_& m) {
   REPKERN_BIND(m, kGramEpilogue, gram_epilogue);
   REPKERN_BIND_CPU(m, kMedianSelect, median_select);
   REPKERN_BIND_CPU(m, kInnerProducts, inner_products);
+  REPKERN_BIND_CPU(m, kXtxSqNorm, xtx_sq_norm);
 }
 
 }  // namespace repkern::bindings

@@ -400,6 +400,60 @@ void inner_strip(const float* x, const float* xt, float* out, int64_t n, int64_t
   }
 }
 
+// ---- xtx_sq_norm: ‖xᵀx‖²_F without the product ------------------------------------------------------------
+//
+// The same register tiles as inner_products, on xᵀ: the columns of x are packed in groups of kStrip (one
+// [n, kStrip] block per group), so each step over a row of x is two vector loads of the strip's columns and
+// kPanel broadcasts of the panel's columns. A tile is complete after all n rows; only its entries on or
+// above the diagonal are squared (weight 2 above: the lower triangle is their mirror).
+constexpr int64_t kXtxBlock = 512;  // rows of x summed in float32 before a tile's float64 accumulation
+
+// Packed groups [groups + 1][n][kStrip]: columns >= d and the extra group are zero, so that every panel
+// row (up to d − 1 + kPanel − 1) reads in bounds.
+int64_t xtx_groups(int64_t d) { return (d + kStrip - 1) / kStrip + 1; }
+
+void xtx_pack_group(const float* x, int64_t n, int64_t d, int64_t g, float* packed) {
+  float* dst = packed + g * n * kStrip;
+  const int64_t c0 = g * kStrip, cols = std::clamp<int64_t>(d - c0, 0, kStrip);
+  for (int64_t k = 0; k < n; ++k) {
+    if (cols > 0) std::memcpy(dst + k * kStrip, x + k * d + c0, size_t(cols) * sizeof(float));
+    std::fill(dst + k * kStrip + cols, dst + (k + 1) * kStrip, 0.f);
+  }
+}
+
+// Σ w_ij ((xᵀx)_ij)² over strip s (columns [c0, c0 + kStrip)) and the rows i <= j of it.
+double xtx_strip(const float* packed, int64_t n, int64_t d, int64_t s) {
+  const int64_t c0 = s * kStrip;
+  const float* b = packed + s * n * kStrip;
+  double sum = 0.0;
+  for (int64_t r0 = 0; r0 < std::min(d, c0 + kStrip); r0 += kPanel) {
+    const float* a[kPanel];
+    for (int r = 0; r < kPanel; ++r) a[r] = packed + (r0 + r) / kStrip * n * kStrip + (r0 + r) % kStrip;
+    double tile[kPanel][kStrip] = {};
+    for (int64_t k0 = 0; k0 < n; k0 += kXtxBlock) {
+      Lanes acc[kPanel][2];
+      for (int r = 0; r < kPanel; ++r) acc[r][0] = acc[r][1] = Lanes{};
+      for (int64_t k = k0; k < std::min(n, k0 + kXtxBlock); ++k) {
+        Lanes b0, b1;
+        std::memcpy(&b0, b + k * kStrip, sizeof(Lanes));
+        std::memcpy(&b1, b + k * kStrip + kLanes, sizeof(Lanes));
+#pragma GCC unroll 8
+        for (int r = 0; r < kPanel; ++r) {
+          const float v = a[r][k * kStrip];
+          acc[r][0] += v * b0;
+          acc[r][1] += v * b1;
+        }
+      }
+      for (int r = 0; r < kPanel; ++r)
+        for (int l = 0; l < kLanes; ++l) tile[r][l] += double(acc[r][0][l]), tile[r][kLanes + l] += double(acc[r][1][l]);
+    }
+    for (int r = 0; r < kPanel; ++r)
+      for (int64_t c = std::max<int64_t>(0, r0 + r - c0); c < kStrip; ++c)
+        sum += (r0 + r < c0 + c ? 2.0 : 1.0) * tile[r][c] * tile[r][c];
+  }
+  return sum;
+}
+
 }  // namespace
 
 void median_select(const MedianSelectParams& p, int num_threads) {
@@ -457,6 +511,43 @@ void inner_products(const InnerProductsParams& p, int num_threads) {
       if (strips - 1 - s != s) strip(b, xt.data() + b * matrix, strips - 1 - s);
     }
   });
+}
+
+void xtx_sq_norm(const XtxSqNormParams& p, int num_threads) {
+  if (p.batch == 0) return;
+  const int64_t groups = xtx_groups(p.d), strips = groups - 1, matrix = groups * p.n * kStrip;
+  std::vector<double> partial(static_cast<size_t>(p.batch * strips), 0.0);  // per strip, summed in order
+  auto strip = [&](int64_t b, const float* packed, int64_t s) {
+    partial[size_t(b * strips + s)] = xtx_strip(packed, p.n, p.d, s);
+  };
+  if (p.batch >= num_threads) {  // a matrix per task, packed just before use
+    parallel_for(p.batch, num_threads, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> packed(static_cast<size_t>(matrix));
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t g = 0; g < groups; ++g) xtx_pack_group(p.x + b * p.n * p.d, p.n, p.d, g, packed.data());
+        for (int64_t s = 0; s < strips; ++s) strip(b, packed.data(), s);
+      }
+    });
+  } else {  // all packed first; a task = strips s and strips − 1 − s of one matrix (strip s has s + 1 panels' work)
+    std::vector<float> packed(static_cast<size_t>(p.batch * matrix));
+    parallel_for(p.batch * groups, num_threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        xtx_pack_group(p.x + t / groups * p.n * p.d, p.n, p.d, t % groups, packed.data() + t / groups * matrix);
+    });
+    const int64_t pairs = (strips + 1) / 2;
+    parallel_for(p.batch * pairs, num_threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / pairs, s = t % pairs;
+        strip(b, packed.data() + b * matrix, s);
+        if (strips - 1 - s != s) strip(b, packed.data() + b * matrix, strips - 1 - s);
+      }
+    });
+  }
+  for (int64_t b = 0; b < p.batch; ++b) {
+    double sum = 0.0;
+    for (int64_t s = 0; s < strips; ++s) sum += partial[size_t(b * strips + s)];
+    p.out[b] = sum;
+  }
 }
 
 }  // namespace repkern::cpu::REPKERN_ISA_NS

@@ -623,9 +623,8 @@ def gram_numerators(inputs: list[Tensor], kernel, sigma, median, threshold, pair
 
 def _feature_numerators(p: Tensor, q: Tensor, n: int, debiased: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(h_xy, h_xx, h_yy) from centered features p (B, n, d1), q (B, n, d2)."""
-    # XᵀX in full: strips of its upper block triangle (3/4 of the FLOPs) were 12% faster at one thread but
-    # 20% slower at two, where MKL's strip GEMMs used as much CPU time as the whole product.
-    dot, self_p, self_q = (_common.square_sum64(v.mT @ u, (-2, -1)) for u, v in ((p, q), (p, p), (q, q)))
+    dot = _common.square_sum64(q.mT @ p, (-2, -1))
+    self_p, self_q = gram_ops.xtx_sq_norm(p), gram_ops.xtx_sq_norm(q)
     if not debiased:
         return dot, self_p, self_q
     a, b = _common.square_sum64(p, -1), _common.square_sum64(q, -1)  # once each
@@ -950,7 +949,8 @@ def column_runs(partners: list[int]) -> list[tuple[int, int]]:
 def feature_matrix_numerators(prepared: list[Tensor], pairs, n: int, debiased: bool) -> Tensor:
     """h of every pair from centered features: all layers side by side in one
     (n, Σd) matrix; per layer a, one GEMM x_aᵀ [x_b ...] over each contiguous run
-    of the layers b it pairs with, then squared-entry sums per (a, b) block."""
+    of the other layers b it pairs with, then squared-entry sums per (a, b) block;
+    a self pair by gram_ops.xtx_sq_norm."""
     feats = torch.cat([p[0] for p in prepared], dim=1)
     dims = [p.shape[2] for p in prepared]
     offsets = [0]
@@ -962,6 +962,11 @@ def feature_matrix_numerators(prepared: list[Tensor], pairs, n: int, debiased: b
         partners.setdefault(a, []).append(b)
     dots = {}
     for a, bs in partners.items():
+        if a in bs:  # a self pair: xᵀx is symmetric (gram_ops.xtx_sq_norm: half the FLOPs)
+            dots[(a, a)] = gram_ops.xtx_sq_norm(prepared[a])[0]
+            bs = [b for b in bs if b != a]
+            if not bs:
+                continue
         xa = feats[:, offsets[a] : offsets[a + 1]]
         for first, last in column_runs(sorted(bs)):
             # squared-entry sums per column of xaᵀ x_b (rows of its transpose)

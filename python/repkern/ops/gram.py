@@ -33,9 +33,11 @@ __all__ = ["gram"]
 GRAM_EPILOGUE = _native.kernel("gram_epilogue")
 MEDIAN_SELECT = _native.kernel("median_select", cuda=False)
 INNER_PRODUCTS = _native.kernel("inner_products", cuda=False)
+XTX_SQ_NORM = _native.kernel("xtx_sq_norm", cuda=False)
 # Where the native inner-products kernel replaces the GEMM path on the CPU: float32 rows of at most
 # SMALL_WIDTH features, at the CPU levels where it wins (docs/benchmarks.md: 16 × 512 × d, d = 64 and 128,
-# 1.0–1.4× of the bmm x xᵀ at the avx2 and avx512 levels; the SSE copy, 0.65×, loses to MKL's GEMM)
+# 1.0–1.4× of the bmm x xᵀ at the avx2 and avx512 levels; the SSE copy, 0.65×, loses to MKL's GEMM).
+# The same levels run xtx_sq_norm's register tiles.
 SMALL_WIDTH = 128
 INNER_PRODUCTS_ISAS = ("avx2", "avx512", "native") if platform.machine() in ("x86_64", "AMD64") else ()
 
@@ -87,6 +89,43 @@ def inner_products(x: Tensor) -> Tensor:
     for i in range(0, n, rows):
         _gemm_into(inner[:, i : i + rows, i:], x[:, i : i + rows], x[:, i:])
     return inner
+
+
+def native_xtx_sq_norm(x: Tensor) -> bool:
+    """Whether xtx_sq_norm(x) takes the native kernel."""
+    return (_native.backend_for(x.device) == "cpu" and x.dtype == torch.float32
+            and _C.cpu_isa() in INNER_PRODUCTS_ISAS)
+
+
+def xtx_sq_norm(x: Tensor) -> Tensor:
+    """‖xᵀx‖²_F (B,) float64 of x (B, n, d) float32/float64 (the products in x.dtype, their squares summed
+    in float64). Where native_xtx_sq_norm(x): one native pass over the upper block triangle of xᵀx (half the
+    FLOPs of the GEMM, no d×d product stored); else the GEMM. The choice is made inside the op, at run
+    time (the CPU level is not traceable)."""
+    return _xtx_sq_norm_op(x)
+
+
+@torch.library.custom_op("repkern::xtx_sq_norm", mutates_args=())
+def _xtx_sq_norm_op(x: Tensor) -> Tensor:
+    if not native_xtx_sq_norm(x):
+        return _common.square_sum64(x.mT @ x, (-2, -1))
+    out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    _native.call(XTX_SQ_NORM, x.device, x.contiguous(), out)
+    return out
+
+
+@_xtx_sq_norm_op.register_fake
+def _(x):
+    return x.new_empty((x.shape[0],), dtype=torch.float64)
+
+
+def _xtx_sq_norm_backward(ctx, grad):
+    (x,) = ctx.saved_tensors  # d‖xᵀx‖²/dx = 4 x (xᵀx)
+    return (4 * grad).to(x.dtype)[:, None, None] * (x @ (x.mT @ x))
+
+
+_xtx_sq_norm_op.register_autograd(_xtx_sq_norm_backward,
+                                  setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]))
 
 
 # ---- exact rescaling and non-finite rows ------------------------------------------------------
