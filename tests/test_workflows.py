@@ -446,6 +446,27 @@ def test_compare_models_knn_on_tokens_and_the_max_samples_limit():
     repkern.compare_models(a, None, batches, LAYERS, metric="svcca", max_samples=1, progress=False)
 
 
+def test_compare_models_keeps_a_layer_in_both_lists_once(monkeypatch):
+    """Same model, overlapping layer lists: the shared layer's rows reach similarity_matrix as one tensor (held
+    once, its neighbours found once), and the result equals similarity_matrix on the hand-collected rows."""
+    a, batches = TinyEncoder(0), make_batches()
+    seen = []
+    real = repkern.workflows.similarity_matrix
+
+    def spy(xs, ys=None, **kwargs):
+        seen.append((list(xs), list(ys)))
+        return real(xs, ys, **kwargs)
+
+    monkeypatch.setattr(repkern.workflows, "similarity_matrix", spy)
+    result = repkern.compare_models(a, None, batches, ["blocks.0", "blocks.1"], ["blocks.1", "blocks.2"],
+                                    metric="mutual_knn", k=3, progress=False)
+    (xs, ys), = seen
+    assert xs[1] is ys[0] and xs[0] is not ys[1]
+    acts = by_hand(a, batches, "mean")
+    torch.testing.assert_close(result.matrix, real(acts[:2], acts[1:], metric="mutual_knn", k=3), rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_compare_models_metric_errors_before_running_the_models():
     a, b, batches = TinyEncoder(0), TinyEncoder(1), make_batches()
     with pytest.raises(ValueError, match="metric: expected one of"):

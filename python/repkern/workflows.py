@@ -204,8 +204,16 @@ class _Rows:
         for chunks, t in zip(self.chunks, layers):
             chunks.append(t)
 
-    def layers(self) -> list[Tensor]:
-        return [torch.cat(chunks) for chunks in self.chunks]
+    def layers(self, joined: dict) -> list[Tensor]:
+        """Each layer's rows in one tensor; a layer whose chunks are the same tensors as one already in
+        `joined` (a layer of model_a in both layer lists) is that tensor, so it is held once."""
+        out = []
+        for chunks in self.chunks:
+            key = tuple(map(id, chunks))  # the chunks are alive (held here), so their ids are theirs
+            if key not in joined:
+                joined[key] = torch.cat(chunks)
+            out.append(joined[key])
+        return out
 
 
 class _Streamed:
@@ -237,8 +245,10 @@ class _Pooled:
             self.ys.add(ys)
 
     def compute(self) -> Tensor:
-        ys = None if self.ys is None else self.ys.layers()
-        return similarity_matrix(self.xs.layers(), ys, metric=self.metric, **self.options)
+        joined: dict = {}  # similarity_matrix computes a layer passed as the same tensor in xs and ys once
+        xs = self.xs.layers(joined)
+        ys = None if self.ys is None else self.ys.layers(joined)
+        return similarity_matrix(xs, ys, metric=self.metric, **self.options)
 
 
 def _sink(metric: str, kernel: str, debiased: Optional[bool], estimator: str, max_samples, pool: str,
@@ -462,7 +472,7 @@ def perturbation_sensitivity(
             for batch in _progress(batches, show, "perturbation_sensitivity (unperturbed)"):
                 acts = run_batch(cap, batch, device)
                 rows.add([acts[name].to(device) for name in names])  # a device_map model's layers: one device
-            return rows.layers()
+            return rows.layers({})
 
         original = activations(progress)
         check_similarity_matrix_args(original, original, metric, dict(options))  # bad options fail before the draws
