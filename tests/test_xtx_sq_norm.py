@@ -91,11 +91,13 @@ def test_independent_of_thread_count(batch):
 
 
 def test_which_inputs_take_it(cpu_isa):
-    """float32 on the CPU at the avx2 and avx512 levels (not the SSE baseline, where MKL's GEMM is faster);
-    every input gets the same value either way."""
+    """float32 of at least XTX_MIN_WIDTH columns on the CPU at the avx2 and avx512 levels (not the SSE baseline,
+    where MKL's GEMM is faster); every input gets the same value either way."""
     fast_level = _C.cpu_isa() in ("avx2", "avx512")
-    for dtype, native in [(torch.float32, True), (torch.float64, False)]:
-        x = torch.randn(2, 50, 40, dtype=dtype)
+    width = gram_ops.XTX_MIN_WIDTH
+    for dtype, d, native in [(torch.float32, width, True), (torch.float32, width - 1, False),
+                             (torch.float64, width, False)]:
+        x = torch.randn(2, 50, d, dtype=dtype)
         assert gram_ops.native_xtx_sq_norm(x) is (native and fast_level)
         x64 = x.double()
         torch.testing.assert_close(gram_ops.xtx_sq_norm(x), (x64.mT @ x64).square().sum((-2, -1)), rtol=1e-5,
@@ -104,13 +106,13 @@ def test_which_inputs_take_it(cpu_isa):
 
 def test_gradient_and_op_registration():
     g = torch.Generator().manual_seed(3)
-    x = torch.randn((2, 30, 12), generator=g, requires_grad=True)
+    x = torch.randn((2, 30, 70), generator=g, requires_grad=True)
     (gx,) = torch.autograd.grad((gram_ops.xtx_sq_norm(x) * torch.tensor([1.0, -2.0], dtype=torch.float64)).sum(), x)
     x64 = x.detach().double().requires_grad_()
     (g64,) = torch.autograd.grad(((x64.mT @ x64).square().sum((-2, -1)) * torch.tensor([1.0, -2.0],
                                                                                        dtype=torch.float64)).sum(), x64)
     torch.testing.assert_close(gx.double(), g64, rtol=1e-5, atol=1e-3)
-    torch.library.opcheck(torch.ops.repkern.xtx_sq_norm.default, (torch.randn(2, 20, 9, requires_grad=True),))
+    torch.library.opcheck(torch.ops.repkern.xtx_sq_norm.default, (torch.randn(2, 20, 70, requires_grad=True),))
 
 
 def test_debiased_feature_cka_unchanged_by_it(monkeypatch):
@@ -118,8 +120,8 @@ def test_debiased_feature_cka_unchanged_by_it(monkeypatch):
     itself with the kernel turned off."""
     monkeypatch.delenv("REPKERN_BACKEND", raising=False)
     g = torch.Generator().manual_seed(5)
-    x = torch.randn((3, 300, 40), generator=g)
-    y = torch.randn((3, 300, 24), generator=g) + x[..., :24]
+    x = torch.randn((3, 300, 80), generator=g)
+    y = torch.randn((3, 300, 64), generator=g) + x[..., :64]
     with_kernel = [repkern.cka(x, y, debiased=debiased, method="feature") for debiased in (False, True)]
     monkeypatch.setattr(gram_ops, "INNER_PRODUCTS_ISAS", ())
     for debiased, value in zip((False, True), with_kernel):

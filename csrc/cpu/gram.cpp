@@ -408,10 +408,7 @@ void inner_strip(const float* x, const float* xt, float* out, int64_t n, int64_t
 // above the diagonal are squared (weight 2 above: the lower triangle is their mirror).
 constexpr int64_t kXtxBlock = 512;  // rows of x summed in float32 before a tile's float64 accumulation
 
-// Packed groups [groups + 1][n][kStrip]: columns >= d and the extra group are zero, so that every panel
-// row (up to d − 1 + kPanel − 1) reads in bounds.
-int64_t xtx_groups(int64_t d) { return (d + kStrip - 1) / kStrip + 1; }
-
+// Column group g of x into packed [groups][n][kStrip] (columns >= d zero).
 void xtx_pack_group(const float* x, int64_t n, int64_t d, int64_t g, float* packed) {
   float* dst = packed + g * n * kStrip;
   const int64_t c0 = g * kStrip, cols = std::clamp<int64_t>(d - c0, 0, kStrip);
@@ -428,7 +425,10 @@ double xtx_strip(const float* packed, int64_t n, int64_t d, int64_t s) {
   double sum = 0.0;
   for (int64_t r0 = 0; r0 < std::min(d, c0 + kStrip); r0 += kPanel) {
     const float* a[kPanel];
-    for (int r = 0; r < kPanel; ++r) a[r] = packed + (r0 + r) / kStrip * n * kStrip + (r0 + r) % kStrip;
+    for (int r = 0; r < kPanel; ++r) {  // a panel's rows past the last column repeat it (and are not counted)
+      const int64_t i = std::min(r0 + r, d - 1);
+      a[r] = packed + i / kStrip * n * kStrip + i % kStrip;
+    }
     double tile[kPanel][kStrip] = {};
     for (int64_t k0 = 0; k0 < n; k0 += kXtxBlock) {
       Lanes acc[kPanel][2];
@@ -447,8 +447,8 @@ double xtx_strip(const float* packed, int64_t n, int64_t d, int64_t s) {
       for (int r = 0; r < kPanel; ++r)
         for (int l = 0; l < kLanes; ++l) tile[r][l] += double(acc[r][0][l]), tile[r][kLanes + l] += double(acc[r][1][l]);
     }
-    for (int r = 0; r < kPanel; ++r)
-      for (int64_t c = std::max<int64_t>(0, r0 + r - c0); c < kStrip; ++c)
+    for (int r = 0; r < kPanel; ++r)  // j >= i and j < d: the repeated rows are left out
+      for (int64_t c = std::max<int64_t>(0, r0 + r - c0); c < std::min(kStrip, d - c0); ++c)
         sum += (r0 + r < c0 + c ? 2.0 : 1.0) * tile[r][c] * tile[r][c];
   }
   return sum;
@@ -515,7 +515,7 @@ void inner_products(const InnerProductsParams& p, int num_threads) {
 
 void xtx_sq_norm(const XtxSqNormParams& p, int num_threads) {
   if (p.batch == 0) return;
-  const int64_t groups = xtx_groups(p.d), strips = groups - 1, matrix = groups * p.n * kStrip;
+  const int64_t groups = (p.d + kStrip - 1) / kStrip, strips = groups, matrix = groups * p.n * kStrip;
   std::vector<double> partial(static_cast<size_t>(p.batch * strips), 0.0);  // per strip, summed in order
   auto strip = [&](int64_t b, const float* packed, int64_t s) {
     partial[size_t(b * strips + s)] = xtx_strip(packed, p.n, p.d, s);
