@@ -55,6 +55,28 @@ def backend(request, monkeypatch) -> Backend:
     return Backend(name, torch.device("cuda" if name == "cuda" else "cpu"))
 
 
+@pytest.fixture(params=[None] + lower_cpu_isas(), ids=lambda isa: f"cpu-{isa}" if isa else "cpu")
+def cpu_isa(request, monkeypatch):
+    """CPU-only kernels: the best level this CPU runs (None), then each lower compiled level it runs."""
+    monkeypatch.delenv("REPKERN_BACKEND", raising=False)
+    if request.param:
+        monkeypatch.setenv("REPKERN_CPU_ISA", request.param)
+    return request.param
+
+
+def at_thread_counts(fn, counts=(1, 2, 3, 4)) -> list:
+    """fn() at each torch thread count (the setting restored after): for results that must not depend on it."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for t in counts:
+            torch.set_num_threads(t)
+            results.append(fn())
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
 @pytest.fixture(params=("ops", "reference"))
 def impl(request, monkeypatch) -> str:
     """The public op's fast path (`ops`) or the whole call through `repkern.reference`

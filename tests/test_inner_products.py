@@ -14,15 +14,7 @@ import torch
 import repkern
 from repkern import _C, _native
 from repkern.ops import gram as gram_ops
-from tests.conftest import lower_cpu_isas
-
-
-@pytest.fixture(params=[None] + lower_cpu_isas(), ids=lambda isa: f"cpu-{isa}" if isa else "cpu")
-def cpu_isa(request, monkeypatch):
-    monkeypatch.delenv("REPKERN_BACKEND", raising=False)
-    if request.param:
-        monkeypatch.setenv("REPKERN_CPU_ISA", request.param)
-    return request.param
+from tests.conftest import at_thread_counts
 
 
 def _inner(x: torch.Tensor) -> torch.Tensor:
@@ -70,14 +62,7 @@ def test_zero_width_gives_zeros():
 def test_independent_of_thread_count(batch):
     """A matrix per task (batch >= threads) or pairs of strips per task (batch < threads): the same bits."""
     x = torch.randn(batch, 300, 40)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for t in (1, 2, 3, 4):
-            torch.set_num_threads(t)
-            results.append(_inner(x))
-    finally:
-        torch.set_num_threads(threads)
+    results = at_thread_counts(lambda: _inner(x))
     _assert_products(results[0], x)
     for r in results[1:]:
         assert torch.equal(r, results[0])

@@ -12,6 +12,7 @@ import torch
 
 from repkern import _native, reference
 from repkern.ops import gram as gram_ops
+from tests.conftest import at_thread_counts
 
 SUBNORMAL = 1e-40  # float32 subnormal (also float64-representable)
 
@@ -100,14 +101,7 @@ def test_select_independent_of_thread_count(kind, n):
     d = _matrix(kind, 2, n, torch.float32, seed=1)
     count = n * (n - 1) // 2
     ranks = [(count + 1) // 2, (count + 1) // 2 + 1]
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            results.append(_select(d, ranks))
-    finally:
-        torch.set_num_threads(threads)
+    results = at_thread_counts(lambda: _select(d, ranks), (1, 2, 3))
     for values, positions in results[1:]:
         assert torch.equal(values.view(torch.int32), results[0][0].view(torch.int32))
         assert torch.equal(positions, results[0][1])

@@ -14,17 +14,9 @@ import torch
 import repkern
 from repkern import _C, _native, reference
 from repkern.ops import gram as gram_ops
-from tests.conftest import lower_cpu_isas
+from tests.conftest import at_thread_counts
 
 ROW_BLOCK = 512  # kXtxBlock in csrc/cpu/gram.cpp: rows summed in float32 before the float64 accumulation
-
-
-@pytest.fixture(params=[None] + lower_cpu_isas(), ids=lambda isa: f"cpu-{isa}" if isa else "cpu")
-def cpu_isa(request, monkeypatch):
-    monkeypatch.delenv("REPKERN_BACKEND", raising=False)
-    if request.param:
-        monkeypatch.setenv("REPKERN_CPU_ISA", request.param)
-    return request.param
 
 
 def _native_norm(x: torch.Tensor) -> torch.Tensor:
@@ -77,14 +69,7 @@ def test_special_values_and_empty_shapes():
 def test_independent_of_thread_count(batch):
     """A matrix per task (batch >= threads) or pairs of strips per task (batch < threads): the same bits."""
     x = torch.randn(batch, 700, 90)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for t in (1, 2, 3, 4):
-            torch.set_num_threads(t)
-            results.append(_native_norm(x))
-    finally:
-        torch.set_num_threads(threads)
+    results = at_thread_counts(lambda: _native_norm(x))
     _assert_sq_norm(results[0], x)
     for r in results[1:]:
         assert torch.equal(r, results[0])

@@ -77,14 +77,19 @@ MedianSelectParams make_median_select(const ViewArg& d_arg, const std::vector<in
 const Binder<MedianSelectParams, ViewArg, std::vector<int64_t>, ViewArg, ViewArg> kMedianSelect(
     "median_select", make_median_select, {"d", "ranks", "values", "positions"});
 
-InnerProductsParams make_inner_products(const ViewArg& x_arg, const ViewArg& out_arg) {
-  InnerProductsParams p{};
+// x [B, n, d] float32 of the register-tiled product kernels: its data, and its sizes into batch, n, d.
+const float* float32_matrices(const ViewArg& x_arg, int64_t& batch, int64_t& n, int64_t& d) {
   const TensorView x = view(x_arg, "x");
   if (x.sizes.size() != 3) throw std::invalid_argument("x: expected shape [B, n, d]");
-  p.batch = x.sizes[0];
-  p.n = x.sizes[1];
-  p.d = x.sizes[2];
-  p.x = x.expect(DType::Float32, {p.batch, p.n, p.d}).as<const float>();
+  batch = x.sizes[0];
+  n = x.sizes[1];
+  d = x.sizes[2];
+  return x.expect(DType::Float32, {batch, n, d}).as<const float>();
+}
+
+InnerProductsParams make_inner_products(const ViewArg& x_arg, const ViewArg& out_arg) {
+  InnerProductsParams p{};
+  p.x = float32_matrices(x_arg, p.batch, p.n, p.d);
   p.out = view(out_arg, "out").expect(DType::Float32, {p.batch, p.n, p.n}).as<float>();
   return p;
 }
@@ -94,12 +99,7 @@ const Binder<InnerProductsParams, ViewArg, ViewArg> kInnerProducts("inner_produc
 
 XtxSqNormParams make_xtx_sq_norm(const ViewArg& x_arg, const ViewArg& out_arg) {
   XtxSqNormParams p{};
-  const TensorView x = view(x_arg, "x");
-  if (x.sizes.size() != 3) throw std::invalid_argument("x: expected shape [B, n, d]");
-  p.batch = x.sizes[0];
-  p.n = x.sizes[1];
-  p.d = x.sizes[2];
-  p.x = x.expect(DType::Float32, {p.batch, p.n, p.d}).as<const float>();
+  p.x = float32_matrices(x_arg, p.batch, p.n, p.d);
   p.out = view(out_arg, "out").expect(DType::Float64, {p.batch}).as<double>();
   return p;
 }

@@ -454,6 +454,38 @@ double xtx_strip(const float* packed, int64_t n, int64_t d, int64_t s) {
   return sum;
 }
 
+// The work split of inner_products and xtx_sq_norm: strip(b, packed, s) for the strips s < strips of every
+// matrix b < batch, after pack(b, u, packed) of the units u < units of its packed copy (`matrix` floats;
+// units are disjoint parts of it). A matrix per task when there are at least as many matrices as threads
+// (packed just before use, in cache); else all matrices packed first (in parallel by units), then a task =
+// strips s and strips − 1 − s of one matrix (equal work: strip s has about s + 1 panels).
+template <typename Pack, typename Strip>
+void for_each_strip(int64_t batch, int64_t strips, int64_t matrix, int64_t units, int num_threads, Pack&& pack,
+                    Strip&& strip) {
+  if (batch >= num_threads) {
+    parallel_for(batch, num_threads, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> packed(static_cast<size_t>(matrix));
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t u = 0; u < units; ++u) pack(b, u, packed.data());
+        for (int64_t s = 0; s < strips; ++s) strip(b, packed.data(), s);
+      }
+    });
+    return;
+  }
+  std::vector<float> packed(static_cast<size_t>(batch * matrix));
+  parallel_for(batch * units, num_threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) pack(t / units, t % units, packed.data() + t / units * matrix);
+  });
+  const int64_t pairs = (strips + 1) / 2;
+  parallel_for(batch * pairs, num_threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / pairs, s = t % pairs;
+      strip(b, packed.data() + b * matrix, s);
+      if (strips - 1 - s != s) strip(b, packed.data() + b * matrix, strips - 1 - s);
+    }
+  });
+}
+
 }  // namespace
 
 void median_select(const MedianSelectParams& p, int num_threads) {
@@ -477,8 +509,7 @@ void inner_products(const InnerProductsParams& p, int num_threads) {
   if (p.batch == 0 || p.n == 0) return;
   const int64_t strips = (p.n + kStrip - 1) / kStrip;
   const int64_t ld = strips * kStrip;  // xᵀ rows padded with zero columns: whole-vector loads
-  const int64_t matrix = p.d * ld;
-  auto pack = [&](int64_t b, float* xt) {
+  auto pack = [&](int64_t b, int64_t, float* xt) {
     const float* x = p.x + b * p.n * p.d;
     for (int64_t k = 0; k < p.d; ++k) {
       float* row = xt + k * ld;
@@ -486,66 +517,23 @@ void inner_products(const InnerProductsParams& p, int num_threads) {
       std::fill(row + p.n, row + ld, 0.f);
     }
   };
-  auto strip = [&](int64_t b, const float* xt, int64_t s) {
+  for_each_strip(p.batch, strips, p.d * ld, 1, num_threads, pack, [&](int64_t b, const float* xt, int64_t s) {
     inner_strip(p.x + b * p.n * p.d, xt, p.out + b * p.n * p.n, p.n, p.d, ld, s);
-  };
-  if (p.batch >= num_threads) {  // a matrix per task: its xᵀ packed just before use, in cache
-    parallel_for(p.batch, num_threads, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> xt(static_cast<size_t>(matrix));
-      for (int64_t b = b0; b < b1; ++b) {
-        pack(b, xt.data());
-        for (int64_t s = 0; s < strips; ++s) strip(b, xt.data(), s);
-      }
-    });
-    return;
-  }
-  // fewer matrices than threads: all packed first, then a task = strips s and strips − 1 − s of one matrix
-  // (equal work: strip s has about s + 1 panels)
-  std::vector<float> xt(static_cast<size_t>(p.batch * matrix));
-  for (int64_t b = 0; b < p.batch; ++b) pack(b, xt.data() + b * matrix);
-  const int64_t pairs = (strips + 1) / 2;
-  parallel_for(p.batch * pairs, num_threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / pairs, s = t % pairs;
-      strip(b, xt.data() + b * matrix, s);
-      if (strips - 1 - s != s) strip(b, xt.data() + b * matrix, strips - 1 - s);
-    }
   });
 }
 
 void xtx_sq_norm(const XtxSqNormParams& p, int num_threads) {
   if (p.batch == 0) return;
-  const int64_t groups = (p.d + kStrip - 1) / kStrip, strips = groups, matrix = groups * p.n * kStrip;
-  std::vector<double> partial(static_cast<size_t>(p.batch * strips), 0.0);  // per strip, summed in order
-  auto strip = [&](int64_t b, const float* packed, int64_t s) {
-    partial[size_t(b * strips + s)] = xtx_strip(packed, p.n, p.d, s);
-  };
-  if (p.batch >= num_threads) {  // a matrix per task, packed just before use
-    parallel_for(p.batch, num_threads, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> packed(static_cast<size_t>(matrix));
-      for (int64_t b = b0; b < b1; ++b) {
-        for (int64_t g = 0; g < groups; ++g) xtx_pack_group(p.x + b * p.n * p.d, p.n, p.d, g, packed.data());
-        for (int64_t s = 0; s < strips; ++s) strip(b, packed.data(), s);
-      }
-    });
-  } else {  // all packed first; a task = strips s and strips − 1 − s of one matrix (strip s has s + 1 panels' work)
-    std::vector<float> packed(static_cast<size_t>(p.batch * matrix));
-    parallel_for(p.batch * groups, num_threads, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t)
-        xtx_pack_group(p.x + t / groups * p.n * p.d, p.n, p.d, t % groups, packed.data() + t / groups * matrix);
-    });
-    const int64_t pairs = (strips + 1) / 2;
-    parallel_for(p.batch * pairs, num_threads, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / pairs, s = t % pairs;
-        strip(b, packed.data() + b * matrix, s);
-        if (strips - 1 - s != s) strip(b, packed.data() + b * matrix, strips - 1 - s);
-      }
-    });
-  }
+  const int64_t groups = (p.d + kStrip - 1) / kStrip;  // a strip per group
+  std::vector<double> partial(static_cast<size_t>(p.batch * groups), 0.0);  // per strip, summed in order
+  auto pack = [&](int64_t b, int64_t g, float* packed) { xtx_pack_group(p.x + b * p.n * p.d, p.n, p.d, g, packed); };
+  for_each_strip(p.batch, groups, groups * p.n * kStrip, groups, num_threads, pack,
+                 [&](int64_t b, const float* packed, int64_t s) {
+                   partial[size_t(b * groups + s)] = xtx_strip(packed, p.n, p.d, s);
+                 });
   for (int64_t b = 0; b < p.batch; ++b) {
     double sum = 0.0;
-    for (int64_t s = 0; s < strips; ++s) sum += partial[size_t(b * strips + s)];
+    for (int64_t s = 0; s < groups; ++s) sum += partial[size_t(b * groups + s)];
     p.out[b] = sum;
   }
 }
