@@ -53,9 +53,9 @@ struct InnerProductsParams {
 
 // ‖xᵀx‖²_F of float32 matrices in float64, CPU only: the self terms of the feature-space linear CKA.
 // xᵀx is symmetric, so one register-tiled pass over its upper block triangle (half the FLOPs of the GEMM)
-// squares each tile once it is complete, and the d × d product is never stored. Each tile accumulates in
-// float32 over blocks of kXtxBlock rows of x and in float64 across blocks. The result does not depend on
-// the thread count.
+// squares each tile once it is complete; neither the d × d product nor a copy of x is stored (scratch: a
+// block of kXtxBlock rows of one strip and its tiles, per thread). Each tile accumulates in float32 over
+// blocks of kXtxBlock rows of x and in float64 across blocks. The result does not depend on the thread count.
 struct XtxSqNormParams {
   const float* x;  // [batch, n, d] float32
   double* out;     // [batch] float64: Σ_ij ((xᵀx)_ij)²

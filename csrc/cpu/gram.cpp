@@ -402,63 +402,63 @@ void inner_strip(const float* x, const float* xt, float* out, int64_t n, int64_t
 
 // ---- xtx_sq_norm: ‖xᵀx‖²_F without the product ------------------------------------------------------------
 //
-// The same register tiles as inner_products, on xᵀ: the columns of x are packed in groups of kStrip (one
-// [n, kStrip] block per group), so each step over a row of x is two vector loads of the strip's columns and
-// kPanel broadcasts of the panel's columns. A tile is complete after all n rows; only its entries on or
-// above the diagonal are squared (weight 2 above: the lower triangle is their mirror).
+// The same register tiles as inner_products, on xᵀ: strip s is columns [c0, c0 + kStrip) of x, and its panels
+// are the columns i < c0 + kStrip, kPanel at a time. The rows of x go by blocks of kXtxBlock: the strip's
+// columns of a block are packed (whole-vector loads, in L1/L2 while every panel reads them), the panel's
+// columns are read from x itself (kPanel broadcasts per row), and each panel's float32 sums of the block are
+// added to its float64 tile. Once all rows are in, the tile entries on or above the diagonal are squared
+// (weight 2 above: the lower triangle is their mirror). Scratch per strip: the packed block and the tiles,
+// O(kXtxBlock·kStrip + d·kStrip), whatever n.
 constexpr int64_t kXtxBlock = 512;  // rows of x summed in float32 before a tile's float64 accumulation
 
-// Column group g of x into packed [groups][n][kStrip] (columns >= d zero).
-void xtx_pack_group(const float* x, int64_t n, int64_t d, int64_t g, float* packed) {
-  float* dst = packed + g * n * kStrip;
-  const int64_t c0 = g * kStrip, cols = std::clamp<int64_t>(d - c0, 0, kStrip);
-  for (int64_t k = 0; k < n; ++k) {
-    if (cols > 0) std::memcpy(dst + k * kStrip, x + k * d + c0, size_t(cols) * sizeof(float));
-    std::fill(dst + k * kStrip + cols, dst + (k + 1) * kStrip, 0.f);
-  }
-}
-
-// Σ w_ij ((xᵀx)_ij)² over strip s (columns [c0, c0 + kStrip)) and the rows i <= j of it.
-double xtx_strip(const float* packed, int64_t n, int64_t d, int64_t s) {
-  const int64_t c0 = s * kStrip;
-  const float* b = packed + s * n * kStrip;
-  double sum = 0.0;
-  for (int64_t r0 = 0; r0 < std::min(d, c0 + kStrip); r0 += kPanel) {
-    const float* a[kPanel];
-    for (int r = 0; r < kPanel; ++r) {  // a panel's rows past the last column repeat it (and are not counted)
-      const int64_t i = std::min(r0 + r, d - 1);
-      a[r] = packed + i / kStrip * n * kStrip + i % kStrip;
+// Σ w_ij ((xᵀx)_ij)² over strip s of x [n, d] and the rows i <= j of it.
+double xtx_strip(const float* x, int64_t n, int64_t d, int64_t s) {
+  const int64_t c0 = s * kStrip, cols = std::min(kStrip, d - c0);
+  const int64_t panels = (std::min(d, c0 + kStrip) + kPanel - 1) / kPanel;
+  std::vector<float> block(static_cast<size_t>(kXtxBlock * kStrip));     // [rows of the block, kStrip]
+  std::vector<double> tiles(static_cast<size_t>(panels * kPanel * kStrip));  // [panel rows, kStrip]
+  for (int64_t k0 = 0; k0 < n; k0 += kXtxBlock) {
+    const int64_t k1 = std::min(n, k0 + kXtxBlock);
+    for (int64_t k = k0; k < k1; ++k) {  // columns >= d are zero
+      float* dst = block.data() + (k - k0) * kStrip;
+      std::memcpy(dst, x + k * d + c0, size_t(cols) * sizeof(float));
+      std::fill(dst + cols, dst + kStrip, 0.f);
     }
-    double tile[kPanel][kStrip] = {};
-    for (int64_t k0 = 0; k0 < n; k0 += kXtxBlock) {
+    for (int64_t p = 0; p < panels; ++p) {
+      const float* a[kPanel];
+      for (int r = 0; r < kPanel; ++r) a[r] = x + std::min(p * kPanel + r, d - 1);  // rows past d repeat the last
       Lanes acc[kPanel][2];
       for (int r = 0; r < kPanel; ++r) acc[r][0] = acc[r][1] = Lanes{};
-      for (int64_t k = k0; k < std::min(n, k0 + kXtxBlock); ++k) {
+      for (int64_t k = k0; k < k1; ++k) {
         Lanes b0, b1;
-        std::memcpy(&b0, b + k * kStrip, sizeof(Lanes));
-        std::memcpy(&b1, b + k * kStrip + kLanes, sizeof(Lanes));
+        std::memcpy(&b0, block.data() + (k - k0) * kStrip, sizeof(Lanes));
+        std::memcpy(&b1, block.data() + (k - k0) * kStrip + kLanes, sizeof(Lanes));
 #pragma GCC unroll 8
         for (int r = 0; r < kPanel; ++r) {
-          const float v = a[r][k * kStrip];
+          const float v = a[r][k * d];
           acc[r][0] += v * b0;
           acc[r][1] += v * b1;
         }
       }
+      double* tile = tiles.data() + p * kPanel * kStrip;
       for (int r = 0; r < kPanel; ++r)
-        for (int l = 0; l < kLanes; ++l) tile[r][l] += double(acc[r][0][l]), tile[r][kLanes + l] += double(acc[r][1][l]);
+        for (int l = 0; l < kLanes; ++l)
+          tile[r * kStrip + l] += double(acc[r][0][l]), tile[r * kStrip + kLanes + l] += double(acc[r][1][l]);
     }
-    for (int r = 0; r < kPanel; ++r)  // j >= i and j < d: the repeated rows are left out
-      for (int64_t c = std::max<int64_t>(0, r0 + r - c0); c < std::min(kStrip, d - c0); ++c)
-        sum += (r0 + r < c0 + c ? 2.0 : 1.0) * tile[r][c] * tile[r][c];
   }
+  double sum = 0.0;
+  for (int64_t i = 0; i < panels * kPanel; ++i)  // j >= i and j < d: the repeated rows are left out
+    for (int64_t c = std::max<int64_t>(0, i - c0); c < cols; ++c)
+      sum += (i < c0 + c ? 2.0 : 1.0) * tiles[size_t(i * kStrip + c)] * tiles[size_t(i * kStrip + c)];
   return sum;
 }
 
 // The work split of inner_products and xtx_sq_norm: strip(b, packed, s) for the strips s < strips of every
 // matrix b < batch, after pack(b, u, packed) of the units u < units of its packed copy (`matrix` floats;
-// units are disjoint parts of it). A matrix per task when there are at least as many matrices as threads
-// (packed just before use, in cache); else all matrices packed first (in parallel by units), then a task =
-// strips s and strips − 1 − s of one matrix (equal work: strip s has about s + 1 panels).
+// units are disjoint parts of it; none: nothing packed). A matrix per task when there are at least as many
+// matrices as threads (packed just before use, in cache); else all matrices packed first (in parallel by
+// units), then a task = strips s and strips − 1 − s of one matrix (equal work: strip s has about s + 1
+// panels).
 template <typename Pack, typename Strip>
 void for_each_strip(int64_t batch, int64_t strips, int64_t matrix, int64_t units, int num_threads, Pack&& pack,
                     Strip&& strip) {
@@ -524,16 +524,15 @@ void inner_products(const InnerProductsParams& p, int num_threads) {
 
 void xtx_sq_norm(const XtxSqNormParams& p, int num_threads) {
   if (p.batch == 0) return;
-  const int64_t groups = (p.d + kStrip - 1) / kStrip;  // a strip per group
-  std::vector<double> partial(static_cast<size_t>(p.batch * groups), 0.0);  // per strip, summed in order
-  auto pack = [&](int64_t b, int64_t g, float* packed) { xtx_pack_group(p.x + b * p.n * p.d, p.n, p.d, g, packed); };
-  for_each_strip(p.batch, groups, groups * p.n * kStrip, groups, num_threads, pack,
-                 [&](int64_t b, const float* packed, int64_t s) {
-                   partial[size_t(b * groups + s)] = xtx_strip(packed, p.n, p.d, s);
+  const int64_t strips = (p.d + kStrip - 1) / kStrip;
+  std::vector<double> partial(static_cast<size_t>(p.batch * strips), 0.0);  // per strip, summed in order
+  for_each_strip(p.batch, strips, 0, 0, num_threads, [](int64_t, int64_t, float*) {},
+                 [&](int64_t b, const float*, int64_t s) {
+                   partial[size_t(b * strips + s)] = xtx_strip(p.x + b * p.n * p.d, p.n, p.d, s);
                  });
   for (int64_t b = 0; b < p.batch; ++b) {
     double sum = 0.0;
-    for (int64_t s = 0; s < groups; ++s) sum += partial[size_t(b * groups + s)];
+    for (int64_t s = 0; s < strips; ++s) sum += partial[size_t(b * strips + s)];
     p.out[b] = sum;
   }
 }

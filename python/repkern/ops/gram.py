@@ -37,9 +37,8 @@ XTX_SQ_NORM = _native.kernel("xtx_sq_norm", cuda=False)
 # Where the native inner-products kernel replaces the GEMM path on the CPU: float32 rows of at most
 # SMALL_WIDTH features, at the CPU levels where it wins (docs/benchmarks.md: 16 × 512 × d, d = 64 and 128,
 # 1.0–1.4× of the bmm x xᵀ at the avx2 and avx512 levels; the SSE copy, 0.65×, loses to MKL's GEMM).
-# The same levels run xtx_sq_norm's register tiles, on matrices of at least XTX_MIN_WIDTH columns: its scratch
-# is x padded to whole strips of 8–32 columns (at most 1.5× x from this width on), and narrower products
-# cost little either way.
+# The same levels run xtx_sq_norm's register tiles, on matrices of at least XTX_MIN_WIDTH columns: below,
+# the padding of the last strip (8–32 columns by level) is a large share of its work, and the GEMM is cheap.
 SMALL_WIDTH = 128
 INNER_PRODUCTS_ISAS = ("avx2", "avx512", "native") if platform.machine() in ("x86_64", "AMD64") else ()
 XTX_MIN_WIDTH = 64
