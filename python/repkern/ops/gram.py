@@ -99,16 +99,12 @@ def native_xtx_sq_norm(x: Tensor) -> bool:
             and _C.cpu_isa() in INNER_PRODUCTS_ISAS)
 
 
+@torch.library.custom_op("repkern::xtx_sq_norm", mutates_args=())
 def xtx_sq_norm(x: Tensor) -> Tensor:
     """‖xᵀx‖²_F (B,) float64 of x (B, n, d) float32/float64 (the products in x.dtype, their squares summed
     in float64). Where native_xtx_sq_norm(x): one native pass over the upper block triangle of xᵀx (half the
     FLOPs of the GEMM, no d×d product stored); else the GEMM. The choice is made inside the op, at run
     time (the CPU level is not traceable)."""
-    return _xtx_sq_norm_op(x)
-
-
-@torch.library.custom_op("repkern::xtx_sq_norm", mutates_args=())
-def _xtx_sq_norm_op(x: Tensor) -> Tensor:
     if not native_xtx_sq_norm(x):
         return _common.square_sum64(x.mT @ x, (-2, -1))
     out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
@@ -116,7 +112,7 @@ def _xtx_sq_norm_op(x: Tensor) -> Tensor:
     return out
 
 
-@_xtx_sq_norm_op.register_fake
+@xtx_sq_norm.register_fake
 def _(x):
     return x.new_empty((x.shape[0],), dtype=torch.float64)
 
@@ -126,8 +122,8 @@ def _xtx_sq_norm_backward(ctx, grad):
     return (4 * grad).to(x.dtype)[:, None, None] * (x @ (x.mT @ x))
 
 
-_xtx_sq_norm_op.register_autograd(_xtx_sq_norm_backward,
-                                  setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]))
+xtx_sq_norm.register_autograd(_xtx_sq_norm_backward,
+                              setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]))
 
 
 # ---- exact rescaling and non-finite rows ------------------------------------------------------
